@@ -1,0 +1,38 @@
+"""The one Celery app both sides use. The coordinator sends tasks by name and never
+imports the workers; the workers register the task bodies on this app.
+
+Settings follow docs/runtime-facts (Celery on preemptible GPU workers): JSON only, acks
+late, prefetch 1, a visibility timeout longer than any task, results not stored (they go
+to a Redis Stream), task events on for Flower.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from cord.common.config import RunConfig
+
+
+def make_celery(cfg: RunConfig) -> Celery:
+    app = Celery("cord", broker=cfg.redis_url, set_as_current=False)
+    transport = {"visibility_timeout": cfg.reliability.visibility_timeout_s}
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        task_default_queue=f"{cfg.namespace}.default",
+    )
+    return app

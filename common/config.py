@@ -1,0 +1,254 @@
+"""The run config: one pydantic model, loaded from YAML and validated once at the edge.
+
+Errors name the field and the fix. Environment overrides use one prefix, ``CORD_``, and
+are read here only: ``CORD_REDIS_URL`` overrides ``redis_url`` and ``CORD_NAMESPACE``
+overrides ``namespace``. docs/config.md is the reference for every field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
+ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """One model pool: a teacher or the meta-prover."""
+
+    name: ModelName
+    model: str = Field(
+        description="HF path or hub id; relative paths resolve against the config file"
+    )
+    engine: Literal["hf"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    temperature: float | None = Field(
+        default=None, ge=0.0, description="overrides search.temperature"
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
+    prefix_cache_tokens: int = Field(
+        default=65536, ge=0, description="LRU prefix KV cache size; 0 = off"
+    )
+
+
+class MetaProverSpec(_Strict):
+    """The meta-prover; `model` may be left out when `name` names a teacher."""
+
+    name: ModelName
+    model: str | None = None
+    engine: Literal["hf"] = "hf"
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch: int = Field(default=32, ge=1)
+    prefix_cache_tokens: int = Field(default=65536, ge=0)
+
+
+STRATEGIES = ("cord",)
+
+
+class SearchSpec(_Strict):
+    strategy: str = "cord"
+    beam_width: int = Field(default=4, ge=1)
+    samples_per_beam: int = Field(default=1, ge=1, description="samples per teacher per beam")
+    temperature: float = Field(default=0.6, ge=0.0)
+    thinking_budget: int = Field(
+        default=16384, ge=1, description="tokens of thinking per trajectory"
+    )
+    answer_budget: int = Field(default=4096, ge=1, description="tokens of the final answer")
+    max_step_tokens: int = Field(default=1024, ge=1, description="tokens per step before it is cut")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> SearchSpec:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
+            )
+        return self
+
+
+class OutputSpec(_Strict):
+    dir: str = "data"
+    traces_prefix: str = "traces"
+    failed_prefix: str = "failed"
+    keep_alternatives: bool = True
+
+
+class ReliabilitySpec(_Strict):
+    task_timeout_s: float = Field(default=600.0, gt=0, description="re-dispatch a task after this")
+    max_attempts: int = Field(
+        default=3, ge=1, description="tries per task before the problem fails"
+    )
+    visibility_timeout_s: int = Field(
+        default=7200, ge=60, description="broker redelivery of unacked tasks"
+    )
+    heartbeat_s: float = Field(default=5.0, gt=0)
+
+
+class RunConfig(_Strict):
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
+    teachers: list[ModelSpec] = Field(min_length=1)
+    meta_prover: MetaProverSpec
+    search: SearchSpec = SearchSpec()
+    max_in_flight: int = Field(
+        default=64, ge=1, description="problems the coordinator drives at once"
+    )
+    output: OutputSpec = OutputSpec()
+    reliability: ReliabilitySpec = ReliabilitySpec()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        names = [t.name for t in self.teachers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teachers: names must be unique, {dupes} repeat")
+        mp = self.meta_prover
+        if mp.model is None and mp.name not in names:
+            raise ValueError(
+                f"meta_prover: give `model`, or set `name` to one of the teachers {names} "
+                f"(now {mp.name!r})"
+            )
+        if mp.name in names and mp.model is not None:
+            teacher = self.teacher(mp.name)
+            if teacher.model != mp.model:
+                raise ValueError(
+                    f"meta_prover: name {mp.name!r} is a teacher with model {teacher.model!r}; "
+                    "leave meta_prover.model out or give the meta-prover its own name"
+                )
+        return self
+
+    # -- derived views -------------------------------------------------------------
+    @property
+    def teacher_names(self) -> list[str]:
+        return [t.name for t in self.teachers]
+
+    def teacher(self, name: str) -> ModelSpec:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every pool: the teachers, and the meta-prover when it is not one of them."""
+        names = self.teacher_names
+        return names if self.meta_prover.name in names else [*names, self.meta_prover.name]
+
+    def pool(self, name: str) -> ModelSpec:
+        """The spec a worker of pool `name` loads (the meta-prover as a ModelSpec)."""
+        if name in self.teacher_names:
+            return self.teacher(name)
+        mp = self.meta_prover
+        if name != mp.name:
+            raise ConfigError(
+                f"no model named {name!r} in this config; pools are {self.model_names}"
+            )
+        assert mp.model is not None  # guaranteed by _cross_checks
+        return ModelSpec(
+            name=mp.name,
+            model=mp.model,
+            engine=mp.engine,
+            device=mp.device,
+            dtype=mp.dtype,
+            max_batch=mp.max_batch,
+            prefix_cache_tokens=mp.prefix_cache_tokens,
+        )
+
+    def temperature(self, teacher: str) -> float:
+        t = self.teacher(teacher).temperature
+        return self.search.temperature if t is None else t
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid run config:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check its spelling against docs/config.md"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_model_paths(data: dict, base: Path) -> None:
+    """A relative model path resolves against the config file's folder when it exists
+    there; anything else (a hub id, an absolute path) is kept as written."""
+    entries = [*(data.get("teachers") or []), data.get("meta_prover") or {}]
+    for entry in entries:
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+            p = Path(entry["model"]).expanduser()
+            if not p.is_absolute() and (base / p).exists():
+                entry["model"] = str((base / p).resolve())
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> RunConfig:
+    """Load, resolve and validate a run config; raise ConfigError naming the field."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the run config ({e.strerror})") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the run config must be a YAML mapping of fields")
+    _resolve_model_paths(data, p.resolve().parent)
+    return config_from_dict(data, source=str(p), overrides=overrides)
+
+
+def config_from_dict(
+    data: dict, source: str = "config", overrides: dict | None = None
+) -> RunConfig:
+    data = dict(data)
+    if url := os.environ.get("CORD_REDIS_URL"):
+        data["redis_url"] = url
+    if ns := os.environ.get("CORD_NAMESPACE"):
+        data["namespace"] = ns
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def _set_dotted(data: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def redact_url(url: str) -> str:
+    """A Redis URL fit for logs: the password replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,63 @@
+"""Names in Redis: the coordinator's keys and the Celery queues, all under one namespace
+so that several runs (and the test suite) can share a Redis server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cord.common.messages import TaskKind
+
+TASK_NAMES: dict[TaskKind, str] = {
+    "expand": "cord.expand",
+    "answer": "cord.answer",
+    "score": "cord.score",
+}
+
+
+def queue_name(namespace: str, kind: TaskKind, model: str) -> str:
+    """The shared queue of a pool. Expansion and answers go to the teacher's
+    ``<ns>.expand.<model>``; scoring to the meta-prover's ``<ns>.score.<model>``."""
+    family = "score" if kind == "score" else "expand"
+    return f"{namespace}.{family}.{model}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    ns: str
+
+    @property
+    def problems(self) -> str:
+        """HASH id -> problem JSON, written once at enqueue."""
+        return f"{self.ns}:problems"
+
+    @property
+    def queue(self) -> str:
+        """LIST of ids waiting for a coordinator."""
+        return f"{self.ns}:queue"
+
+    @property
+    def inflight(self) -> str:
+        """HASH id -> lease JSON (owner, expiry) of problems a coordinator drives."""
+        return f"{self.ns}:inflight"
+
+    @property
+    def state(self) -> str:
+        """HASH id -> committed search state JSON, rewritten after every step."""
+        return f"{self.ns}:state"
+
+    @property
+    def done(self) -> str:
+        return f"{self.ns}:done"
+
+    @property
+    def failed(self) -> str:
+        return f"{self.ns}:failed"
+
+    @property
+    def workers(self) -> str:
+        """HASH worker name -> heartbeat JSON."""
+        return f"{self.ns}:workers"
+
+    def replies(self, coordinator_id: str) -> str:
+        """STREAM the workers append results to for one coordinator."""
+        return f"{self.ns}:replies:{coordinator_id}"

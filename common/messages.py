@@ -1,0 +1,105 @@
+"""Every message that crosses the coordinator/worker boundary, and nothing else.
+
+Tasks travel through Celery (JSON only); results come back on a Redis Stream named by
+the request's ``reply_to``. One task carries a batch of items; every item has a
+``key`` that is unique for the work it names and stable across re-dispatch, so a late
+or duplicate result is recognised and ignored by the coordinator.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TaskKind = Literal["expand", "score", "answer"]
+# step: stopped at the next "### Step" header; think_end: wrote </think>; length: ran
+# into max_new_tokens; eos: the model ended its turn.
+FinishReason = Literal["step", "think_end", "length", "eos"]
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExpandItem(_Msg):
+    """Continue the trajectory `steps` by one step, whose header is `next_step`."""
+
+    key: str
+    question: str
+    steps: list[str]
+    next_step: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0.0)
+    top_p: float = 1.0
+    seed: int
+
+
+class AnswerItem(_Msg):
+    """Write the final answer after the closed thinking block of `steps`."""
+
+    key: str
+    question: str
+    steps: list[str]
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0.0)
+    top_p: float = 1.0
+    seed: int
+
+
+class ScoreItem(_Msg):
+    """S of the reference `answer` after `steps` (cord-method.md, step 4)."""
+
+    key: str
+    question: str
+    steps: list[str]
+    answer: str
+
+
+class Generation(_Msg):
+    key: str
+    text: str = ""
+    finish: FinishReason = "length"
+    tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    retryable: bool = False
+
+
+class Score(_Msg):
+    key: str
+    score: float = 0.0
+    answer_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    retryable: bool = False
+
+
+class TaskRequest(_Msg):
+    task_id: str
+    kind: TaskKind
+    model: str
+    reply_to: str
+    attempt: int = 1
+    expand: list[ExpandItem] = []
+    answer: list[AnswerItem] = []
+    score: list[ScoreItem] = []
+
+    def keys(self) -> list[str]:
+        items: list[ExpandItem | AnswerItem | ScoreItem] = [*self.expand, *self.answer, *self.score]
+        return [i.key for i in items]
+
+
+class TaskResult(_Msg):
+    task_id: str
+    kind: TaskKind
+    model: str
+    worker: str
+    elapsed_s: float = 0.0
+    generations: list[Generation] = []
+    scores: list[Score] = []
+    # A whole-task failure (bad message, engine not loaded); item errors live on items.
+    error: str | None = None
+    retryable: bool = False

@@ -1,0 +1,214 @@
+"""``cord-coord``: enqueue problems, run the coordinator, report status.
+
+cord-coord enqueue --config examples/demo.yaml problems.jsonl
+cord-coord run --config examples/demo.yaml --out data/
+cord-coord status --config examples/demo.yaml [--json]
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from cord.common.config import ConfigError, RunConfig, load_config, redact_url
+from cord.common.log import configure
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Run config (YAML); CORD_REDIS_URL overrides its redis_url.",
+)
+
+
+def _load(config_path: str) -> RunConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (env CORD_LOG_LEVEL).")
+def main(log_level: str | None) -> None:
+    """Coordinator of a cord fleet (CoRD beam search over teacher pools)."""
+    configure(level=log_level)
+
+
+@main.command()
+@config_option
+@click.argument("problems_file", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="Enqueue the valid lines; write the rejected ones to --rejects.",
+)
+@click.option(
+    "--rejects",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where --skip-invalid writes rejected lines (default: <file>.rejected.jsonl).",
+)
+def enqueue(config_path: str, problems_file: str, skip_invalid: bool, rejects: str | None) -> None:
+    """Check every line of PROBLEMS_FILE, then enqueue the problems (idempotent by id).
+
+    A file with any bad line enqueues nothing (exit 2) unless --skip-invalid is given."""
+    import redis
+    from cord.common.keys import Keys
+    from cord.common.problems import read_problems
+    from cord.coordinator.store import Store
+
+    cfg = _load(config_path)
+    problems, errors = read_problems(problems_file)
+    if errors:
+        for err in errors:
+            click.echo(f"{problems_file}: {err}", err=True)
+        if not skip_invalid:
+            click.echo(
+                f"{len(errors)} bad line(s); nothing enqueued. Fix them, or pass "
+                "--skip-invalid to enqueue the valid lines.",
+                err=True,
+            )
+            sys.exit(2)
+        rejects_path = Path(rejects or f"{problems_file}.rejected.jsonl")
+        lines = Path(problems_file).read_bytes().split(b"\n")
+        with open(rejects_path, "w", encoding="utf-8") as f:
+            for err in errors:
+                raw = lines[err.line - 1].decode("utf-8", "replace") if err.line else ""
+                f.write(json.dumps({**err.to_json(), "raw": raw}, ensure_ascii=False) + "\n")
+        click.echo(f"{len(errors)} bad line(s) written to {rejects_path}", err=True)
+    client = redis.Redis.from_url(cfg.redis_url)
+    added = Store(client, Keys(cfg.namespace)).enqueue(problems)
+    click.echo(
+        f"enqueued {added} new problem(s); {len(problems) - added} already known "
+        f"(namespace {cfg.namespace!r} at {redact_url(cfg.redis_url)})"
+    )
+
+
+@main.command()
+@config_option
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: output.dir of the config).",
+)
+@click.option("--follow", is_flag=True, help="Keep waiting for new problems instead of exiting.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
+def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | None) -> None:
+    """Drive every enqueued problem to a trace or a failure record, then exit 0."""
+    from cord.coordinator.driver import Coordinator
+    from cord.coordinator.store import Store
+    from tqdm import tqdm
+
+    cfg = _load(config_path)
+    out = out_dir or cfg.output.dir
+    show = sys.stderr.isatty() if progress is None else progress
+    bar: Any = None
+    if show:
+        import redis
+        from cord.common.keys import Keys
+
+        counts = Store(redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)).counts()
+        bar = tqdm(total=counts["queued"] + counts["in_flight"], unit="problem", desc="cord")
+
+    def on_event(kind: str, pid: str) -> None:
+        if bar is not None:
+            bar.update(1)
+            if kind == "failed":
+                bar.set_postfix_str(f"failed: {pid}")
+
+    coord = Coordinator(cfg, out, follow=follow, on_event=on_event)
+    signal.signal(signal.SIGTERM, lambda *_: coord.stop())
+    try:
+        summary = coord.run()
+    except KeyboardInterrupt:
+        coord.stop()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    click.echo(
+        json.dumps(
+            {
+                k: summary[k]
+                for k in ("done", "failed", "tasks_sent", "redispatched", "duplicates", "wall_s")
+            }
+        )
+    )
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def status(config_path: str, as_json: bool) -> None:
+    """Problems queued / in flight / done / failed, queue depths, live workers."""
+    from cord.coordinator.status import fleet_status
+
+    cfg = _load(config_path)
+    st = fleet_status(cfg)
+    if as_json:
+        click.echo(json.dumps(st))
+        return
+    click.echo(f"namespace {cfg.namespace} at {redact_url(cfg.redis_url)}")
+    click.echo(
+        "problems: " + "  ".join(f"{k} {st[k]}" for k in ("queued", "in_flight", "done", "failed"))
+    )
+    for q, n in st["queues"].items():
+        click.echo(f"queue {q}: {n} waiting")
+    for model, ws in st["workers"].items():
+        names = ", ".join(w["name"] for w in ws) or "none"
+        click.echo(f"workers {model}: {len(ws)} live ({names})")
+
+
+@main.command("lab-problems")
+@click.option("--n", "count", type=int, default=20, show_default=True)
+@click.option("--seed", type=int, default=1000, show_default=True)
+def lab_problems(count: int, seed: int) -> None:
+    """Write N lab arithmetic problems (id, question, answer) as JSONL to stdout."""
+    from cord.common.lab.arith import make_problems
+
+    for p in make_problems(count, seed):
+        click.echo(json.dumps(p.to_json()))
+
+
+@main.command("redis-up")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--url", default=None, help="Redis URL (default: the config's redis_url).")
+@click.option(
+    "--dir",
+    "data_dir",
+    default=".run/redis",
+    show_default=True,
+    help="Where a started server keeps its AOF and log.",
+)
+@click.option("--foreground", is_flag=True, help="Run the server in the foreground (Procfile).")
+def redis_up(config_path: str | None, url: str | None, data_dir: str, foreground: bool) -> None:
+    """Start a local Redis (with AOF) unless one already answers at the URL."""
+    from cord.common.redis_server import RedisUnavailable, ping, start_redis
+
+    target = url or (_load(config_path).redis_url if config_path else None)
+    if target is None:
+        raise click.UsageError("give --config or --url")
+    try:
+        if ping(target):
+            click.echo(f"redis answers at {redact_url(target)}")
+            if foreground:
+                signal.pause()
+            return
+        proc = start_redis(target, data_dir, daemonize=not foreground)
+    except RedisUnavailable as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"started redis at {redact_url(target)} (data in {data_dir})")
+    if proc is not None:
+        sys.exit(proc.wait())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""The coordinator's loop: admit problems, dispatch work in batches, gather results from
+the reply stream, commit state, write rows.
+
+Each item of work has a stable key. `pending` maps every key still owed a result to
+its problem, attempt and send time; a result for a key not in `pending` is late or a
+duplicate and is ignored. A key with no result after ``reliability.task_timeout_s`` is
+sent again under the same key (the broker's visibility timeout alone would take hours);
+after ``max_attempts`` the problem fails with the reason. Committed search states go
+to Redis after every step, so another coordinator can resume them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from cord.common.celery_app import make_celery
+from cord.common.config import RunConfig
+from cord.common.keys import TASK_NAMES, Keys, queue_name
+from cord.common.log import get_logger
+from cord.common.messages import Generation, Score, TaskKind, TaskRequest, TaskResult
+from cord.coordinator.output import JsonlWriter
+from cord.coordinator.search import Failed, Search, Work, make_search
+from cord.coordinator.store import Store
+
+Event = Callable[[str, str], None]  # (kind: done|failed, problem id)
+
+
+@dataclass
+class Pending:
+    pid: str
+    work: Work
+    attempt: int = 1
+    sent_at: float | None = None  # None while waiting in the outbox
+    task_id: str = ""
+
+
+@dataclass
+class Counters:
+    tasks_sent: int = 0
+    items_sent: int = 0
+    redispatched: int = 0
+    duplicates: int = 0
+    results: int = 0
+    done: int = 0
+    failed: int = 0
+    resumed: int = 0
+    by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def new_coordinator_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Coordinator:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        out_dir: str,
+        coordinator_id: str | None = None,
+        follow: bool = False,
+        on_event: Event | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.id = coordinator_id or new_coordinator_id()
+        self.follow = follow
+        self.on_event = on_event
+        self.keys = Keys(cfg.namespace)
+        self.redis = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
+        self.store = Store(self.redis, self.keys)
+        self.app = make_celery(cfg)
+        self.reply = self.keys.replies(self.id)
+        self.writer = JsonlWriter(out_dir, cfg.output.traces_prefix, cfg.output.failed_prefix)
+        self.searches: dict[str, Search] = {}
+        self.pending: dict[str, Pending] = {}
+        self.keys_of: dict[str, set[str]] = defaultdict(set)
+        self.outbox: dict[tuple[TaskKind, str], list[str]] = defaultdict(list)
+        self.tasks: dict[str, list[str]] = {}
+        self.counters = Counters()
+        self.lease_s = max(30.0, 6 * cfg.reliability.heartbeat_s)
+        self.log = get_logger("cord.coordinator", coordinator=self.id)
+        self._last_id = "0-0"
+        self._next_takeover = 0.0
+        self._next_renew = 0.0
+        self._next_deadline_check = 0.0
+        self._stop = False
+
+    # -- main loop --------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        start = time.monotonic()
+        self._reconcile()
+        self.log.info(
+            "coordinator_started",
+            namespace=self.cfg.namespace,
+            max_in_flight=self.cfg.max_in_flight,
+            strategy=self.cfg.search.strategy,
+        )
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                self._admit(now)
+                self._flush(now)
+                self._read(block_ms=50 if self.searches else 250)
+                self._check_deadlines(time.monotonic())
+                self._renew(time.monotonic())
+                if not self.searches and not self.follow and self._drained():
+                    break
+        finally:
+            self._shutdown()
+        summary = {**self.counters.__dict__, "wall_s": round(time.monotonic() - start, 3)}
+        summary["by_kind"] = dict(self.counters.by_kind)
+        self.log.info("coordinator_finished", **summary)
+        return summary
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def _drained(self) -> bool:
+        return self.redis.llen(self.keys.queue) == 0 and not self.store.has_expired_leases(self.id)
+
+    def _shutdown(self) -> None:
+        if self.searches:  # a clean stop hands unfinished problems back at once
+            self.store.release(self.id, self.searches)
+            self.log.info("released_problems", count=len(self.searches))
+        self.redis.delete(self.reply)
+
+    # -- admission --------------------------------------------------------------------
+    def _admit(self, now: float) -> None:
+        room = self.cfg.max_in_flight - len(self.searches)
+        if room <= 0:
+            return
+        ids: list[str] = []
+        if now >= self._next_takeover:
+            ids = self.store.take_over(self.id, room, self.lease_s)
+            self._next_takeover = now + self.lease_s / 3
+            self.counters.resumed += len(ids)
+        ids += self.store.claim(self.id, room - len(ids), self.lease_s)
+        if not ids:
+            return
+        for pid, problem, state in zip(
+            ids, self.store.problems(ids), self.store.states(ids), strict=True
+        ):
+            if problem is None:
+                self.log.error("unknown_problem", problem_id=pid)
+                self.store.finish(pid, failed=True)
+                continue
+            if self.store.is_finished(pid):
+                self.store.finish(pid)
+                continue
+            search = make_search(problem, self.cfg)
+            if state is not None:
+                search.restore(state)
+            self.searches[pid] = search
+            self._queue(pid, search.start())
+
+    # -- dispatch ---------------------------------------------------------------------
+    def _queue(self, pid: str, works: list[Work]) -> None:
+        for work in works:
+            key = work.item.key
+            if key in self.pending:
+                continue
+            self.pending[key] = Pending(pid, work)
+            self.keys_of[pid].add(key)
+            self.outbox[(work.kind, work.model)].append(key)
+
+    def _flush(self, now: float) -> None:
+        for (kind, model), keys in self.outbox.items():
+            keys = [k for k in keys if k in self.pending]
+            batch = self.cfg.pool(model).max_batch
+            for i in range(0, len(keys), batch):
+                self._send(kind, model, keys[i : i + batch], now)
+        self.outbox.clear()
+
+    def _send(self, kind: TaskKind, model: str, keys: list[str], now: float) -> None:
+        task_id = uuid.uuid4().hex
+        items = [self.pending[k].work.item for k in keys]
+        attempt = max(self.pending[k].attempt for k in keys)
+        req = TaskRequest(
+            task_id=task_id,
+            kind=kind,
+            model=model,
+            reply_to=self.reply,
+            attempt=attempt,
+            **{kind: items},
+        )
+        self.app.send_task(
+            TASK_NAMES[kind],
+            args=[req.model_dump(mode="json")],
+            queue=queue_name(self.cfg.namespace, kind, model),
+            task_id=task_id,
+        )
+        for k in keys:
+            self.pending[k].sent_at, self.pending[k].task_id = now, task_id
+        self.tasks[task_id] = keys
+        self.counters.tasks_sent += 1
+        self.counters.items_sent += len(keys)
+        self.counters.by_kind[kind] += len(keys)
+
+    # -- results ----------------------------------------------------------------------
+    def _read(self, block_ms: int) -> None:
+        try:
+            reply = self.redis.xread({self.reply: self._last_id}, count=512, block=block_ms)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self.log.warning("redis_unreachable", error=str(e), wait_s=1.0)
+            time.sleep(1.0)
+            return
+        if not reply:
+            return
+        entries = reply[0][1]
+        commits: dict[str, dict[str, Any]] = {}
+        for _entry_id, fields in entries:
+            self._on_result(TaskResult.model_validate_json(fields[b"data"]), commits)
+        self.store.commit({pid: s for pid, s in commits.items() if pid in self.searches})
+        for pid in [p for p in commits if p in self.searches and self.searches[p].finished]:
+            self._finish(pid)
+        self._last_id = entries[-1][0].decode()
+        self.redis.xdel(self.reply, *[e[0] for e in entries])
+
+    def _on_result(self, result: TaskResult, commits: dict[str, dict[str, Any]]) -> None:
+        self.counters.results += 1
+        keys = self.tasks.pop(result.task_id, [])
+        if result.error:
+            for key in keys:
+                p = self.pending.get(key)
+                if p is not None and p.task_id == result.task_id:
+                    self._retry_or_fail(key, result.error, result.retryable)
+            return
+        items: list[Generation] | list[Score] = result.generations or result.scores
+        for item in items:
+            p = self.pending.get(item.key)
+            if p is None:
+                self.counters.duplicates += 1
+                continue
+            if item.error:
+                self._retry_or_fail(item.key, item.error, item.retryable)
+                continue
+            self._drop_key(item.key)
+            search = self.searches.get(p.pid)
+            if search is None:
+                continue
+            try:
+                if isinstance(item, Score):
+                    new = search.on_score(item.key, item)
+                else:
+                    new = search.on_generation(item.key, item)
+            except Failed as e:
+                self._fail(p.pid, f"{p.work.kind} on {p.work.model}: {e}")
+                continue
+            self._queue(p.pid, new)
+            if search.committed:
+                search.committed = False
+                commits[p.pid] = search.snapshot()
+
+    def _retry_or_fail(self, key: str, error: str, retryable: bool) -> None:
+        p = self.pending[key]
+        if retryable and p.attempt < self.cfg.reliability.max_attempts:
+            p.attempt += 1
+            p.sent_at = None
+            self.outbox[(p.work.kind, p.work.model)].append(key)
+            self.counters.redispatched += 1
+            self.log.warning(
+                "redispatch", problem_id=p.pid, key=key, attempt=p.attempt, error=error
+            )
+            return
+        self._fail(
+            p.pid, f"{p.work.kind} on {p.work.model} failed after {p.attempt} attempt(s): {error}"
+        )
+
+    def _check_deadlines(self, now: float) -> None:
+        if now < self._next_deadline_check:
+            return
+        self._next_deadline_check = now + 1.0
+        timeout = self.cfg.reliability.task_timeout_s
+        late = [
+            k
+            for k, p in self.pending.items()
+            if p.sent_at is not None and now - p.sent_at > timeout
+        ]
+        for key in late:
+            if key in self.pending:
+                self._retry_or_fail(
+                    key,
+                    f"no result within {timeout:g}s (reliability.task_timeout_s)",
+                    retryable=True,
+                )
+
+    def _renew(self, now: float) -> None:
+        if now >= self._next_renew and self.searches:
+            self.store.renew(self.id, self.searches, self.lease_s)
+            self._next_renew = now + self.lease_s / 3
+
+    # -- endings ----------------------------------------------------------------------
+    def _drop_key(self, key: str) -> None:
+        p = self.pending.pop(key, None)
+        if p is not None:
+            self.keys_of[p.pid].discard(key)
+
+    def _forget(self, pid: str) -> Search | None:
+        for key in self.keys_of.pop(pid, set()):
+            self.pending.pop(key, None)
+        return self.searches.pop(pid, None)
+
+    def _finish(self, pid: str) -> None:
+        search = self._forget(pid)
+        if search is None:
+            return
+        if not self.store.is_finished(pid):
+            self.writer.write(search.row())
+            self.store.finish(pid)
+            self.counters.done += 1
+            self.log.info("problem_done", problem_id=pid)
+            if self.on_event:
+                self.on_event("done", pid)
+
+    def _fail(self, pid: str, reason: str) -> None:
+        search = self._forget(pid)
+        if search is None or self.store.is_finished(pid):
+            return
+        p = search.problem
+        row = {
+            **p.meta,
+            "id": p.id,
+            "question": p.question,
+            "reference_answer": p.answer,
+            "reason": reason,
+            "strategy": search.name,
+            "state": search.snapshot(),
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self.writer.write(row, failed=True)
+        self.store.finish(pid, failed=True)
+        self.counters.failed += 1
+        self.log.warning("problem_failed", problem_id=pid, reason=reason)
+        if self.on_event:
+            self.on_event("failed", pid)
+
+    def _reconcile(self) -> None:
+        """Rows on disk whose problem Redis still holds open (a crash between the
+        write and the commit) are closed now, so no row is written twice."""
+        traces, failed = self.writer.written_ids()
+        fixed = 0
+        for ids, is_failed in ((traces, False), (failed, True)):
+            for pid in ids:
+                if not self.store.is_finished(pid):
+                    self.store.finish(pid, failed=is_failed)
+                    fixed += 1
+        if fixed:
+            self.log.info("reconciled_output", rows=fixed)

@@ -1,0 +1,212 @@
+"""What every search strategy shares: the work it asks for, the trajectory types, the
+output row. A strategy is a pure state machine over one problem: it never talks to Redis
+or Celery. The driver feeds it results and dispatches the work it returns, so the same
+strategy runs through the fleet or in one process."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from cord.common import prompts
+from cord.common.config import RunConfig
+from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem, TaskKind
+from cord.common.problems import Problem
+from pydantic import BaseModel, ConfigDict
+
+
+@dataclass(frozen=True)
+class Work:
+    kind: TaskKind
+    model: str
+    item: ExpandItem | AnswerItem | ScoreItem
+
+
+class Failed(Exception):
+    """The problem cannot be finished; the message is its failure reason."""
+
+
+class Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int
+    text: str
+    teacher: str
+    score: float
+    tokens: int
+
+
+class Trajectory(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    steps: list[Step] = []
+    tokens: int = 0
+    score: float = 0.0
+    complete: bool = False
+    finish: str | None = None  # how thinking ended: think_end, eos, budget
+    final_answer: str | None = None
+    answer_teacher: str | None = None
+    answer_tokens: int = 0
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.steps]
+
+    @property
+    def last_teacher(self) -> str | None:
+        return self.steps[-1].teacher if self.steps else None
+
+
+class Stats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tokens_by_teacher: dict[str, int] = {}
+    expansions: int = 0
+    scorings: int = 0
+    answers: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    wall_s: float = 0.0
+
+    def add_generation(self, teacher: str, g: Generation) -> None:
+        self.tokens_by_teacher[teacher] = self.tokens_by_teacher.get(teacher, 0) + g.tokens
+        self.prompt_tokens += g.prompt_tokens
+        self.cached_prompt_tokens += g.cached_tokens
+
+    def add_score(self, s: Score) -> None:
+        self.scorings += 1
+        self.prompt_tokens += s.prompt_tokens
+        self.cached_prompt_tokens += s.cached_tokens
+
+
+def item_seed(run_seed: int, key: str) -> int:
+    """A stable per-item seed: a re-dispatched item samples the same text."""
+    digest = hashlib.blake2b(f"{run_seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+class Search(ABC):
+    """One problem's search. Subclasses keep their state in pydantic models so that
+    `snapshot()` is JSON and a restarted coordinator resumes from it."""
+
+    name: str
+
+    def __init__(self, problem: Problem, cfg: RunConfig) -> None:
+        self.problem = problem
+        self.cfg = cfg
+        self.committed = False  # set when a step was committed; the driver persists then
+        self._t0 = time.monotonic()
+
+    @abstractmethod
+    def start(self) -> list[Work]:
+        """The first work (or, after a restart, the work of the committed state)."""
+
+    @abstractmethod
+    def on_generation(self, key: str, result: Generation) -> list[Work]: ...
+
+    @abstractmethod
+    def on_score(self, key: str, result: Score) -> list[Work]: ...
+
+    @property
+    @abstractmethod
+    def finished(self) -> bool: ...
+
+    @abstractmethod
+    def snapshot(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def restore(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def row(self) -> dict[str, Any]:
+        """The output row of a finished search."""
+
+    # -- helpers shared by strategies -------------------------------------------------
+    def expand_work(self, teacher: str, key: str, steps: list[str], max_new: int) -> Work:
+        return Work(
+            "expand",
+            teacher,
+            ExpandItem(
+                key=key,
+                question=self.problem.question,
+                steps=steps,
+                next_step=len(steps) + 1,
+                max_new_tokens=max_new,
+                temperature=self.cfg.temperature(teacher),
+                top_p=self.cfg.teacher(teacher).top_p,
+                seed=item_seed(self.cfg.search.seed, key),
+            ),
+        )
+
+    def answer_work(self, teacher: str, key: str, steps: list[str]) -> Work:
+        return Work(
+            "answer",
+            teacher,
+            AnswerItem(
+                key=key,
+                question=self.problem.question,
+                steps=steps,
+                max_new_tokens=self.cfg.search.answer_budget,
+                temperature=self.cfg.temperature(teacher),
+                top_p=self.cfg.teacher(teacher).top_p,
+                seed=item_seed(self.cfg.search.seed, key),
+            ),
+        )
+
+    def score_work(self, key: str, steps: list[str]) -> Work:
+        return Work(
+            "score",
+            self.cfg.meta_prover.name,
+            ScoreItem(
+                key=key, question=self.problem.question, steps=steps, answer=self.problem.answer
+            ),
+        )
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def trace_row(self, best: Trajectory, others: list[Trajectory], stats: Stats) -> dict[str, Any]:
+        cfg = self.cfg
+        p = self.problem
+        final = best.final_answer or ""
+        row: dict[str, Any] = dict(p.meta)
+        row.update(
+            {
+                "id": p.id,
+                "question": p.question,
+                "reference_answer": p.answer,
+                "steps": [s.model_dump() for s in best.steps],
+                "final_answer": final,
+                "answer_teacher": best.answer_teacher,
+                "score": best.score,
+                "thinking_finish": best.finish,
+                "messages": [
+                    {"role": "user", "content": prompts.user_prompt(p.question)},
+                    {"role": "assistant", "content": prompts.assistant_message(best.texts, final)},
+                ],
+                "stats": {
+                    **stats.model_dump(),
+                    "steps": len(best.steps),
+                    "thinking_tokens": best.tokens,
+                    "answer_tokens": best.answer_tokens,
+                },
+                "strategy": self.name,
+                "models": {
+                    "teachers": {t.name: t.model for t in cfg.teachers},
+                    "meta_prover": {cfg.meta_prover.name: cfg.pool(cfg.meta_prover.name).model},
+                },
+                "alternatives": [
+                    {
+                        "steps": [s.model_dump() for s in t.steps],
+                        "final_answer": t.final_answer,
+                        "answer_teacher": t.answer_teacher,
+                        "score": t.score,
+                        "thinking_finish": t.finish,
+                    }
+                    for t in others
+                ]
+                if cfg.output.keep_alternatives
+                else [],
+            }
+        )
+        return row

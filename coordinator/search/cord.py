@@ -1,0 +1,188 @@
+"""CoRD: collaborative step-wise multi-teacher beam search (cord-method.md, steps 2-7).
+
+Per step: every teacher continues every live beam by one step (``samples_per_beam``
+samples each); every candidate is scored by the meta-prover as soon as it arrives
+(predictive perplexity S of the reference answer); when all are scored, the top
+``beam_width - completed`` distinct trajectories by S across all teachers and beams are
+kept. A trajectory is complete when its step ends in ``</think>`` (or the model's end of
+turn) or the thinking budget is spent; the teacher that wrote its last step then writes
+the final answer. The search ends when no beam is live and every complete one has its
+answer; the best complete trajectory by S is the trace, the others are alternatives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cord.common import prompts
+from cord.common.messages import Generation, Score
+from cord.coordinator.search.base import Failed, Search, Stats, Step, Trajectory, Work
+from pydantic import BaseModel, ConfigDict
+
+
+class Candidate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    beam: int
+    teacher: str
+    text: str | None = None
+    finish: str | None = None
+    tokens: int = 0
+    score: float | None = None
+
+
+class CordState(BaseModel):
+    """The committed state: what survives a coordinator restart."""
+
+    model_config = ConfigDict(extra="forbid")
+    step: int = 1
+    beams: list[Trajectory] = [Trajectory()]
+    completed: list[Trajectory] = []
+    stats: Stats = Stats()
+
+
+class CordSearch(Search):
+    name = "cord"
+
+    def __init__(self, problem: Any, cfg: Any) -> None:
+        super().__init__(problem, cfg)
+        self.state = CordState()
+        self._cands: dict[str, Candidate] = {}  # current step, by expand key
+        self._by_score_key: dict[str, str] = {}  # score key -> expand key
+        self._answer_keys: dict[str, int] = {}  # answer key -> index into completed
+
+    # -- keys -----------------------------------------------------------------------
+    def _key(self, kind: str, *parts: object) -> str:
+        return ":".join([self.problem.id, kind, *map(str, parts)])
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> list[Work]:
+        work = self._expansions()
+        for index, traj in enumerate(self.state.completed):
+            if traj.final_answer is None:
+                work.append(self._answer(index))
+        return work
+
+    def _expansions(self) -> list[Work]:
+        st, search = self.state, self.cfg.search
+        self._cands.clear()
+        self._by_score_key.clear()
+        work = []
+        for b, beam in enumerate(st.beams):
+            budget_left = search.thinking_budget - beam.tokens
+            max_new = max(1, min(search.max_step_tokens, budget_left))
+            for teacher in self.cfg.teacher_names:
+                for sample in range(search.samples_per_beam):
+                    key = self._key("x", st.step, b, teacher, sample)
+                    self._cands[key] = Candidate(key=key, beam=b, teacher=teacher)
+                    work.append(self.expand_work(teacher, key, beam.texts, max_new))
+        return work
+
+    def _answer(self, index: int) -> Work:
+        traj = self.state.completed[index]
+        key = self._key("a", index)
+        self._answer_keys[key] = index
+        assert traj.last_teacher is not None
+        return self.answer_work(traj.last_teacher, key, traj.texts)
+
+    def on_generation(self, key: str, result: Generation) -> list[Work]:
+        if result.error:
+            raise Failed(result.error)
+        if key in self._answer_keys:
+            traj = self.state.completed[self._answer_keys.pop(key)]
+            traj.final_answer = result.text.strip()
+            traj.answer_teacher = traj.last_teacher
+            traj.answer_tokens = result.tokens
+            self.state.stats.answers += 1
+            self.state.stats.add_generation(traj.last_teacher or "?", result)
+            self.committed = True
+            return []
+        cand = self._cands.get(key)
+        if cand is None or cand.text is not None:
+            return []  # late or duplicate
+        cand.text = prompts.clean_step(prompts.step_header(self.state.step), result.text)
+        cand.finish, cand.tokens = result.finish, max(1, result.tokens)
+        self.state.stats.expansions += 1
+        self.state.stats.add_generation(cand.teacher, result)
+        parent = self.state.beams[cand.beam]
+        score_key = self._key("s", *key.split(":")[-4:])
+        self._by_score_key[score_key] = key
+        return [self.score_work(score_key, [*parent.texts, cand.text])]
+
+    def on_score(self, key: str, result: Score) -> list[Work]:
+        if result.error:
+            raise Failed(result.error)
+        cand = self._cands.get(self._by_score_key.get(key, ""))
+        if cand is None or cand.score is not None:
+            return []
+        cand.score = result.score
+        self.state.stats.add_score(result)
+        if any(c.score is None for c in self._cands.values()):
+            return []
+        return self._select()
+
+    def _select(self) -> list[Work]:
+        st, search = self.state, self.cfg.search
+        keep = search.beam_width - len(st.completed)
+        ranked = sorted(self._cands.values(), key=lambda c: (-(c.score or 0.0), c.key))
+        chosen: list[Candidate] = []
+        seen: set[tuple[str, ...]] = set()
+        for c in ranked:
+            assert c.text is not None
+            text = (*st.beams[c.beam].texts, c.text)
+            if text not in seen:
+                seen.add(text)
+                chosen.append(c)
+            if len(chosen) == keep:
+                break
+        live: list[Trajectory] = []
+        work: list[Work] = []
+        for c in chosen:
+            parent = st.beams[c.beam]
+            step = Step(
+                index=st.step,
+                text=c.text or "",
+                teacher=c.teacher,
+                score=c.score or 0.0,
+                tokens=c.tokens,
+            )
+            traj = Trajectory(
+                steps=[*parent.steps, step], tokens=parent.tokens + c.tokens, score=step.score
+            )
+            if c.finish in ("think_end", "eos"):
+                traj.complete, traj.finish = True, c.finish
+            elif traj.tokens >= search.thinking_budget:
+                traj.complete, traj.finish = True, "budget"
+            if traj.complete:
+                st.completed.append(traj)
+                work.append(self._answer(len(st.completed) - 1))
+            else:
+                live.append(traj)
+        st.beams = live
+        st.step += 1
+        self.committed = True
+        if live:
+            work.extend(self._expansions())
+        else:
+            self._cands.clear()
+        return work
+
+    @property
+    def finished(self) -> bool:
+        st = self.state
+        return not st.beams and all(t.final_answer is not None for t in st.completed)
+
+    def snapshot(self) -> dict[str, Any]:
+        st = self.state.model_copy(deep=True)
+        st.stats.wall_s = round(st.stats.wall_s + self.elapsed(), 3)
+        return st.model_dump()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.state = CordState.model_validate(state)
+
+    def row(self) -> dict[str, Any]:
+        st = self.state
+        ranked = sorted(st.completed, key=lambda t: -t.score)
+        stats = st.stats.model_copy()
+        stats.wall_s = round(stats.wall_s + self.elapsed(), 3)
+        return self.trace_row(ranked[0], ranked[1:], stats)

@@ -1,0 +1,169 @@
+"""The coordinator's Redis state: problems, the waiting queue, leases of problems in
+flight, committed search states, done/failed sets. Multi-key changes are Lua scripts,
+so each is atomic."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from cord.common.keys import Keys
+from cord.common.problems import Problem
+
+# KEYS: problems, queue; ARGV: id, json ... -> number of new problems
+_ENQUEUE = """
+local added = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    added = added + 1
+  end
+end
+return added
+"""
+
+# KEYS: queue, inflight; ARGV: owner, lease_until, n -> claimed ids
+_CLAIM = """
+local out = {}
+for i = 1, tonumber(ARGV[3]) do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  local lease = cjson.encode({owner = ARGV[1], ['until'] = tonumber(ARGV[2])})
+  redis.call('HSET', KEYS[2], id, lease)
+  table.insert(out, id)
+end
+return out
+"""
+
+# KEYS: inflight; ARGV: owner, now, lease_until, n -> ids whose lease expired, now ours
+_TAKEOVER = """
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  if #out >= tonumber(ARGV[4]) then break end
+  local lease = cjson.decode(all[i + 1])
+  if lease['owner'] ~= ARGV[1] and tonumber(lease['until']) < tonumber(ARGV[2]) then
+    local renewed = cjson.encode({owner = ARGV[1], ['until'] = tonumber(ARGV[3])})
+    redis.call('HSET', KEYS[1], all[i], renewed)
+    table.insert(out, all[i])
+  end
+end
+return out
+"""
+
+# KEYS: inflight, state, done|failed; ARGV: id -> 1 when newly finished
+_FINISH = """
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('SADD', KEYS[3], ARGV[1])
+"""
+
+
+class Store:
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.r = client
+        self.keys = keys
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._claim = client.register_script(_CLAIM)
+        self._takeover = client.register_script(_TAKEOVER)
+        self._finish = client.register_script(_FINISH)
+
+    def enqueue(self, problems: Iterable[Problem], chunk: int = 500) -> int:
+        k = self.keys
+        added = 0
+        batch: list[str] = []
+        for p in problems:
+            batch += [p.id, p.model_dump_json()]
+            if len(batch) >= 2 * chunk:
+                added += int(self._enqueue(keys=[k.problems, k.queue], args=batch))
+                batch = []
+        if batch:
+            added += int(self._enqueue(keys=[k.problems, k.queue], args=batch))
+        return added
+
+    def claim(self, owner: str, n: int, lease_s: float) -> list[str]:
+        if n <= 0:
+            return []
+        ids = self._claim(
+            keys=[self.keys.queue, self.keys.inflight], args=[owner, time.time() + lease_s, n]
+        )
+        return [i.decode() for i in ids]
+
+    def take_over(self, owner: str, n: int, lease_s: float) -> list[str]:
+        """Problems whose owner stopped renewing its lease become ours."""
+        if n <= 0:
+            return []
+        now = time.time()
+        ids = self._takeover(keys=[self.keys.inflight], args=[owner, now, now + lease_s, n])
+        return [i.decode() for i in ids]
+
+    def renew(self, owner: str, ids: Iterable[str], lease_s: float) -> None:
+        lease = json.dumps({"owner": owner, "until": time.time() + lease_s})
+        mapping: dict[str | bytes, bytes | float | int | str] = dict.fromkeys(ids, lease)
+        if mapping:
+            self.r.hset(self.keys.inflight, mapping=mapping)
+
+    def problems(self, ids: list[str]) -> list[Problem | None]:
+        if not ids:
+            return []
+        raw = self.r.hmget(self.keys.problems, ids)
+        return [Problem.model_validate_json(r) if r else None for r in raw]
+
+    def states(self, ids: list[str]) -> list[dict[str, Any] | None]:
+        if not ids:
+            return []
+        raw = self.r.hmget(self.keys.state, ids)
+        return [json.loads(r) if r else None for r in raw]
+
+    def commit(self, states: dict[str, dict[str, Any]]) -> None:
+        if states:
+            mapping: dict[str | bytes, bytes | float | int | str] = {
+                k: json.dumps(v) for k, v in states.items()
+            }
+            self.r.hset(self.keys.state, mapping=mapping)
+
+    def is_finished(self, pid: str) -> bool:
+        pipe = self.r.pipeline()
+        pipe.sismember(self.keys.done, pid)
+        pipe.sismember(self.keys.failed, pid)
+        return any(pipe.execute())
+
+    def finish(self, pid: str, failed: bool = False) -> bool:
+        k = self.keys
+        target = k.failed if failed else k.done
+        return bool(self._finish(keys=[k.inflight, k.state, target], args=[pid]))
+
+    def release(self, owner: str, ids: Iterable[str]) -> None:
+        """Hand problems back on a clean stop: their lease expires at once."""
+        lease = json.dumps({"owner": owner, "until": 0})
+        mapping: dict[str | bytes, bytes | float | int | str] = dict.fromkeys(ids, lease)
+        if mapping:
+            self.r.hset(self.keys.inflight, mapping=mapping)
+
+    def counts(self) -> dict[str, int]:
+        k = self.keys
+        pipe = self.r.pipeline()
+        pipe.llen(k.queue)
+        pipe.hlen(k.inflight)
+        pipe.scard(k.done)
+        pipe.scard(k.failed)
+        pipe.hlen(k.problems)
+        queued, inflight, done, failed, total = pipe.execute()
+        return {
+            "queued": queued,
+            "in_flight": inflight,
+            "done": done,
+            "failed": failed,
+            "total": total,
+        }
+
+    def has_expired_leases(self, owner: str) -> bool:
+        now = time.time()
+        for raw in self.r.hvals(self.keys.inflight):
+            lease = json.loads(raw)
+            if lease["owner"] != owner and lease["until"] < now:
+                return True
+        return False

@@ -1,0 +1,38 @@
+"""Engines: the small interface a worker drives (expand, answer, score, stats), one
+module per runtime. An engine knows prompts and tokens, never beams."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from cord.common.config import ModelSpec
+from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem
+
+
+class Engine(Protocol):
+    name: str
+
+    def expand(self, items: list[ExpandItem]) -> list[Generation]: ...
+
+    def answer(self, items: list[AnswerItem]) -> list[Generation]: ...
+
+    def score(self, items: list[ScoreItem]) -> list[Score]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class EngineError(RuntimeError):
+    """An item the engine cannot serve. `retryable` says whether another try (maybe on
+    another worker) could succeed."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def load_engine(spec: ModelSpec) -> Engine:
+    if spec.engine == "hf":
+        from cord.workers.engines.hf import HFEngine
+
+        return HFEngine(spec)
+    raise ValueError(f"engine {spec.engine!r} is not available; set `engine: hf`")

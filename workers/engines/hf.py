@@ -1,0 +1,365 @@
+"""The `hf` engine: transformers + torch, on CPU or CUDA.
+
+- Batched generation with stop strings (``### Step`` / ``</think>``) and per-item seeds,
+  so a re-dispatched item reproduces its text.
+- Log-probabilities of given tokens (the reference answer) for the meta-prover's score.
+- Each model's own chat template and tokenizer; trajectories arrive as text.
+- A prefix KV cache (`kvcache.PrefixCache`): each request reuses the longest cached
+  prefix of its token ids and reports how many prompt tokens came from it.
+
+Generation: every item is prefilled alone on top of its cached prefix; the per-item KV
+caches are then left-padded into one batch and decoded together, one token per step,
+with explicit position ids and an attention mask that hides the padding. Finished rows
+leave the batch and their KV (prompt + generated tokens) goes into the prefix cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from cord.common import prompts
+from cord.common.config import ModelSpec
+from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
+from cord.common.scoring import predictive_score
+from cord.workers.engines import EngineError
+from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_STOP_WINDOW = 16  # tokens decoded to look for a stop string that the newest token completed
+
+
+@dataclass
+class _Row:
+    """One sequence being generated."""
+
+    index: int  # position in the caller's item list
+    prompt: torch.Tensor  # 1-D ids on CPU
+    max_new: int
+    temperature: float
+    top_p: float
+    generator: torch.Generator
+    cached: int
+    stops: tuple[str, ...]
+    out: list[int] = field(default_factory=list)
+    finish: FinishReason | None = None
+    text: str = ""
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    busy_s: float = 0.0
+
+
+class HFEngine:
+    def __init__(self, spec: ModelSpec) -> None:
+        self.name = spec.name
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
+        dtype = _DTYPES.get(spec.dtype)
+        if dtype is None:  # auto: bf16 on CUDA, fp32 on CPU
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model: Any = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype)
+        self.model.to(device=self.device)
+        self.model.eval()
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        cfg = self.model.config
+        self.max_context: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None
+        )
+        self.eos_ids = self._eos_ids()
+        self.prefix_cache = PrefixCache(spec.prefix_cache_tokens)
+        self.counters = _Counters()
+        self._prefix = lru_cache(maxsize=4096)(self._chat_prefix)
+
+    # -- text and tokens ------------------------------------------------------------
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list | tuple):
+                ids.update(int(v) for v in value)
+        return ids
+
+    def _chat_prefix(self, question: str) -> str:
+        return prompts.chat_prefix(self.tokenizer, question)
+
+    def encode(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
+
+    def _check_context(self, n: int) -> None:
+        if self.max_context is not None and n > self.max_context:
+            raise EngineError(
+                f"{n} tokens exceed the context of model {self.name!r} ({self.max_context}); "
+                "lower search.thinking_budget or use a model with a longer context",
+                retryable=False,
+            )
+
+    # -- torch plumbing -------------------------------------------------------------
+    def _make_cache(self, kv: KV | None) -> DynamicCache:
+        if kv:
+            return DynamicCache(
+                [(k.to(self.device), v.to(self.device)) for k, v in kv], config=self.model.config
+            )
+        return DynamicCache(config=self.model.config)
+
+    @staticmethod
+    def _kv_of(cache: Any) -> KV:
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+    def _forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    ) -> tuple[torch.Tensor, Any]:
+        out = self.model(
+            input_ids=ids.to(self.device),
+            position_ids=positions.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=True,
+            **{self._cache_kw: cache},
+        )
+        new_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return out.logits, new_cache
+
+    def _prefill(self, ids: torch.Tensor, reuse_limit: int) -> tuple[torch.Tensor, Any, int]:
+        """Run `ids` on top of its longest cached prefix (at most `reuse_limit` tokens).
+        Returns the logits of the new positions, the full cache and the reused length."""
+        hit, kv = self.prefix_cache.lookup(ids)
+        hit = min(hit, reuse_limit)
+        cache = self._make_cache(crop_kv(kv, hit) if kv is not None and hit > 0 else None)
+        n = ids.numel()
+        logits, cache = self._forward(
+            ids[hit:].unsqueeze(0),
+            torch.arange(hit, n).unsqueeze(0),
+            torch.ones(1, n, dtype=torch.long),
+            cache,
+        )
+        self.counters.prompt_tokens += n
+        self.counters.cached_tokens += hit
+        return logits[0], cache, hit
+
+    # -- generation -----------------------------------------------------------------
+    def expand(self, items: list[ExpandItem]) -> list[Generation]:
+        texts = [self._prefix(i.question) + prompts.think_body(i.steps, i.next_step) for i in items]
+        return self._generate_items(items, texts, prompts.STEP_STOPS)
+
+    def answer(self, items: list[AnswerItem]) -> list[Generation]:
+        texts = [self._prefix(i.question) + prompts.answer_context(i.steps) for i in items]
+        return self._generate_items(items, texts, ())
+
+    @torch.inference_mode()
+    def _generate_items(
+        self, items: list[Any], texts: list[str], stops: tuple[str, ...]
+    ) -> list[Generation]:
+        start = time.perf_counter()
+        results: list[Generation | None] = [None] * len(items)
+        rows: list[_Row] = []
+        for index, (item, text) in enumerate(zip(items, texts, strict=True)):
+            ids = self.encode(text)
+            try:
+                self._check_context(ids.numel() + item.max_new_tokens)
+            except EngineError as e:
+                results[index] = Generation(key=item.key, error=str(e), retryable=e.retryable)
+                continue
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(item.seed % (2**63))
+            rows.append(
+                _Row(index, ids, item.max_new_tokens, item.temperature, item.top_p, gen, 0, stops)
+            )
+        if rows:
+            self._generate(rows)
+        for row in rows:
+            assert row.finish is not None
+            results[row.index] = Generation(
+                key=items[row.index].key,
+                text=row.text,
+                finish=row.finish,
+                tokens=len(row.out),
+                prompt_tokens=row.prompt.numel(),
+                cached_tokens=row.cached,
+            )
+        self.counters.requests += len(items)
+        self.counters.busy_s += time.perf_counter() - start
+        return [r for r in results if r is not None]
+
+    def _generate(self, rows: list[_Row]) -> None:
+        firsts, caches = [], []
+        for row in rows:
+            logits, cache, row.cached = self._prefill(row.prompt, row.prompt.numel() - 1)
+            firsts.append(logits[-1])
+            caches.append(self._kv_of(cache))
+        lens = [r.prompt.numel() for r in rows]
+        width = max(lens)
+        pads = [width - n for n in lens]
+        batched = self._pad_batch(caches, pads)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, pad in enumerate(pads):
+            mask[b, pad:] = 1
+        positions = torch.tensor(lens, dtype=torch.long)
+        logits = torch.stack(firsts)
+        active = list(range(len(rows)))  # batch position -> index into rows
+        while True:
+            tokens = [self._sample(logits[b], rows[r]) for b, r in enumerate(active)]
+            keep: list[int] = []
+            for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
+                if self._advance(rows[r], token):
+                    self._remember(rows[r], batched, b, pads[r])
+                else:
+                    keep.append(b)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=self.device)
+                batched.batch_select_indices(index)
+                mask = mask[keep]
+                positions = positions[keep]
+                active = [active[b] for b in keep]
+                tokens = [tokens[b] for b in keep]
+            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.long)], dim=1)
+            step_logits, batched = self._forward(
+                torch.tensor(tokens, dtype=torch.long).unsqueeze(1),
+                positions.unsqueeze(1),
+                mask,
+                batched,
+            )
+            positions = positions + 1
+            logits = step_logits[:, -1]
+
+    def _pad_batch(self, caches: list[KV], pads: list[int]) -> DynamicCache:
+        layers: KV = []
+        for layer in range(len(caches[0])):
+            keys, values = [], []
+            for kv, pad in zip(caches, pads, strict=True):
+                k, v = kv[layer]
+                if pad:
+                    k = torch.cat([k.new_zeros(*k.shape[:-2], pad, k.shape[-1]), k], dim=-2)
+                    v = torch.cat([v.new_zeros(*v.shape[:-2], pad, v.shape[-1]), v], dim=-2)
+                keys.append(k)
+                values.append(v)
+            layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
+        return self._make_cache(layers)
+
+    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
+        if row.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / row.temperature, dim=-1)
+        if row.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > row.top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Append `token`; True when the row is finished (and its text is final)."""
+        if token in self.eos_ids:
+            row.finish = "eos"
+            row.text = self.decode(row.out)
+            return True
+        row.out.append(token)
+        self.counters.generated_tokens += 1
+        if row.stops:
+            tail = self.decode(row.out[-_STOP_WINDOW:])
+            if any(s in tail for s in row.stops):
+                text = self.decode(row.out)
+                cut, stop = min((text.find(s), s) for s in row.stops if s in text)
+                row.text = text[:cut]
+                row.finish = "think_end" if stop == prompts.THINK_CLOSE else "step"
+                return True
+        if len(row.out) >= row.max_new:
+            row.finish = "length"
+            row.text = self.decode(row.out)
+            return True
+        return False
+
+    def _remember(self, row: _Row, batched: Any, b: int, pad: int) -> None:
+        """Put a finished row's KV (prompt and the tokens fed back) in the prefix cache."""
+        if self.prefix_cache.max_tokens <= 0:
+            return
+        fed = row.out[:-1] if row.finish != "eos" else row.out
+        ids = torch.cat([row.prompt, torch.tensor(fed, dtype=torch.long)])
+        kv = [
+            (k[b : b + 1, :, pad:, :].clone(), v[b : b + 1, :, pad:, :].clone())
+            for k, v in self._kv_of(batched)
+        ]
+        kv = crop_kv(kv, ids.numel())
+        self.prefix_cache.store(ids, kv)
+
+    # -- scoring --------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, items: list[ScoreItem]) -> list[Score]:
+        start = time.perf_counter()
+        out = []
+        for item in items:
+            try:
+                out.append(self._score_one(item))
+            except EngineError as e:
+                out.append(Score(key=item.key, error=str(e), retryable=e.retryable))
+        self.counters.requests += len(items)
+        self.counters.busy_s += time.perf_counter() - start
+        return out
+
+    def answer_logprobs(
+        self, question: str, steps: list[str], answer: str
+    ) -> tuple[list[float], int, int]:
+        """Log-probabilities of the answer's tokens after the scoring context; also the
+        prompt length and how much of it came from the prefix cache."""
+        context = self.encode(self._prefix(question) + prompts.scoring_context(steps))
+        target = self.encode(answer)
+        if target.numel() == 0:
+            raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
+        full = torch.cat([context, target])
+        self._check_context(full.numel())
+        logits, cache, hit = self._prefill(full, context.numel() - 1)
+        first = context.numel() - 1 - hit  # logits row that predicts target[0]
+        picked = logits[first : first + target.numel()].float()
+        logprobs = torch.log_softmax(picked, dim=-1).gather(1, target.to(picked.device)[:, None])
+        if self.prefix_cache.max_tokens > 0:
+            self.prefix_cache.store(
+                context,
+                crop_kv([(k.clone(), v.clone()) for k, v in self._kv_of(cache)], context.numel()),
+            )
+        self.counters.scored_tokens += target.numel()
+        return logprobs[:, 0].tolist(), full.numel(), hit
+
+    def _score_one(self, item: ScoreItem) -> Score:
+        logprobs, prompt_tokens, hit = self.answer_logprobs(item.question, item.steps, item.answer)
+        return Score(
+            key=item.key,
+            score=predictive_score(logprobs),
+            answer_tokens=len(logprobs),
+            prompt_tokens=prompt_tokens,
+            cached_tokens=hit,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "requests": c.requests,
+            "prompt_tokens": c.prompt_tokens,
+            "cached_tokens": c.cached_tokens,
+            "generated_tokens": c.generated_tokens,
+            "scored_tokens": c.scored_tokens,
+            "busy_s": round(c.busy_s, 3),
+            "cache_entries": len(self.prefix_cache),
+            "cache_tokens": self.prefix_cache.tokens,
+        }
