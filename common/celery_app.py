@@ -9,6 +9,7 @@ to a Redis Stream), task events on for Flower.
 from __future__ import annotations
 
 from celery import Celery
+
 from cord.common.config import RunConfig
 
 

@@ -26,36 +26,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Strict):
-    """One model pool: a teacher or the meta-prover."""
+class _EngineSpec(_Strict):
+    """How a pool runs its model."""
 
-    name: ModelName
-    model: str = Field(
-        description="HF path or hub id; relative paths resolve against the config file"
-    )
     engine: Literal["hf"] = "hf"
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
+    prefix_cache_tokens: int = Field(
+        default=65536, ge=0, description="LRU prefix KV cache size in tokens; 0 = off"
+    )
+    cpu_threads: int = Field(
+        default=1, ge=1, description="torch threads per worker on CPU (oversubscribing hurts)"
+    )
+
+
+class ModelSpec(_EngineSpec):
+    """One model pool: a teacher (or the meta-prover, as `RunConfig.pool` gives it)."""
+
+    name: ModelName
+    model: str = Field(description="HF path or hub id; relative paths resolve against the config")
     temperature: float | None = Field(
         default=None, ge=0.0, description="overrides search.temperature"
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
-    prefix_cache_tokens: int = Field(
-        default=65536, ge=0, description="LRU prefix KV cache size; 0 = off"
-    )
 
 
-class MetaProverSpec(_Strict):
+class MetaProverSpec(_EngineSpec):
     """The meta-prover; `model` may be left out when `name` names a teacher."""
 
     name: ModelName
     model: str | None = None
-    engine: Literal["hf"] = "hf"
-    device: str = "cpu"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: int = Field(default=32, ge=1)
-    prefix_cache_tokens: int = Field(default=65536, ge=0)
 
 
 STRATEGIES = ("cord",)
@@ -160,15 +162,7 @@ class RunConfig(_Strict):
                 f"no model named {name!r} in this config; pools are {self.model_names}"
             )
         assert mp.model is not None  # guaranteed by _cross_checks
-        return ModelSpec(
-            name=mp.name,
-            model=mp.model,
-            engine=mp.engine,
-            device=mp.device,
-            dtype=mp.dtype,
-            max_batch=mp.max_batch,
-            prefix_cache_tokens=mp.prefix_cache_tokens,
-        )
+        return ModelSpec.model_validate(mp.model_dump())
 
     def temperature(self, teacher: str) -> float:
         t = self.teacher(teacher).temperature
@@ -178,13 +172,14 @@ class RunConfig(_Strict):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid run config:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling against docs/config.md"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        lines.append(f"  {loc}: {msg}")
+        # Cross-field checks run on the whole config and name their fields themselves.
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 

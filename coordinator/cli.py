@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+
 from cord.common.config import ConfigError, RunConfig, load_config, redact_url
 from cord.common.log import configure
 
@@ -58,34 +59,23 @@ def enqueue(config_path: str, problems_file: str, skip_invalid: bool, rejects: s
     """Check every line of PROBLEMS_FILE, then enqueue the problems (idempotent by id).
 
     A file with any bad line enqueues nothing (exit 2) unless --skip-invalid is given."""
-    import redis
-    from cord.common.keys import Keys
-    from cord.common.problems import read_problems
-    from cord.coordinator.store import Store
+    from cord.coordinator.intake import enqueue_file
 
     cfg = _load(config_path)
-    problems, errors = read_problems(problems_file)
-    if errors:
-        for err in errors:
-            click.echo(f"{problems_file}: {err}", err=True)
-        if not skip_invalid:
-            click.echo(
-                f"{len(errors)} bad line(s); nothing enqueued. Fix them, or pass "
-                "--skip-invalid to enqueue the valid lines.",
-                err=True,
-            )
-            sys.exit(2)
-        rejects_path = Path(rejects or f"{problems_file}.rejected.jsonl")
-        lines = Path(problems_file).read_bytes().split(b"\n")
-        with open(rejects_path, "w", encoding="utf-8") as f:
-            for err in errors:
-                raw = lines[err.line - 1].decode("utf-8", "replace") if err.line else ""
-                f.write(json.dumps({**err.to_json(), "raw": raw}, ensure_ascii=False) + "\n")
-        click.echo(f"{len(errors)} bad line(s) written to {rejects_path}", err=True)
-    client = redis.Redis.from_url(cfg.redis_url)
-    added = Store(client, Keys(cfg.namespace)).enqueue(problems)
+    report = enqueue_file(cfg, problems_file, skip_invalid, rejects)
+    for err in report.errors:
+        click.echo(f"{problems_file}: {err}", err=True)
+    if report.errors and not skip_invalid:
+        click.echo(
+            f"{len(report.errors)} bad line(s); nothing enqueued. Fix them, or pass "
+            "--skip-invalid to enqueue the valid lines.",
+            err=True,
+        )
+        sys.exit(2)
+    if report.rejects_path:
+        click.echo(f"{len(report.errors)} bad line(s) written to {report.rejects_path}", err=True)
     click.echo(
-        f"enqueued {added} new problem(s); {len(problems) - added} already known "
+        f"enqueued {report.added} new problem(s); {report.known} already known "
         f"(namespace {cfg.namespace!r} at {redact_url(cfg.redis_url)})"
     )
 
@@ -103,9 +93,10 @@ def enqueue(config_path: str, problems_file: str, skip_invalid: bool, rejects: s
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
 def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | None) -> None:
     """Drive every enqueued problem to a trace or a failure record, then exit 0."""
+    from tqdm import tqdm
+
     from cord.coordinator.driver import Coordinator
     from cord.coordinator.store import Store
-    from tqdm import tqdm
 
     cfg = _load(config_path)
     out = out_dir or cfg.output.dir
@@ -113,6 +104,7 @@ def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | No
     bar: Any = None
     if show:
         import redis
+
         from cord.common.keys import Keys
 
         counts = Store(redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)).counts()
@@ -165,6 +157,45 @@ def status(config_path: str, as_json: bool) -> None:
     for model, ws in st["workers"].items():
         names = ", ".join(w["name"] for w in ws) or "none"
         click.echo(f"workers {model}: {len(ws)} live ({names})")
+
+
+@main.command()
+@config_option
+@click.option(
+    "--problems",
+    "problems_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default="examples/problems.jsonl",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: output.dir of the config).",
+)
+@click.option(
+    "--fresh/--keep",
+    default=True,
+    show_default=True,
+    help="Clear the namespace and earlier output first, so the demo runs again.",
+)
+@click.option(
+    "--run-dir",
+    type=click.Path(file_okay=False),
+    default=".run",
+    show_default=True,
+    help="Where logs (and a Redis started here) live.",
+)
+def demo(
+    config_path: str, problems_file: str, out_dir: str | None, fresh: bool, run_dir: str
+) -> None:
+    """Start Redis (if none answers) and one worker per pool, run the problems, summarize."""
+    from cord.coordinator.demo import run_demo
+
+    cfg = _load(config_path)
+    run_demo(cfg, config_path, problems_file, Path(out_dir or cfg.output.dir), fresh, Path(run_dir))
 
 
 @main.command("lab-problems")

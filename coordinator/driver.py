@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+
 from cord.common.celery_app import make_celery
 from cord.common.config import RunConfig
 from cord.common.keys import TASK_NAMES, Keys, queue_name

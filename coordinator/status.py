@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import redis
+
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, queue_name
 from cord.coordinator.store import Store

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import redis
+
 from cord.common.keys import Keys
 from cord.common.problems import Problem
 

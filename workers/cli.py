@@ -16,6 +16,7 @@ import sys
 
 import click
 import redis
+
 from cord.common.celery_app import make_celery
 from cord.common.config import ConfigError, load_config, redact_url
 from cord.common.keys import Keys, queue_name

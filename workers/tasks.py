@@ -18,11 +18,12 @@ from typing import Any
 
 import redis
 from celery import Celery
+from pydantic import ValidationError
+
 from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
 from cord.common.messages import TaskKind, TaskRequest, TaskResult
 from cord.workers.engines import Engine, EngineError
-from pydantic import ValidationError
 
 REPLY_MAXLEN = 100_000
 

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import click
 import torch
-from cord.common import prompts
-from cord.common.lab.arith import final_answer_text, make_problems, solution_steps
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
@@ -33,6 +31,9 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from cord.common import prompts
+from cord.common.lab.arith import final_answer_text, make_problems, solution_steps
 
 THINK_TOKENS = [prompts.THINK_OPEN, prompts.THINK_CLOSE]
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))

@@ -11,11 +11,12 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from cord.common import prompts
 from cord.common.config import RunConfig
 from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem, TaskKind
 from cord.common.problems import Problem
-from pydantic import BaseModel, ConfigDict
 
 
 @dataclass(frozen=True)

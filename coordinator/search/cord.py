@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from cord.common import prompts
 from cord.common.messages import Generation, Score
 from cord.coordinator.search.base import Failed, Search, Stats, Step, Trajectory, Work
-from pydantic import BaseModel, ConfigDict
 
 
 class Candidate(BaseModel):

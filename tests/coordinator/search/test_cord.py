@@ -1,0 +1,181 @@
+"""CoRD's beam selection as a state machine: feed it generations and scores, check the
+beam it keeps, when trajectories complete, who writes the answer, and the output row."""
+
+import pytest
+
+from cord.common.config import config_from_dict
+from cord.common.messages import Generation, Score
+from cord.common.problems import Problem
+from cord.coordinator.search import Failed
+from cord.coordinator.search.cord import CordSearch
+
+PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6", meta={"source": "lab"})
+
+
+def make(beam_width=2, samples=1, budget=1000):
+    cfg = config_from_dict(
+        {
+            "teachers": [{"name": "alpha", "model": "a"}, {"name": "beta", "model": "b"}],
+            "meta_prover": {"name": "meta", "model": "m"},
+            "search": {
+                "beam_width": beam_width,
+                "samples_per_beam": samples,
+                "thinking_budget": budget,
+                "max_step_tokens": 50,
+            },
+        }
+    )
+    return CordSearch(PROBLEM, cfg)
+
+
+def expand_all(search, work, texts):
+    """Answer each expand work with texts[(beam_texts_len, teacher)] -> (text, finish, tokens)."""
+    scores: list = []
+    for w in work:
+        assert w.kind == "expand"
+        text, finish, tokens = texts[w.model][len(scores) % len(texts[w.model])]
+        out = search.on_generation(
+            w.item.key, Generation(key=w.item.key, text=text, finish=finish, tokens=tokens)
+        )
+        assert [o.kind for o in out] == ["score"] and out[0].model == "meta"
+        scores.extend(out)
+    return scores
+
+
+def test_first_step_asks_every_teacher_for_every_beam_and_sample():
+    search = make(samples=2)
+    work = search.start()
+    assert (
+        sorted((w.kind, w.model) for w in work)
+        == [("expand", "alpha")] * 2 + [("expand", "beta")] * 2
+    )
+    assert all(w.item.steps == [] and w.item.next_step == 1 for w in work)
+    assert len({w.item.seed for w in work}) == 4
+    assert all(w.item.max_new_tokens == 50 and w.item.temperature == 0.6 for w in work)
+
+
+def test_keeps_top_b_by_score_across_teachers_and_beams():
+    search = make(beam_width=2)
+    work = search.start()
+    scores = expand_all(
+        search, work, {"alpha": [(" 3 + 3", "step", 4)], "beta": [(" 6", "step", 2)]}
+    )
+    by_text = {s.item.steps[-1]: s for s in scores}
+    assert set(by_text) == {"### Step 1. 3 + 3", "### Step 1. 6"}
+    next_work = []
+    for text, value in (("### Step 1. 3 + 3", 0.4), ("### Step 1. 6", 0.7)):
+        key = by_text[text].item.key
+        next_work += search.on_score(key, Score(key=key, score=value))
+    assert search.committed
+    beams = search.state.beams
+    assert [b.texts for b in beams] == [["### Step 1. 6"], ["### Step 1. 3 + 3"]]
+    assert [b.score for b in beams] == [0.7, 0.4]
+    # Step 2: 2 beams x 2 teachers; the prefix each continues is its beam's text.
+    assert len(next_work) == 4 and {tuple(w.item.steps) for w in next_work} == {
+        ("### Step 1. 6",),
+        ("### Step 1. 3 + 3",),
+    }
+    assert all(w.item.next_step == 2 for w in next_work)
+
+    # Step 2: four candidates; the top two come from different beams and teachers.
+    scores = expand_all(
+        search, next_work, {"alpha": [(" 6", "step", 2)], "beta": [(" 6\n", "think_end", 3)]}
+    )
+    values = {}
+    for i, s in enumerate(scores):
+        values[s.item.key] = [0.2, 0.9, 0.5, 0.8][i]
+    out = []
+    for key, value in values.items():
+        out += search.on_score(key, Score(key=key, score=value))
+    ranked = sorted(
+        ((v, tuple(s.item.steps)) for s, v in zip(scores, values.values(), strict=True)),
+        reverse=True,
+    )
+    kept = [list(steps) for _, steps in ranked[:2]]
+    got = [t.texts for t in (*search.state.completed, *search.state.beams)]
+    assert sorted(got) == sorted(kept)
+
+
+def test_completion_answer_by_last_teacher_and_row():
+    search = make(beam_width=1)
+    work = search.start()
+    scores = expand_all(
+        search, work, {"alpha": [(" 6\n", "think_end", 3)], "beta": [(" 5", "step", 2)]}
+    )
+    out = []
+    for s, value in zip(scores, (0.9, 0.1), strict=True):
+        out += search.on_score(
+            s.item.key, Score(key=s.item.key, score=value, prompt_tokens=10, cached_tokens=4)
+        )
+    assert [(w.kind, w.model) for w in out] == [("answer", "alpha")]
+    assert not search.finished
+    answer = out[0]
+    assert answer.item.steps == ["### Step 1. 6"]
+    search.on_generation(
+        answer.item.key,
+        Generation(key=answer.item.key, text="The final answer is 6.", finish="eos", tokens=7),
+    )
+    assert search.finished
+    row = search.row()
+    assert row["id"] == "p1" and row["source"] == "lab" and row["strategy"] == "cord"
+    assert row["final_answer"] == "The final answer is 6." and row["answer_teacher"] == "alpha"
+    assert row["score"] == 0.9 and row["thinking_finish"] == "think_end"
+    assert row["steps"] == [
+        {"index": 1, "text": "### Step 1. 6", "teacher": "alpha", "score": 0.9, "tokens": 3}
+    ]
+    assert (
+        row["messages"][1]["content"]
+        == "<think>\n### Step 1. 6\n</think>\n\nThe final answer is 6."
+    )
+    assert row["stats"]["tokens_by_teacher"] == {"alpha": 10, "beta": 2}
+    assert row["stats"]["scorings"] == 2 and row["stats"]["cached_prompt_tokens"] == 8
+    assert row["models"]["meta_prover"] == {"meta": "m"}
+
+
+def test_thinking_budget_completes_a_beam():
+    search = make(beam_width=1, budget=5)
+    work = search.start()
+    scores = expand_all(
+        search, work, {"alpha": [(" 1 + 1", "length", 5)], "beta": [(" 2", "length", 5)]}
+    )
+    out = []
+    for s, value in zip(scores, (0.3, 0.6), strict=True):
+        out += search.on_score(s.item.key, Score(key=s.item.key, score=value))
+    assert [(w.kind, w.model) for w in out] == [("answer", "beta")]
+    assert search.state.completed[0].finish == "budget"
+
+
+def test_identical_trajectories_are_kept_once():
+    search = make(beam_width=2)
+    work = search.start()
+    scores = expand_all(search, work, {"alpha": [(" 6", "step", 2)], "beta": [(" 6", "step", 2)]})
+    for s in scores:
+        search.on_score(s.item.key, Score(key=s.item.key, score=0.5))
+    assert [b.texts for b in search.state.beams] == [["### Step 1. 6"]]
+
+
+def test_duplicates_are_ignored_and_errors_fail():
+    search = make()
+    work = search.start()
+    key = work[0].item.key
+    assert search.on_generation(key, Generation(key=key, text=" 6", finish="step", tokens=1))
+    assert search.on_generation(key, Generation(key=key, text=" 7", finish="step", tokens=1)) == []
+    with pytest.raises(Failed, match="boom"):
+        search.on_generation(work[1].item.key, Generation(key=work[1].item.key, error="boom"))
+
+
+def test_snapshot_restores_and_resumes_the_same_work():
+    search = make(beam_width=2)
+    work = search.start()
+    scores = expand_all(
+        search, work, {"alpha": [(" 3 + 3", "step", 4)], "beta": [(" 6", "step", 2)]}
+    )
+    nxt = []
+    for s, v in zip(scores, (0.4, 0.7), strict=True):
+        nxt += search.on_score(s.item.key, Score(key=s.item.key, score=v))
+    resumed = make(beam_width=2)
+    resumed.restore(search.snapshot())
+    again = resumed.start()
+    assert [(w.item.key, w.item.steps, w.item.seed) for w in again] == [
+        (w.item.key, w.item.steps, w.item.seed) for w in nxt
+    ]

@@ -1,0 +1,22 @@
+import json
+
+from cord.coordinator.output import JsonlWriter, read_ids, repair_torn_tail
+
+
+def test_rows_append_whole_and_ids_read_back(tmp_path):
+    w = JsonlWriter(tmp_path)
+    w.write({"id": "a", "x": "ü"})
+    w.write({"id": "b"}, failed=True)
+    assert [json.loads(line) for line in w.traces.read_text(encoding="utf-8").splitlines()] == [
+        {"id": "a", "x": "ü"}
+    ]
+    assert w.written_ids() == ({"a"}, {"b"})
+
+
+def test_torn_last_line_is_cut_on_open(tmp_path):
+    path = tmp_path / "traces.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b", "ste')
+    JsonlWriter(tmp_path)
+    assert path.read_text() == '{"id": "a"}\n'
+    assert read_ids(path) == {"a"}
+    assert repair_torn_tail(path) is False

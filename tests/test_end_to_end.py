@@ -1,0 +1,132 @@
+"""The whole fleet: real Redis, real `cord-worker` processes (alpha, beta, meta), the
+coordinator, the bundled tiny models. Asserts on the JSONL rows."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cord.common import prompts
+from cord.common.lab.arith import make_problems
+from cord.common.scoring import predictive_score
+from cord.coordinator.cli import main
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, list(map(str, args)), catch_exceptions=False)
+    return result
+
+
+def direct_score(model, tok, question, steps, answer):
+    ctx = tok(
+        prompts.chat_prefix(tok, question) + prompts.scoring_context(steps),
+        add_special_tokens=False,
+    )["input_ids"]
+    ans = tok(answer, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + ans])).logits[0].float(), -1)
+    return predictive_score([float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(ans)])
+
+
+def test_ten_problems_through_the_fleet(fleet, tmp_path, redis_client):
+    config, cfg = fleet
+    problems = make_problems(10, seed=424242)
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps({**p.to_json(), "source": "e2e"}) + "\n" for p in problems))
+    assert "enqueued 10 new problem(s)" in cli("enqueue", "--config", config, path).output
+    out = tmp_path / "out"
+    result = cli("run", "--config", config, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["done"] == 10 and summary["failed"] == 0
+
+    rows = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(p.id for p in problems)
+    assert not (out / "failed.jsonl").exists() or (out / "failed.jsonl").read_text() == ""
+    meta = AutoModelForCausalLM.from_pretrained(cfg.pool("meta").model)
+    meta_tok = AutoTokenizer.from_pretrained(cfg.pool("meta").model)
+    chosen_teachers: set[str] = set()
+    for row in rows:
+        source = next(p for p in problems if p.id == row["id"])
+        assert row["question"] == source.question and row["reference_answer"] == source.answer
+        assert row["source"] == "e2e" and row["strategy"] == "cord"
+        steps = row["steps"]
+        assert steps and [s["index"] for s in steps] == list(range(1, len(steps) + 1))
+        assert all(s["text"].startswith(f"### Step {s['index']}.") for s in steps)
+        assert all(s["teacher"] in {"alpha", "beta"} and s["tokens"] >= 1 for s in steps)
+        chosen_teachers.update(s["teacher"] for s in steps)
+        assert row["score"] == steps[-1]["score"] and 0.0 < row["score"] <= 1.0
+        assert row["answer_teacher"] == steps[-1]["teacher"]
+        assert row["thinking_finish"] in {"think_end", "eos", "budget"}
+        # cfg: thinking budget 96 tokens; a step never runs past it.
+        assert sum(s["tokens"] for s in steps) <= 96 + 32
+        user, assistant = row["messages"]
+        assert user == {"role": "user", "content": prompts.user_prompt(source.question)}
+        assert assistant["role"] == "assistant"
+        assert assistant["content"] == prompts.assistant_message(
+            [s["text"] for s in steps], row["final_answer"]
+        )
+        stats = row["stats"]
+        assert set(stats["tokens_by_teacher"]) == {"alpha", "beta"}
+        assert stats["steps"] == len(steps) and stats["expansions"] >= 2 * len(steps) - 1
+        assert stats["scorings"] == stats["expansions"]
+        assert 0 <= stats["cached_prompt_tokens"] <= stats["prompt_tokens"]
+        assert len(row["alternatives"]) <= 1  # B = 2
+        assert all(a["score"] <= row["score"] for a in row["alternatives"])
+        assert row["models"]["teachers"] == {
+            "alpha": cfg.teacher("alpha").model,
+            "beta": cfg.teacher("beta").model,
+        }
+        # The score in the row is the meta-prover's S, recomputed here without the fleet.
+        expected = direct_score(
+            meta, meta_tok, source.question, [s["text"] for s in steps], source.answer
+        )
+        assert row["score"] == pytest.approx(expected, rel=1e-3)
+    assert chosen_teachers == {"alpha", "beta"}
+    # Prefix caching worked across steps.
+    assert sum(r["stats"]["cached_prompt_tokens"] for r in rows) > 0
+    for p in problems:
+        assert redis_client.sismember(f"{cfg.namespace}:done", p.id)
+
+    # Exactly once: enqueueing and running again changes nothing.
+    assert (
+        "enqueued 0 new problem(s); 10 already known"
+        in cli("enqueue", "--config", config, path).output
+    )
+    again = cli("run", "--config", config, "--out", out, "--no-progress")
+    assert json.loads(again.output.strip().splitlines()[-1])["done"] == 0
+    assert len((out / "traces.jsonl").read_text().splitlines()) == 10
+
+
+def test_status_sees_the_live_workers(fleet):
+    config, _ = fleet
+    status = json.loads(cli("status", "--config", config, "--json").output)
+    assert status["live_workers"] == {"alpha": 1, "beta": 1, "meta": 1}
+    assert all(n == 0 for n in status["queues"].values())
+
+
+def test_engine_failure_becomes_a_failure_record(fleet, tmp_path):
+    """A problem longer than the models' context fails with its reason; the others in
+    the same run are unaffected."""
+    config, _ = fleet
+    long_q = "What is " + " + ".join(["1"] * 1500) + "?"
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        json.dumps({"id": "too-long", "question": long_q, "answer": "1500"})
+        + "\n"
+        + json.dumps({"id": "fine-1", "question": "What is 2 + 3?", "answer": "5"})
+        + "\n"
+    )
+    cli("enqueue", "--config", config, path)
+    out = tmp_path / "out"
+    result = cli("run", "--config", config, "--out", out, "--no-progress")
+    assert result.exit_code == 0
+    failed = [json.loads(x) for x in (out / "failed.jsonl").read_text().splitlines()]
+    assert [f["id"] for f in failed] == ["too-long"]
+    assert "exceed the context" in failed[0]["reason"]
+    traces = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
+    assert [t["id"] for t in traces] == ["fine-1"]
