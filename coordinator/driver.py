@@ -96,6 +96,7 @@ class Coordinator:
     # -- main loop --------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         start = time.monotonic()
+        self._wait_for_redis()
         self._reconcile()
         self.log.info(
             "coordinator_started",
@@ -119,6 +120,17 @@ class Coordinator:
         summary["by_kind"] = dict(self.counters.by_kind)
         self.log.info("coordinator_finished", **summary)
         return summary
+
+    def _wait_for_redis(self) -> None:
+        delay = 0.5
+        while not self._stop:
+            try:
+                self.redis.ping()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self.log.warning("redis_unreachable", error=str(e), wait_s=delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     def stop(self) -> None:
         self._stop = True
@@ -160,6 +172,8 @@ class Coordinator:
                 search.restore(state)
             self.searches[pid] = search
             self._queue(pid, search.start())
+            if search.finished:  # resumed after its last result was committed
+                self._finish(pid)
 
     # -- dispatch ---------------------------------------------------------------------
     def _queue(self, pid: str, works: list[Work]) -> None:
@@ -348,9 +362,9 @@ class Coordinator:
         traces, failed = self.writer.written_ids()
         fixed = 0
         for ids, is_failed in ((traces, False), (failed, True)):
-            for pid in ids:
-                if not self.store.is_finished(pid):
-                    self.store.finish(pid, failed=is_failed)
-                    fixed += 1
+            open_ids = self.store.unfinished(ids)
+            for pid in open_ids:
+                self.store.finish(pid, failed=is_failed)
+            fixed += len(open_ids)
         if fixed:
             self.log.info("reconciled_output", rows=fixed)

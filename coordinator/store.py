@@ -132,6 +132,16 @@ class Store:
         pipe.sismember(self.keys.failed, pid)
         return any(pipe.execute())
 
+    def unfinished(self, ids: Iterable[str]) -> list[str]:
+        """Those of `ids` that are in neither the done nor the failed set."""
+        ids = list(ids)
+        pipe = self.r.pipeline(transaction=False)
+        for pid in ids:
+            pipe.sismember(self.keys.done, pid)
+            pipe.sismember(self.keys.failed, pid)
+        flags = pipe.execute()
+        return [pid for i, pid in enumerate(ids) if not (flags[2 * i] or flags[2 * i + 1])]
+
     def finish(self, pid: str, failed: bool = False) -> bool:
         k = self.keys
         target = k.failed if failed else k.done
