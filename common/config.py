@@ -100,6 +100,9 @@ class ReliabilitySpec(_Strict):
         default=7200, ge=60, description="broker redelivery of unacked tasks"
     )
     heartbeat_s: float = Field(default=5.0, gt=0)
+    lease_s: float = Field(
+        default=30.0, gt=0, description="a dead coordinator's problems are taken over after this"
+    )
 
 
 class RunConfig(_Strict):

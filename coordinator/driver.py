@@ -85,7 +85,7 @@ class Coordinator:
         self.outbox: dict[tuple[TaskKind, str], list[str]] = defaultdict(list)
         self.tasks: dict[str, list[str]] = {}
         self.counters = Counters()
-        self.lease_s = max(30.0, 6 * cfg.reliability.heartbeat_s)
+        self.lease_s = cfg.reliability.lease_s
         self.log = get_logger("cord.coordinator", coordinator=self.id)
         self._last_id = "0-0"
         self._next_takeover = 0.0
@@ -136,7 +136,10 @@ class Coordinator:
         self._stop = True
 
     def _drained(self) -> bool:
-        return self.redis.llen(self.keys.queue) == 0 and not self.store.has_expired_leases(self.id)
+        """All enqueued work is done: nothing waits and nobody holds a problem. Problems
+        a dead coordinator held are taken over when their lease runs out."""
+        counts = self.store.counts()
+        return counts["queued"] == 0 and counts["in_flight"] == 0
 
     def _shutdown(self) -> None:
         if self.searches:  # a clean stop hands unfinished problems back at once

@@ -170,11 +170,3 @@ class Store:
             "failed": failed,
             "total": total,
         }
-
-    def has_expired_leases(self, owner: str) -> bool:
-        now = time.time()
-        for raw in self.r.hvals(self.keys.inflight):
-            lease = json.loads(raw)
-            if lease["owner"] != owner and lease["until"] < now:
-                return True
-        return False

@@ -1,0 +1,83 @@
+"""The task body a worker runs, on a real engine and a real Redis stream."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cord.common.config import ModelSpec
+from cord.common.keys import Keys
+from cord.common.messages import TaskRequest, TaskResult
+from cord.workers.engines.hf import HFEngine
+from cord.workers.tasks import WorkerRuntime
+
+pytestmark = pytest.mark.redis
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return HFEngine(ModelSpec(name="alpha", model=str(MODELS / "alpha")))
+
+
+def replies(client, stream):
+    return [TaskResult.model_validate_json(f[b"data"]) for _, f in client.xrange(stream)]
+
+
+def test_expand_task_replies_on_the_stream(engine, redis_client, namespace):
+    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"])
+    stream = f"{namespace}:replies:test"
+    req = TaskRequest(
+        task_id="t1",
+        kind="expand",
+        model="alpha",
+        reply_to=stream,
+        expand=[
+            {
+                "key": f"k{i}",
+                "question": "What is 1 + 2?",
+                "steps": [],
+                "next_step": 1,
+                "max_new_tokens": 5,
+                "temperature": 0.6,
+                "seed": i,
+            }
+            for i in range(3)
+        ],
+    )
+    runtime.handle("expand", req.model_dump(mode="json"))
+    (result,) = replies(redis_client, stream)
+    assert result.task_id == "t1" and result.worker == "w1" and result.error is None
+    assert [g.key for g in result.generations] == ["k0", "k1", "k2"]
+    assert all(1 <= g.tokens <= 5 and g.prompt_tokens > 0 for g in result.generations)
+
+
+def test_wrong_pool_is_a_retryable_error(engine, redis_client, namespace):
+    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"])
+    stream = f"{namespace}:replies:test"
+    req = TaskRequest(
+        task_id="t2",
+        kind="score",
+        model="meta",
+        reply_to=stream,
+        score=[{"key": "s", "question": "q", "steps": [], "answer": "1"}],
+    )
+    runtime.handle("score", req.model_dump(mode="json"))
+    (result,) = replies(redis_client, stream)
+    assert result.retryable and "reached worker of alpha" in (result.error or "")
+
+
+def test_malformed_message_is_dropped(engine, redis_client, namespace):
+    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"])
+    runtime.handle("expand", {"task_id": "t3", "reply_to": f"{namespace}:replies:test"})
+    assert redis_client.xlen(f"{namespace}:replies:test") == 0
+
+
+def test_heartbeat_registers_the_worker(engine, redis_client, namespace):
+    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q1", "q2"])
+    runtime.heartbeat()
+    record = json.loads(redis_client.hget(f"{namespace}:workers", "w1"))
+    assert record["model"] == "alpha" and record["queues"] == ["q1", "q2"]
+    assert "cached_tokens" in record["engine"]
+    runtime.deregister()
+    assert redis_client.hget(f"{namespace}:workers", "w1") is None
