@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cord.common import prompts
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
@@ -58,6 +60,22 @@ class MetaProverSpec(_EngineSpec):
     name: ModelName
     model: str | None = None
     max_batch: int = Field(default=32, ge=1)
+
+
+class PromptSpec(_Strict):
+    template: str = Field(
+        default=prompts.DEFAULT_TEMPLATE,
+        description="the user turn; {question} is replaced by the problem's question",
+    )
+
+    @model_validator(mode="after")
+    def _has_question(self) -> PromptSpec:
+        if "{question}" not in self.template:
+            raise ValueError("prompt.template must contain {question}")
+        return self
+
+    def render(self, question: str) -> str:
+        return prompts.user_prompt(question, self.template)
 
 
 STRATEGIES = ("cord",)
@@ -110,6 +128,7 @@ class RunConfig(_Strict):
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
     teachers: list[ModelSpec] = Field(min_length=1)
     meta_prover: MetaProverSpec
+    prompt: PromptSpec = PromptSpec()
     search: SearchSpec = SearchSpec()
     max_in_flight: int = Field(
         default=64, ge=1, description="problems the coordinator drives at once"

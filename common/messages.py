@@ -26,7 +26,7 @@ class ExpandItem(_Msg):
     """Continue the trajectory `steps` by one step, whose header is `next_step`."""
 
     key: str
-    question: str
+    prompt: str  # the user turn, rendered from the run config's prompt template
     steps: list[str]
     next_step: int = Field(ge=1)
     max_new_tokens: int = Field(ge=1)
@@ -39,7 +39,7 @@ class AnswerItem(_Msg):
     """Write the final answer after the closed thinking block of `steps`."""
 
     key: str
-    question: str
+    prompt: str  # the user turn, rendered from the run config's prompt template
     steps: list[str]
     max_new_tokens: int = Field(ge=1)
     temperature: float = Field(ge=0.0)
@@ -51,7 +51,7 @@ class ScoreItem(_Msg):
     """S of the reference `answer` after `steps` (cord-method.md, step 4)."""
 
     key: str
-    question: str
+    prompt: str  # the user turn, rendered from the run config's prompt template
     steps: list[str]
     answer: str
 

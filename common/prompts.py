@@ -21,16 +21,17 @@ STEP_STOPS = (STEP_PREFIX, THINK_CLOSE)
 ANSWER_LEAD = " The final answer is "
 STEP_SEPARATOR = "\n"
 
-INSTRUCTION = (
+# The user turn every teacher and the meta-prover see, unless the run config's
+# `prompt.template` says otherwise ({question} is replaced by the problem).
+DEFAULT_TEMPLATE = (
     "Solve the problem. Think step by step inside <think> and </think>; begin every step "
     "with a header '### Step N.' (N = 1, 2, ...). After </think>, state the final answer as "
-    "'The final answer is X.'\n\nProblem: "
+    "'The final answer is X.'\n\nProblem: {question}"
 )
 
 
-def user_prompt(question: str) -> str:
-    """The user turn every teacher and the meta-prover see."""
-    return INSTRUCTION + question
+def user_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> str:
+    return template.replace("{question}", question)
 
 
 def step_header(index: int) -> str:
@@ -74,12 +75,12 @@ def clean_step(header: str, body: str) -> str:
     return (header + body).rstrip()
 
 
-def chat_prefix(tokenizer: object, question: str) -> str:
-    """The text every model sees before the trajectory: its own chat template's user turn
-    and generation prompt, then ``<think>`` and a newline. Templates that already open
-    the thinking block (QwQ, R1-Distill) are not given a second ``<think>``."""
+def chat_prefix(tokenizer: object, user: str) -> str:
+    """The text a model sees before the trajectory: the user turn `user` under the
+    model's own chat template with its generation prompt, then ``<think>`` and a newline.
+    Templates that already open the thinking block (QwQ, R1-Distill) get no second one."""
     rendered = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        [{"role": "user", "content": user_prompt(question)}],
+        [{"role": "user", "content": user}],
         tokenize=False,
         add_generation_prompt=True,
     )

@@ -23,7 +23,7 @@ def cli(*args):
 
 def direct_score(model, tok, question, steps, answer):
     ctx = tok(
-        prompts.chat_prefix(tok, question) + prompts.scoring_context(steps),
+        prompts.chat_prefix(tok, prompts.user_prompt(question)) + prompts.scoring_context(steps),
         add_special_tokens=False,
     )["input_ids"]
     ans = tok(answer, add_special_tokens=False)["input_ids"]

@@ -78,7 +78,7 @@ SPECS = {
 
 def corpus(n: int = 2000, seed: int = 10_000) -> list[str]:
     """Text in the lab's format, to fit the BPE merges on (seeds apart from the lab's)."""
-    lines = [prompts.INSTRUCTION]
+    lines = [prompts.DEFAULT_TEMPLATE]
     for p in make_problems(n, seed):
         steps = solution_steps(p.terms)
         lines.append(p.question)

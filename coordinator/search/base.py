@@ -95,6 +95,7 @@ class Search(ABC):
     def __init__(self, problem: Problem, cfg: RunConfig) -> None:
         self.problem = problem
         self.cfg = cfg
+        self.user = cfg.prompt.render(problem.question)
         self.committed = False  # set when a step was committed; the driver persists then
         self._t0 = time.monotonic()
 
@@ -129,7 +130,7 @@ class Search(ABC):
             teacher,
             ExpandItem(
                 key=key,
-                question=self.problem.question,
+                prompt=self.user,
                 steps=steps,
                 next_step=len(steps) + 1,
                 max_new_tokens=max_new,
@@ -145,7 +146,7 @@ class Search(ABC):
             teacher,
             AnswerItem(
                 key=key,
-                question=self.problem.question,
+                prompt=self.user,
                 steps=steps,
                 max_new_tokens=self.cfg.search.answer_budget,
                 temperature=self.cfg.temperature(teacher),
@@ -158,9 +159,7 @@ class Search(ABC):
         return Work(
             "score",
             self.cfg.meta_prover.name,
-            ScoreItem(
-                key=key, question=self.problem.question, steps=steps, answer=self.problem.answer
-            ),
+            ScoreItem(key=key, prompt=self.user, steps=steps, answer=self.problem.answer),
         )
 
     def elapsed(self) -> float:
@@ -182,7 +181,7 @@ class Search(ABC):
                 "score": best.score,
                 "thinking_finish": best.finish,
                 "messages": [
-                    {"role": "user", "content": prompts.user_prompt(p.question)},
+                    {"role": "user", "content": self.user},
                     {"role": "assistant", "content": prompts.assistant_message(best.texts, final)},
                 ],
                 "stats": {

@@ -28,7 +28,7 @@ def test_trajectory_text_layout():
 )
 def test_each_model_renders_under_its_own_template(model, starts, ends):
     tok = AutoTokenizer.from_pretrained(MODELS / model)
-    text = prompts.chat_prefix(tok, "What is 1 + 2?")
+    text = prompts.chat_prefix(tok, prompts.user_prompt("What is 1 + 2?"))
     assert text.startswith(starts)
     assert text.endswith(ends)
     # meta's template opens <think> itself: it must not be doubled

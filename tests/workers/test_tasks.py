@@ -35,7 +35,7 @@ def test_expand_task_replies_on_the_stream(engine, redis_client, namespace):
         expand=[
             {
                 "key": f"k{i}",
-                "question": "What is 1 + 2?",
+                "prompt": "What is 1 + 2?",
                 "steps": [],
                 "next_step": 1,
                 "max_new_tokens": 5,
@@ -60,7 +60,7 @@ def test_wrong_pool_is_a_retryable_error(engine, redis_client, namespace):
         kind="score",
         model="meta",
         reply_to=stream,
-        score=[{"key": "s", "question": "q", "steps": [], "answer": "1"}],
+        score=[{"key": "s", "prompt": "q", "steps": [], "answer": "1"}],
     )
     runtime.handle("score", req.model_dump(mode="json"))
     (result,) = replies(redis_client, stream)

@@ -98,8 +98,8 @@ class HFEngine:
                 ids.update(int(v) for v in value)
         return ids
 
-    def _chat_prefix(self, question: str) -> str:
-        return prompts.chat_prefix(self.tokenizer, question)
+    def _chat_prefix(self, user: str) -> str:
+        return prompts.chat_prefix(self.tokenizer, user)
 
     def encode(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -162,11 +162,11 @@ class HFEngine:
 
     # -- generation -----------------------------------------------------------------
     def expand(self, items: list[ExpandItem]) -> list[Generation]:
-        texts = [self._prefix(i.question) + prompts.think_body(i.steps, i.next_step) for i in items]
+        texts = [self._prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items]
         return self._generate_items(items, texts, prompts.STEP_STOPS)
 
     def answer(self, items: list[AnswerItem]) -> list[Generation]:
-        texts = [self._prefix(i.question) + prompts.answer_context(i.steps) for i in items]
+        texts = [self._prefix(i.prompt) + prompts.answer_context(i.steps) for i in items]
         return self._generate_items(items, texts, ())
 
     @torch.inference_mode()
@@ -322,11 +322,11 @@ class HFEngine:
         return out
 
     def answer_logprobs(
-        self, question: str, steps: list[str], answer: str
+        self, user: str, steps: list[str], answer: str
     ) -> tuple[list[float], int, int]:
         """Log-probabilities of the answer's tokens after the scoring context; also the
         prompt length and how much of it came from the prefix cache."""
-        context = self.encode(self._prefix(question) + prompts.scoring_context(steps))
+        context = self.encode(self._prefix(user) + prompts.scoring_context(steps))
         target = self.encode(answer)
         if target.numel() == 0:
             raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
@@ -345,7 +345,7 @@ class HFEngine:
         return logprobs[:, 0].tolist(), full.numel(), hit
 
     def _score_one(self, item: ScoreItem) -> Score:
-        logprobs, prompt_tokens, hit = self.answer_logprobs(item.question, item.steps, item.answer)
+        logprobs, prompt_tokens, hit = self.answer_logprobs(item.prompt, item.steps, item.answer)
         return Score(
             key=item.key,
             score=predictive_score(logprobs),
