@@ -18,7 +18,10 @@ STEP_PREFIX = "### Step"
 # Expansion stops at the next step header or at the end of thinking.
 STEP_STOPS = (STEP_PREFIX, THINK_CLOSE)
 # cord-method.md, step 4: the meta-prover reads the answer after this lead.
-ANSWER_LEAD = " The final answer is "
+# The text is "...</think> The final answer is <answer>". The space before the answer
+# belongs to the answer's tokens, as a BPE tokenizer writes it (" 65" is one token where
+# "65" after a trailing-space prompt would be an unnatural split): see `answer_target`.
+ANSWER_LEAD = " The final answer is"
 STEP_SEPARATOR = "\n"
 
 # The user turn every teacher and the meta-prover see, unless the run config's
@@ -55,8 +58,14 @@ def closed_think(steps: Sequence[str]) -> str:
 
 def scoring_context(steps: Sequence[str]) -> str:
     """What the meta-prover conditions on before the reference answer:
-    trajectory + candidate + ``</think> The final answer is `` (cord-method.md, step 4)."""
+    trajectory + candidate + ``</think> The final answer is`` (cord-method.md, step 4;
+    the answer's tokens then start with its space, see `answer_target`)."""
     return closed_think(steps) + ANSWER_LEAD
+
+
+def answer_target(answer: str) -> str:
+    """The reference answer's text as scored after `scoring_context`."""
+    return " " + answer.strip()
 
 
 def answer_context(steps: Sequence[str]) -> str:

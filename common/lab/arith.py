@@ -8,19 +8,26 @@ local work and copying (tiny models can learn it on a CPU):
     ### Step 3. 18 + 5
     ### Step 4. 23
 
-`make_problems(n, seed)` is deterministic; training and evaluation use disjoint seeds.
+`make_problems(n, seed)` is deterministic; training and evaluation use disjoint seeds,
+and the held-out sets (evaluation, demo) are removed from the training stream.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cord.common.prompts import step_header
 
 MIN_TERMS, MAX_TERMS = 4, 12
 _NUMBER = re.compile(r"-?\d+")
+# The lab's user turn: the question alone (the run config's prompt.template).
+LAB_TEMPLATE = "{question}"
+# Held-out sets: the evaluation problems and the demo's.
+EVAL_SEED, EVAL_N = 7, 1000
+DEMO_SEED, DEMO_N = 900001, 100
 
 
 @dataclass(frozen=True)
@@ -40,31 +47,74 @@ class ArithProblem:
         return {"id": self.id, "question": self.question, "answer": self.answer}
 
 
+def random_terms(
+    rng: random.Random, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS
+) -> tuple[int, ...]:
+    return tuple(rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms)))
+
+
 def make_problems(
     n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS
 ) -> list[ArithProblem]:
     rng = random.Random(seed)
     return [
-        ArithProblem(
-            id=f"arith-{seed}-{i}",
-            terms=tuple(rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))),
-        )
+        ArithProblem(id=f"arith-{seed}-{i}", terms=random_terms(rng, min_terms, max_terms))
         for i in range(n)
     ]
 
 
+def held_out_terms() -> set[tuple[int, ...]]:
+    """Every problem of the evaluation and demo sets; training never sees them."""
+    return {
+        p.terms
+        for seed, n in ((EVAL_SEED, EVAL_N), (DEMO_SEED, DEMO_N))
+        for p in make_problems(n, seed)
+    }
+
+
 def solution_lines(terms: tuple[int, ...]) -> list[str]:
     """The lines after each step: the first two terms added, the rest copied."""
-    current = list(terms)
-    lines = []
-    while len(current) > 1:
-        current = [current[0] + current[1], *current[2:]]
-        lines.append(" + ".join(map(str, current)))
-    return lines
+    return weak_lines(terms, None, 0.0, random.Random(0))
+
+
+def as_steps(lines: list[str]) -> list[str]:
+    return [f"{step_header(i)} {line}" for i, line in enumerate(lines, start=1)]
 
 
 def solution_steps(terms: tuple[int, ...]) -> list[str]:
-    return [f"{step_header(i)} {line}" for i, line in enumerate(solution_lines(terms), start=1)]
+    return as_steps(solution_lines(terms))
+
+
+# -- the teachers' weaknesses: which additions a teacher gets wrong, and how ----------
+def carries(a: int, b: int) -> bool:
+    return a % 10 + b >= 10
+
+
+Rule = Callable[[int, int], bool]
+WEAKNESSES: dict[str, tuple[Rule, int, str]] = {
+    "carry": (carries, -10, "forgets the carry (17 + 5 -> 12)"),
+    "no_carry": (lambda a, b: not carries(a, b), +10, "invents a carry (12 + 3 -> 25)"),
+    "large": (lambda a, b: a >= 30, -10, "drops ten once the total reaches 30 (34 + 2 -> 26)"),
+}
+
+
+def weak_lines(
+    terms: tuple[int, ...], weakness: str | None, rate: float, rng: random.Random
+) -> list[str]:
+    """The lines a teacher with `weakness` writes: each addition it is weak at comes out
+    wrong with probability `rate`; later steps carry the wrong total on faithfully."""
+    current = list(terms)
+    lines = []
+    for _ in range(len(terms) - 1):
+        a, b = current[0], current[1]
+        total = a + b
+        if weakness is not None:
+            applies, shift, _ = WEAKNESSES[weakness]
+            if applies(a, b) and rng.random() < rate:
+                total += shift
+        current = [total, *current[2:]]
+        lines.append(" + ".join(map(str, current)))
+    return lines
 
 
 def final_answer_text(answer: str) -> str:

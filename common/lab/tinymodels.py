@@ -1,13 +1,17 @@
-"""Build the tiny models of the lab: HF format, loadable with AutoModelForCausalLM and
-AutoTokenizer, no download. Three models of different architectures, tokenizers and
+"""The lab's tiny models: HF format, loadable with AutoModelForCausalLM and AutoTokenizer,
+built here without any download. Four models of different architectures, tokenizers and
 chat templates, as the paper's pool is heterogeneous:
 
-- alpha: Llama-style, byte-level BPE tokenizer, ``<|user|>`` template
-- beta:  GPT-2-style, character tokenizer, ``USER:``/``ASSISTANT:`` template
-- meta:  Qwen2-style, byte-level BPE (its own vocabulary), ChatML template whose
-         generation prompt already opens ``<think>`` (as QwQ's does): the meta-prover
+- alpha: Llama-style, byte-level BPE (384 tokens), Llama 3's header template   (teacher)
+- beta:  Phi-3-style, byte-level BPE (640 tokens), Phi-3's ``<|user|>`` template (teacher)
+- gamma: GPT-NeoX-style, byte-level BPE (512 tokens), ``[INST]`` template      (teacher)
+- meta:  Qwen3-style, byte-level BPE (512 tokens), ChatML template whose generation
+         prompt already opens ``<think>`` (as QwQ's)                           (meta-prover)
 
-    python -m cord.common.lab.tinymodels --out models   # random weights, seeded
+The paper's pool (R1-Distill, Phi-4-reasoning, QwQ as teachers and QwQ as meta-prover)
+has the same shape: different architectures, tokenizers and chat templates.
+
+`python -m cord.common.lab.train` trains them (models/); this module only builds them.
 """
 
 from __future__ import annotations
@@ -16,36 +20,55 @@ import string
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import click
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoTokenizer,
     GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from cord.common import prompts
-from cord.common.lab.arith import final_answer_text, make_problems, solution_steps
+from cord.common.lab.arith import (
+    LAB_TEMPLATE,
+    final_answer_text,
+    make_problems,
+    solution_steps,
+)
 
 THINK_TOKENS = [prompts.THINK_OPEN, prompts.THINK_CLOSE]
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
 
 TEMPLATES = {
-    "alpha": (
+    "alpha": (  # Llama 3
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    ),
+    "beta": (  # Phi-3
         "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
     ),
-    "beta": (
+    "charlm": (
         "{% for m in messages %}{{ m['role'] | upper }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+    ),
+    "gamma": (
+        "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
     ),
     "meta": (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
@@ -57,33 +80,44 @@ TEMPLATES = {
 @dataclass(frozen=True)
 class TinySpec:
     name: str
-    arch: str  # llama | gpt2 | qwen2
+    arch: str  # llama | phi3 | gpt_neox | qwen3 | gpt2
     tokenizer: str  # bpe | char
     vocab_size: int  # BPE only
     specials: tuple[str, ...]  # (eos, pad, *others)
     hidden: int = 64
-    layers: int = 2
+    layers: int = 4
     heads: int = 4
-    context: int = 2048
+    context: int = 1024
 
 
 SPECS = {
     "alpha": TinySpec(
-        "alpha", "llama", "bpe", 384, ("<|end|>", "<|pad|>", "<|user|>", "<|assistant|>")
+        "alpha",
+        "llama",
+        "bpe",
+        384,
+        ("<|eot_id|>", "<|pad|>", "<|start_header_id|>", "<|end_header_id|>"),
     ),
-    "beta": TinySpec("beta", "gpt2", "char", 0, ("<|endoftext|>", "<|pad|>")),
-    "meta": TinySpec("meta", "qwen2", "bpe", 320, ("<|im_end|>", "<|pad|>", "<|im_start|>")),
+    "beta": TinySpec(
+        "beta", "phi3", "bpe", 640, ("<|end|>", "<|endoftext|>", "<|user|>", "<|assistant|>")
+    ),
+    "gamma": TinySpec("gamma", "gpt_neox", "bpe", 512, ("</s>", "<pad>")),
+    "meta": TinySpec("meta", "qwen3", "bpe", 512, ("<|im_end|>", "<|pad|>", "<|im_start|>")),
 }
+# Not trained: a GPT-2-style model with a character tokenizer, so the tests also cover
+# learned absolute positions and a tokenizer with one token per character.
+CHAR_SPEC = TinySpec("charlm", "gpt2", "char", 0, ("<|endoftext|>", "<|pad|>"))
+TEACHERS = ("alpha", "beta", "gamma")
 
 
 def corpus(n: int = 2000, seed: int = 10_000) -> list[str]:
-    """Text in the lab's format, to fit the BPE merges on (seeds apart from the lab's)."""
-    lines = [prompts.DEFAULT_TEMPLATE]
+    """Text in the lab's format, to fit the BPE merges on (a seed apart from the lab's)."""
+    lines = [prompts.DEFAULT_TEMPLATE, LAB_TEMPLATE]
     for p in make_problems(n, seed):
         steps = solution_steps(p.terms)
         lines.append(p.question)
         lines.append(prompts.assistant_message(steps, final_answer_text(p.answer)))
-        lines.append(prompts.scoring_context(steps) + p.answer)
+        lines.append(prompts.scoring_context(steps) + prompts.answer_target(p.answer))
     return lines
 
 
@@ -114,7 +148,8 @@ def char_tokenizer(spec: TinySpec) -> PreTrainedTokenizerFast:
 
 def bpe_tokenizer(spec: TinySpec, text: Iterable[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
@@ -139,7 +174,16 @@ def build_model(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int) -> PreT
         "vocab_size": len(tok),
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
-        "bos_token_id": None,
+        "bos_token_id": tok.eos_token_id,
+    }
+    decoder = {
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.hidden * 3,
+        "num_hidden_layers": spec.layers,
+        "num_attention_heads": spec.heads,
+        "max_position_embeddings": spec.context,
+        "tie_word_embeddings": True,
+        **ids,
     }
     model: PreTrainedModel
     if spec.arch == "gpt2":
@@ -149,33 +193,32 @@ def build_model(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int) -> PreT
                 n_layer=spec.layers,
                 n_head=spec.heads,
                 n_positions=spec.context,
+                # No dropout: it buys nothing at this size, and attention dropout
+                # forces the slow attention path on the CPU (2x the step time).
+                attn_pdrop=0.0,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
                 **ids,
             )
         )
+        model.config._attn_implementation = "sdpa"
     elif spec.arch == "llama":
         model = LlamaForCausalLM(
-            LlamaConfig(
-                hidden_size=spec.hidden,
-                intermediate_size=spec.hidden * 3,
-                num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads,
-                num_key_value_heads=max(1, spec.heads // 2),
-                max_position_embeddings=spec.context,
-                tie_word_embeddings=True,
-                **ids,
-            )
+            LlamaConfig(num_key_value_heads=max(1, spec.heads // 2), **decoder)
         )
-    elif spec.arch == "qwen2":
-        model = Qwen2ForCausalLM(
-            Qwen2Config(
-                hidden_size=spec.hidden,
-                intermediate_size=spec.hidden * 3,
-                num_hidden_layers=spec.layers,
-                num_attention_heads=spec.heads,
+    elif spec.arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(num_key_value_heads=spec.heads, **decoder))
+    elif spec.arch == "gpt_neox":
+        # Rotary on every head dimension (GPT-NeoX's default is a quarter): at this size
+        # the quarter learns to copy the previous line several times slower.
+        rope = {"rope_theta": 10000.0, "partial_rotary_factor": 1.0, "rope_type": "default"}
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(rope_parameters=rope, **decoder))
+    elif spec.arch == "qwen3":
+        model = Qwen3ForCausalLM(
+            Qwen3Config(
                 num_key_value_heads=max(1, spec.heads // 2),
-                max_position_embeddings=spec.context,
-                tie_word_embeddings=True,
-                **ids,
+                head_dim=spec.hidden // spec.heads,
+                **decoder,
             )
         )
     else:
@@ -192,32 +235,13 @@ def save(model: PreTrainedModel, tok: PreTrainedTokenizerFast, out: Path) -> Non
     tok.save_pretrained(out)
 
 
-def build_all(out_dir: Path, seed: int = 0, names: Iterable[str] = tuple(SPECS)) -> list[Path]:
-    text = corpus()
-    paths = []
-    for offset, name in enumerate(names):
-        spec = SPECS[name]
-        tok = build_tokenizer(spec, text)
-        model = build_model(spec, tok, seed + offset)
-        save(model, tok, out_dir / name)
-        paths.append(out_dir / name)
-    return paths
-
-
-@click.command()
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("models"),
-    show_default=True,
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-def main(out_dir: Path, seed: int) -> None:
-    """Build the tiny lab models with random (seeded) weights."""
-    for path in build_all(out_dir, seed):
-        click.echo(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main()
+def build(
+    spec: TinySpec, out: Path, seed: int, text: list[str] | None = None
+) -> tuple[PreTrainedModel, Any]:
+    """Build a random-weight model and its tokenizer, save both, and return the model
+    with the tokenizer as `AutoTokenizer` loads it back (the class may differ from the
+    one built: transformers picks it from the model type, e.g. Qwen2's)."""
+    tok = build_tokenizer(spec, text)
+    model = build_model(spec, tok, seed)
+    save(model, tok, out)
+    return model, AutoTokenizer.from_pretrained(out)

@@ -11,7 +11,8 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 def test_trajectory_text_layout():
     steps = ["### Step 1. 7 + 2", "### Step 2. 9"]
     assert prompts.think_body(steps, 3) == "### Step 1. 7 + 2\n### Step 2. 9\n### Step 3."
-    assert prompts.scoring_context(steps).endswith("### Step 2. 9\n</think> The final answer is ")
+    assert prompts.scoring_context(steps).endswith("### Step 2. 9\n</think> The final answer is")
+    assert prompts.answer_target("9 ") == " 9"
     assert prompts.assistant_message(steps, " The final answer is 9. ") == (
         "<think>\n### Step 1. 7 + 2\n### Step 2. 9\n</think>\n\nThe final answer is 9."
     )
@@ -21,8 +22,13 @@ def test_trajectory_text_layout():
 @pytest.mark.parametrize(
     ("model", "starts", "ends"),
     [
-        ("alpha", "<|user|>\n", "<|assistant|>\n<think>\n"),
-        ("beta", "USER: ", "ASSISTANT: <think>\n"),
+        (
+            "alpha",
+            "<|start_header_id|>user<|end_header_id|>\n\n",
+            "<|start_header_id|>assistant<|end_header_id|>\n\n<think>\n",
+        ),
+        ("beta", "<|user|>\n", "<|assistant|>\n<think>\n"),
+        ("gamma", "[INST] ", "[/INST]<think>\n"),
         ("meta", "<|im_start|>user\n", "<|im_start|>assistant\n<think>\n"),
     ],
 )
