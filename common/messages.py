@@ -23,7 +23,8 @@ class _Msg(BaseModel):
 
 
 class ExpandItem(_Msg):
-    """Continue the trajectory `steps` by one step, whose header is `next_step`."""
+    """Continue the trajectory `steps` by one step, whose header is `next_step`; with
+    `whole`, write the rest of the trajectory (to ``</think>``) in one go."""
 
     key: str
     prompt: str  # the user turn, rendered from the run config's prompt template
@@ -33,6 +34,7 @@ class ExpandItem(_Msg):
     temperature: float = Field(ge=0.0)
     top_p: float = 1.0
     seed: int
+    whole: bool = False
 
 
 class AnswerItem(_Msg):

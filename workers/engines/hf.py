@@ -119,8 +119,11 @@ class HFEngine:
     # -- torch plumbing -------------------------------------------------------------
     def _make_cache(self, kv: KV | None) -> DynamicCache:
         if kv:
+            # Contiguous copies: cropped views of stored entries have the strides of the
+            # longer entry they came from.
             return DynamicCache(
-                [(k.to(self.device), v.to(self.device)) for k, v in kv], config=self.model.config
+                [(k.to(self.device).contiguous(), v.to(self.device).contiguous()) for k, v in kv],
+                config=self.model.config,
             )
         return DynamicCache(config=self.model.config)
 
@@ -163,20 +166,22 @@ class HFEngine:
     # -- generation -----------------------------------------------------------------
     def expand(self, items: list[ExpandItem]) -> list[Generation]:
         texts = [self._prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items]
-        return self._generate_items(items, texts, prompts.STEP_STOPS)
+        # One step stops at the next header; a whole trajectory only at </think>.
+        stops = [(prompts.THINK_CLOSE,) if i.whole else prompts.STEP_STOPS for i in items]
+        return self._generate_items(items, texts, stops)
 
     def answer(self, items: list[AnswerItem]) -> list[Generation]:
         texts = [self._prefix(i.prompt) + prompts.answer_context(i.steps) for i in items]
-        return self._generate_items(items, texts, ())
+        return self._generate_items(items, texts, [()] * len(items))
 
     @torch.inference_mode()
     def _generate_items(
-        self, items: list[Any], texts: list[str], stops: tuple[str, ...]
+        self, items: list[Any], texts: list[str], stops: list[tuple[str, ...]]
     ) -> list[Generation]:
         start = time.perf_counter()
         results: list[Generation | None] = [None] * len(items)
         rows: list[_Row] = []
-        for index, (item, text) in enumerate(zip(items, texts, strict=True)):
+        for index, (item, text, stop) in enumerate(zip(items, texts, stops, strict=True)):
             ids = self.encode(text)
             try:
                 self._check_context(ids.numel() + item.max_new_tokens)
@@ -186,7 +191,7 @@ class HFEngine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(item.seed % (2**63))
             rows.append(
-                _Row(index, ids, item.max_new_tokens, item.temperature, item.top_p, gen, 0, stops)
+                _Row(index, ids, item.max_new_tokens, item.temperature, item.top_p, gen, 0, stop)
             )
         if rows:
             self._generate(rows)
@@ -221,7 +226,7 @@ class HFEngine:
         logits = torch.stack(firsts)
         active = list(range(len(rows)))  # batch position -> index into rows
         while True:
-            tokens = [self._sample(logits[b], rows[r]) for b, r in enumerate(active)]
+            tokens = self._sample(logits, [rows[r] for r in active])
             keep: list[int] = []
             for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
                 if self._advance(rows[r], token):
@@ -261,16 +266,30 @@ class HFEngine:
             layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
         return self._make_cache(layers)
 
-    def _sample(self, logits: torch.Tensor, row: _Row) -> int:
-        if row.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / row.temperature, dim=-1)
-        if row.top_p < 1.0:
-            sorted_p, order = torch.sort(probs, descending=True)
-            drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > row.top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-        return int(torch.multinomial(probs, 1, generator=row.generator))
+    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+        """One token per row, for the whole batch at once (Gumbel-max). Each row draws its
+        noise from its own generator, so an item samples the same text whatever batch it
+        shares; temperature 0 is argmax; top-p keeps the smallest nucleus above p."""
+        logits = logits.float()
+        temps = torch.tensor([max(r.temperature, 1e-6) for r in rows], device=logits.device)
+        scaled = logits / temps[:, None]
+        top_p = torch.tensor([r.top_p for r in rows], device=logits.device)
+        if bool((top_p < 1.0).any()):
+            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            outside = torch.cumsum(probs, dim=-1) - probs > top_p[:, None]
+            sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+            scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
+        noise = torch.stack(
+            [
+                torch.rand(logits.shape[-1], generator=r.generator, device=logits.device)
+                for r in rows
+            ]
+        )
+        gumbel = -torch.log(-torch.log(noise.clamp_(1e-20, 1.0 - 1e-7)))
+        greedy = torch.tensor([r.temperature <= 0 for r in rows], device=logits.device)
+        choice = torch.where(greedy[:, None], logits, scaled + gumbel)
+        return [int(t) for t in torch.argmax(choice, dim=-1).tolist()]
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Append `token`; True when the row is finished (and its text is final)."""
@@ -327,7 +346,7 @@ class HFEngine:
         """Log-probabilities of the answer's tokens after the scoring context; also the
         prompt length and how much of it came from the prefix cache."""
         context = self.encode(self._prefix(user) + prompts.scoring_context(steps))
-        target = self.encode(answer)
+        target = self.encode(prompts.answer_target(answer))
         if target.numel() == 0:
             raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
         full = torch.cat([context, target])

@@ -25,7 +25,8 @@ def spiky_models(tmp_path_factory):
     wanders across the vocabulary instead of repeating one token."""
     out = tmp_path_factory.mktemp("spiky")
     text = tinymodels.corpus(200)
-    for i, (name, spec) in enumerate(tinymodels.SPECS.items()):
+    specs = {**tinymodels.SPECS, "charlm": tinymodels.CHAR_SPEC}
+    for i, (name, spec) in enumerate(specs.items()):
         tok = tinymodels.build_tokenizer(spec, text)
         model = tinymodels.build_model(spec, tok, seed=100 + i)
         with torch.no_grad():
@@ -55,7 +56,7 @@ def reference_greedy(model, tok, eos_ids, text, max_new):
     return out, finish
 
 
-@pytest.mark.parametrize("name", ["alpha", "beta", "meta"])
+@pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "meta", "charlm"])
 def test_batched_cached_generation_matches_plain_greedy(spiky_models, name):
     engine = HFEngine(ModelSpec(name=name, model=str(spiky_models / name)))
     items = [
@@ -108,7 +109,7 @@ def test_sampling_is_reproducible_per_seed(spiky_models):
     assert a[0].text != a[1].text
 
 
-@pytest.mark.parametrize("name", ["alpha", "beta", "meta"])
+@pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "meta"])
 def test_score_equals_direct_transformers_computation(name):
     engine = HFEngine(ModelSpec(name=name, model=str(MODELS / name)))
     model = AutoModelForCausalLM.from_pretrained(MODELS / name)
@@ -121,7 +122,7 @@ def test_score_equals_direct_transformers_computation(name):
     for item, got in zip(items, scores, strict=True):
         context = prompts.chat_prefix(tok, item.prompt) + prompts.scoring_context(item.steps)
         ctx = tok(context, add_special_tokens=False)["input_ids"]
-        ans = tok(item.answer, add_special_tokens=False)["input_ids"]
+        ans = tok(prompts.answer_target(item.answer), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ctx + ans])).logits[0].float()
         logp = torch.log_softmax(logits, dim=-1)
@@ -156,7 +157,7 @@ def test_stop_strings_cut_the_step(spiky_models):
 
 
 def test_answer_and_context_errors(tmp_path):
-    spec = tinymodels.SPECS["beta"]
+    spec = tinymodels.CHAR_SPEC
     tok = tinymodels.build_tokenizer(spec)
     short = tinymodels.build_model(spec.__class__(**{**spec.__dict__, "context": 32}), tok, 0)
     tinymodels.save(short, tok, tmp_path / "short")
