@@ -78,7 +78,8 @@ class PromptSpec(_Strict):
         return prompts.user_prompt(question, self.template)
 
 
-STRATEGIES = ("cord",)
+# The search strategies (coordinator/search/); single:<teacher> names one teacher.
+STRATEGIES = ("cord", "greedy", "random", "curation", "single:<teacher>")
 
 
 class SearchSpec(_Strict):
@@ -91,11 +92,17 @@ class SearchSpec(_Strict):
     )
     answer_budget: int = Field(default=4096, ge=1, description="tokens of the final answer")
     max_step_tokens: int = Field(default=1024, ge=1, description="tokens per step before it is cut")
+    curation_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="trajectories per teacher for curation; "
+        "default beam_width x samples_per_beam (CoRD's generated tokens)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
     def _known_strategy(self) -> SearchSpec:
-        if self.strategy not in STRATEGIES:
+        if self.strategy not in STRATEGIES and not self.strategy.startswith("single:"):
             raise ValueError(
                 f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
             )
@@ -142,6 +149,11 @@ class RunConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"teachers: names must be unique, {dupes} repeat")
+        single = self.search.strategy.partition("single:")[2]
+        if single and single not in names:
+            raise ValueError(
+                f"search.strategy: {self.search.strategy!r} names no teacher; use one of {names}"
+            )
         mp = self.meta_prover
         if mp.model is None and mp.name not in names:
             raise ValueError(

@@ -27,6 +27,15 @@ config_option = click.option(
 )
 
 
+out_option = click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Output folder (default: output.dir of the config).",
+)
+
+
 def _load(config_path: str) -> RunConfig:
     try:
         return load_config(config_path)
@@ -82,13 +91,7 @@ def enqueue(config_path: str, problems_file: str, skip_invalid: bool, rejects: s
 
 @main.command()
 @config_option
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Output folder (default: output.dir of the config).",
-)
+@out_option
 @click.option("--follow", is_flag=True, help="Keep waiting for new problems instead of exiting.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
 def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | None) -> None:
@@ -168,13 +171,7 @@ def status(config_path: str, as_json: bool) -> None:
     default="examples/problems.jsonl",
     show_default=True,
 )
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Output folder (default: output.dir of the config).",
-)
+@out_option
 @click.option(
     "--fresh/--keep",
     default=True,
@@ -196,6 +193,67 @@ def demo(
 
     cfg = _load(config_path)
     run_demo(cfg, config_path, problems_file, Path(out_dir or cfg.output.dir), fresh, Path(run_dir))
+
+
+@main.command("eval")
+@config_option
+@click.option(
+    "--problems", "problems_file", required=True, type=click.Path(exists=True, dir_okay=False)
+)
+@click.option(
+    "--strategies",
+    default="cord,curation",
+    show_default=True,
+    help="Comma-separated: cord, greedy, random, curation, single:<teacher>.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    default="data/eval",
+    show_default=True,
+    help="Rows of each strategy go to <out>/<strategy>/.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--start-workers",
+    is_flag=True,
+    help="Start Redis (if none answers) and one worker per pool for the run.",
+)
+def eval_cmd(
+    config_path: str,
+    problems_file: str,
+    strategies: str,
+    out_dir: str,
+    as_json: bool,
+    start_workers: bool,
+) -> None:
+    """Run the problems through the live workers once per strategy and compare them."""
+    from cord.common.problems import read_problems
+    from cord.coordinator.evaluate import evaluate, format_table
+
+    cfg = _load(config_path)
+    problems, errors = read_problems(problems_file)
+    if errors:
+        for err in errors:
+            click.echo(f"{problems_file}: {err}", err=True)
+        sys.exit(2)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    for name in names:
+        if name.partition(":")[0] not in ("cord", "greedy", "random", "curation", "single"):
+            raise click.BadParameter(f"unknown strategy {name!r}", param_hint="--strategies")
+    out = Path(out_dir)
+    for name in names:
+        for f in (out / name.replace(":", "-")).glob("*.jsonl"):
+            f.unlink()
+    if start_workers:
+        from cord.coordinator.demo import local_fleet
+
+        with local_fleet(cfg, config_path, Path(".run")):
+            report = evaluate(cfg, problems, names, out)
+    else:
+        report = evaluate(cfg, problems, names, out)
+    click.echo(json.dumps(report) if as_json else format_table(report))
 
 
 @main.command("lab-problems")

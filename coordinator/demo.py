@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from cord.common.config import RunConfig
 from cord.common.keys import Keys
 from cord.common.lab.arith import extract_answer
 from cord.common.redis_server import ping, start_redis
+from cord.coordinator.evaluate import answer_matches
 
 
 class ProcessGroup:
@@ -84,7 +87,7 @@ def wait_for_workers(
 def summarize(traces: Path, failed: Path) -> dict[str, Any]:
     rows = [json.loads(x) for x in traces.read_text().splitlines()] if traces.exists() else []
     fails = [json.loads(x) for x in failed.read_text().splitlines()] if failed.exists() else []
-    correct = sum(extract_answer(r["final_answer"]) == r["reference_answer"] for r in rows)
+    correct = sum(answer_matches(r["final_answer"], r["reference_answer"]) for r in rows)
     teachers: dict[str, int] = {}
     for r in rows:
         for s in r["steps"]:
@@ -110,7 +113,7 @@ def print_summary(summary: dict[str, Any], out_dir: Path, wall_s: float) -> None
     )
     for r in summary["rows"][:20]:
         got = extract_answer(r["final_answer"]) or "-"
-        ok = "yes" if got == r["reference_answer"] else "no"
+        ok = "yes" if answer_matches(r["final_answer"], r["reference_answer"]) else "no"
         who = "".join(s["teacher"][0] for s in r["steps"])
         click.echo(
             f"{r['id'][:18]:<18} {r['reference_answer']:>9} {got[:8]:>8} {ok:>3} "
@@ -131,12 +134,10 @@ def print_summary(summary: dict[str, Any], out_dir: Path, wall_s: float) -> None
     click.echo(f"dataset: {out_dir / 'traces.jsonl'}")
 
 
-def run_demo(
-    cfg: RunConfig, config_path: str, problems: str, out_dir: Path, fresh: bool, run_dir: Path
-) -> None:
-    from cord.coordinator.driver import Coordinator
-    from cord.coordinator.intake import enqueue_file
-
+@contextmanager
+def local_fleet(cfg: RunConfig, config_path: str, run_dir: Path) -> Iterator[redis.Redis]:
+    """A Redis (started here if none answers) and one `cord-worker` per pool, for as long
+    as the block runs; everything started here is stopped after it, whatever happens."""
     redis_proc = None
     if not ping(cfg.redis_url):
         click.echo(
@@ -146,10 +147,7 @@ def run_demo(
     client = redis.Redis.from_url(cfg.redis_url)
     group = ProcessGroup(run_dir / "logs")
     try:
-        if fresh:
-            clear_namespace(client, cfg.namespace)
-            for name in (f"{cfg.output.traces_prefix}.jsonl", f"{cfg.output.failed_prefix}.jsonl"):
-                (out_dir / name).unlink(missing_ok=True)
+        host = os.uname().nodename
         for model in cfg.model_names:
             group.start(
                 model,
@@ -162,7 +160,7 @@ def run_demo(
                     "--teacher",
                     model,
                     "--name",
-                    f"{model}-demo@{os.uname().nodename}",
+                    f"{model}-local@{host}",
                 ],
             )
         click.echo(
@@ -170,6 +168,25 @@ def run_demo(
             f"logs in {group.log_dir}"
         )
         wait_for_workers(cfg, group, client)
+        yield client
+    finally:
+        group.stop()
+        if redis_proc is not None:
+            redis_proc.terminate()
+            redis_proc.wait(10)
+
+
+def run_demo(
+    cfg: RunConfig, config_path: str, problems: str, out_dir: Path, fresh: bool, run_dir: Path
+) -> None:
+    from cord.coordinator.driver import Coordinator
+    from cord.coordinator.intake import enqueue_file
+
+    with local_fleet(cfg, config_path, run_dir) as client:
+        if fresh:
+            clear_namespace(client, cfg.namespace)
+            for name in (f"{cfg.output.traces_prefix}.jsonl", f"{cfg.output.failed_prefix}.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
         report = enqueue_file(cfg, problems)
         if report.errors:
             raise click.ClickException("\n".join(str(e) for e in report.errors))
@@ -181,8 +198,3 @@ def run_demo(
             out_dir / f"{cfg.output.failed_prefix}.jsonl",
         )
         print_summary(summary, out_dir, time.monotonic() - start)
-    finally:
-        group.stop()
-        if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(10)

@@ -68,12 +68,15 @@ class Coordinator:
         coordinator_id: str | None = None,
         follow: bool = False,
         on_event: Event | None = None,
+        state_namespace: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.id = coordinator_id or new_coordinator_id()
         self.follow = follow
         self.on_event = on_event
-        self.keys = Keys(cfg.namespace)
+        # Queues always follow cfg.namespace (the workers'); the problem state may live
+        # apart, e.g. one namespace per strategy in `cord-coord eval`.
+        self.keys = Keys(state_namespace or cfg.namespace)
         self.redis = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
         self.store = Store(self.redis, self.keys)
         self.app = make_celery(cfg)

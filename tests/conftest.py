@@ -69,25 +69,28 @@ def namespace(redis_client: redis.Redis) -> Iterator[str]:
     _drop_namespace(redis_client, ns)
 
 
-def base_config(redis_url: str, namespace: str, **search: Any) -> dict[str, Any]:
-    """A run config for the bundled models: two teachers and a separate meta-prover."""
+TEACHERS = ("alpha", "beta", "gamma")
+
+
+def base_config(
+    redis_url: str, namespace: str, teachers: tuple[str, ...] = TEACHERS, **search: Any
+) -> dict[str, Any]:
+    """A run config for the bundled lab models: teachers and a separate meta-prover."""
     return {
         "redis_url": redis_url,
         "namespace": namespace,
-        "teachers": [
-            {"name": "alpha", "model": str(MODELS / "alpha")},
-            {"name": "beta", "model": str(MODELS / "beta")},
-        ],
+        "prompt": {"template": "{question}"},
+        "teachers": [{"name": t, "model": str(MODELS / t)} for t in teachers],
         "meta_prover": {"name": "meta", "model": str(MODELS / "meta")},
         "search": {
             "beam_width": 2,
-            "thinking_budget": 96,
-            "max_step_tokens": 32,
-            "answer_budget": 16,
+            "thinking_budget": 400,
+            "max_step_tokens": 48,
+            "answer_budget": 24,
             **search,
         },
-        "max_in_flight": 16,
-        "reliability": {"task_timeout_s": 60, "heartbeat_s": 1.0},
+        "max_in_flight": 32,
+        "reliability": {"task_timeout_s": 120, "heartbeat_s": 1.0},
     }
 
 
@@ -167,17 +170,31 @@ class Fleet:
 def fleet(
     tmp_path_factory: pytest.TempPathFactory, redis_url: str, redis_client: redis.Redis
 ) -> Iterator[tuple[Path, RunConfig]]:
-    """One worker per pool (alpha, beta, meta) for the whole session, in its own
-    namespace. Tests using it give their problems unique ids."""
+    """One worker per pool (alpha, beta, gamma, meta) for the whole session, in its own
+    namespace. Tests derive their configs from it (`fleet_config`) and give their
+    problems unique ids."""
     ns = f"test-fleet-{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp("fleet")
     path = write_config(tmp / "fleet.yaml", base_config(redis_url, ns))
     workers = Fleet(path, tmp)
     try:
-        for model in ("alpha", "beta", "meta"):
+        for model in (*TEACHERS, "meta"):
             workers.start(model)
-        workers.wait_ready(redis_client, ns, 3)
+        workers.wait_ready(redis_client, ns, len(TEACHERS) + 1)
         yield path, load_config(path)
     finally:
         workers.stop()
         _drop_namespace(redis_client, ns)
+
+
+def fleet_config(
+    fleet: tuple[Path, RunConfig],
+    path: Path,
+    teachers: tuple[str, ...] = TEACHERS,
+    **search: Any,
+) -> tuple[Path, RunConfig]:
+    """A run config for the session's fleet (same Redis, namespace and queues) with other
+    teachers or search settings, written to `path`."""
+    _, cfg = fleet
+    write_config(path, base_config(cfg.redis_url, cfg.namespace, teachers, **search))
+    return path, load_config(path)

@@ -35,7 +35,7 @@ class Step(BaseModel):
     index: int
     text: str
     teacher: str
-    score: float
+    score: float | None  # S when the step was chosen; None where only whole traces are scored
     tokens: int
 
 
@@ -113,18 +113,31 @@ class Search(ABC):
     @abstractmethod
     def finished(self) -> bool: ...
 
-    @abstractmethod
-    def snapshot(self) -> dict[str, Any]: ...
+    # Subclasses keep their committed state in `self.state`, a pydantic model with `stats`.
+    state: Any
 
-    @abstractmethod
-    def restore(self, state: dict[str, Any]) -> None: ...
+    def snapshot(self) -> dict[str, Any]:
+        """The committed state as JSON, wall time so far included."""
+        st = self.state.model_copy(deep=True)
+        st.stats = self.stats_now()
+        return dict(st.model_dump())
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.state = type(self.state).model_validate(state)
+
+    def stats_now(self) -> Stats:
+        stats: Stats = self.state.stats.model_copy()
+        stats.wall_s = round(stats.wall_s + self.elapsed(), 3)
+        return stats
 
     @abstractmethod
     def row(self) -> dict[str, Any]:
         """The output row of a finished search."""
 
     # -- helpers shared by strategies -------------------------------------------------
-    def expand_work(self, teacher: str, key: str, steps: list[str], max_new: int) -> Work:
+    def expand_work(
+        self, teacher: str, key: str, steps: list[str], max_new: int, whole: bool = False
+    ) -> Work:
         return Work(
             "expand",
             teacher,
@@ -137,6 +150,7 @@ class Search(ABC):
                 temperature=self.cfg.temperature(teacher),
                 top_p=self.cfg.teacher(teacher).top_p,
                 seed=item_seed(self.cfg.search.seed, key),
+                whole=whole,
             ),
         )
 
@@ -190,7 +204,7 @@ class Search(ABC):
                     "thinking_tokens": best.tokens,
                     "answer_tokens": best.answer_tokens,
                 },
-                "strategy": self.name,
+                "strategy": self.cfg.search.strategy,
                 "models": {
                     "teachers": {t.name: t.model for t in cfg.teachers},
                     "meta_prover": {cfg.meta_prover.name: cfg.pool(cfg.meta_prover.name).model},

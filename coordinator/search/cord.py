@@ -12,13 +12,22 @@ answer; the best complete trajectory by S is the trace, the others are alternati
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from cord.common import prompts
 from cord.common.messages import Generation, Score
-from cord.coordinator.search.base import Failed, Search, Stats, Step, Trajectory, Work
+from cord.coordinator.search.base import (
+    Failed,
+    Search,
+    Stats,
+    Step,
+    Trajectory,
+    Work,
+    item_seed,
+)
 
 
 class Candidate(BaseModel):
@@ -122,10 +131,16 @@ class CordSearch(Search):
             return []
         return self._select()
 
+    beam_width_override: int | None = None
+
+    def _ranked(self) -> list[Candidate]:
+        """All candidates of the step, best first: by S (ties by key)."""
+        return sorted(self._cands.values(), key=lambda c: (-(c.score or 0.0), c.key))
+
     def _select(self) -> list[Work]:
         st, search = self.state, self.cfg.search
-        keep = search.beam_width - len(st.completed)
-        ranked = sorted(self._cands.values(), key=lambda c: (-(c.score or 0.0), c.key))
+        keep = (self.beam_width_override or search.beam_width) - len(st.completed)
+        ranked = self._ranked()
         chosen: list[Candidate] = []
         seen: set[tuple[str, ...]] = set()
         for c in ranked:
@@ -173,17 +188,25 @@ class CordSearch(Search):
         st = self.state
         return not st.beams and all(t.final_answer is not None for t in st.completed)
 
-    def snapshot(self) -> dict[str, Any]:
-        st = self.state.model_copy(deep=True)
-        st.stats.wall_s = round(st.stats.wall_s + self.elapsed(), 3)
-        return st.model_dump()
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.state = CordState.model_validate(state)
-
     def row(self) -> dict[str, Any]:
         st = self.state
         ranked = sorted(st.completed, key=lambda t: -t.score)
-        stats = st.stats.model_copy()
-        stats.wall_s = round(stats.wall_s + self.elapsed(), 3)
+        stats = self.stats_now()
         return self.trace_row(ranked[0], ranked[1:], stats)
+
+
+class GreedySearch(CordSearch):
+    """CoRD with a beam of one (the paper's greedy ablation)."""
+
+    beam_width_override = 1
+
+
+class RandomSelectSearch(CordSearch):
+    """CoRD with the selection ablated: candidates are kept in a random (seeded) order
+    instead of by S. Every candidate is still scored, so S is reported."""
+
+    def _ranked(self) -> list[Candidate]:
+        order = sorted(self._cands.values(), key=lambda c: c.key)
+        rng = random.Random(item_seed(self.cfg.search.seed, f"{self.problem.id}:{self.state.step}"))
+        rng.shuffle(order)
+        return order

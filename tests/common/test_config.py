@@ -17,8 +17,8 @@ def minimal(**extra):
 
 def test_demo_config_loads_and_resolves_model_paths():
     cfg = load_config(ROOT / "examples" / "demo.yaml")
-    assert cfg.teacher_names == ["alpha", "beta"]
-    assert cfg.model_names == ["alpha", "beta", "meta"]
+    assert cfg.teacher_names == ["alpha", "beta", "gamma"]
+    assert cfg.model_names == ["alpha", "beta", "gamma", "meta"]
     assert Path(cfg.teacher("alpha").model) == ROOT / "models" / "alpha"
     assert cfg.pool("meta").model == str(ROOT / "models" / "meta")
 

@@ -55,10 +55,11 @@ def test_status_json(make_config, tmp_path, namespace):
     status = json.loads(run("status", "--config", config, "--json").output)
     assert status["queued"] == 2 and status["in_flight"] == 0
     assert status["done"] == 0 and status["failed"] == 0
-    assert set(status["live_workers"]) == {"alpha", "beta", "meta"}
+    assert set(status["live_workers"]) == {"alpha", "beta", "gamma", "meta"}
     assert status["queues"] == {
         f"{namespace}.expand.alpha": 0,
         f"{namespace}.expand.beta": 0,
+        f"{namespace}.expand.gamma": 0,
         f"{namespace}.score.meta": 0,
     }
 

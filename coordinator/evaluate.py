@@ -1,0 +1,182 @@
+"""``cord-coord eval``: the same problems through the live fleet once per strategy.
+
+Each strategy runs with its own problem state (a namespace of its own under the run's)
+and its own output folder, against the same workers and queues, one after the other, so
+wall times compare. Curation's N (trajectories per teacher) is matched to the tokens
+CoRD generated on the same problems unless the config sets `search.curation_samples`.
+Reported per strategy: answer accuracy of the produced traces (a failure counts as
+wrong), mean S, mean generated tokens per problem (every token any teacher generated for
+it: kept, discarded and the final answers), wall seconds; and how well S separates right
+from wrong final traces (AUROC).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from cord.common.config import RunConfig
+from cord.common.keys import Keys
+from cord.common.lab.arith import extract_answer
+from cord.common.problems import Problem
+from cord.coordinator.driver import Coordinator
+from cord.coordinator.store import Store
+
+_NUMERIC = re.compile(r"-?\d+(\.\d+)?")
+
+
+def answer_matches(final_answer: str, reference: str) -> bool:
+    """A numeric reference must be the number the final answer states; any other
+    reference must appear in it (case and surrounding space ignored)."""
+    ref = reference.strip()
+    if _NUMERIC.fullmatch(ref):
+        return extract_answer(final_answer) == ref
+    return ref.lower() in final_answer.lower()
+
+
+def auroc(positives: list[float], negatives: list[float]) -> float | None:
+    """P(S of a right trace > S of a wrong one), ties half: the Mann-Whitney AUROC."""
+    if not positives or not negatives:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
+
+
+@dataclass
+class StrategyResult:
+    strategy: str
+    rows: list[dict[str, Any]]
+    failed: int
+    wall_s: float
+    problems: int
+
+    def metrics(self) -> dict[str, Any]:
+        correct = [answer_matches(r["final_answer"], r["reference_answer"]) for r in self.rows]
+        scores = [r["score"] for r in self.rows]
+        tokens = [sum(r["stats"]["tokens_by_teacher"].values()) for r in self.rows]
+        right = [s for s, c in zip(scores, correct, strict=True) if c]
+        wrong = [s for s, c in zip(scores, correct, strict=True) if not c]
+        n = max(1, self.problems)
+        return {
+            "accuracy": round(sum(correct) / n, 4),
+            "mean_score": round(sum(scores) / len(scores), 4) if scores else None,
+            "tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
+            "wall_s": round(self.wall_s, 2),
+            "problems": self.problems,
+            "failed": self.failed,
+            "auroc": _round(auroc(right, wrong)),
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def run_strategy(
+    cfg: RunConfig, strategy: str, problems: list[Problem], out_dir: Path, tag: str
+) -> StrategyResult:
+    search = cfg.search.model_copy(update={"strategy": strategy})
+    scfg = cfg.model_copy(update={"search": search})
+    RunConfig.model_validate(scfg.model_dump())  # strategy names a teacher, etc.
+    state_ns = f"{cfg.namespace}:eval:{tag}:{strategy}"
+    folder = out_dir / strategy.replace(":", "-")
+    coord = Coordinator(scfg, str(folder), state_namespace=state_ns)
+    client = coord.redis
+    try:
+        Store(client, Keys(state_ns)).enqueue(problems)
+        start = time.monotonic()
+        coord.run()
+        wall = time.monotonic() - start
+    finally:
+        _drop(client, state_ns)
+    rows = _read(coord.writer.traces)
+    failed = len(_read(coord.writer.failed))
+    return StrategyResult(strategy, rows, failed, wall, len(problems))
+
+
+def _drop(client: redis.Redis, ns: str) -> None:
+    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def matched_curation_samples(cfg: RunConfig, cord: StrategyResult) -> int:
+    """N for curation so that its generated tokens match CoRD's: CoRD's tokens per
+    problem over what one whole trajectory (thinking and answer) costs, per teacher."""
+    per_trace = [r["stats"]["thinking_tokens"] + r["stats"]["answer_tokens"] for r in cord.rows]
+    per_problem = [sum(r["stats"]["tokens_by_teacher"].values()) for r in cord.rows]
+    if not per_trace or sum(per_trace) == 0:
+        return cfg.search.beam_width * cfg.search.samples_per_beam
+    trace = sum(per_trace) / len(per_trace)
+    tokens = sum(per_problem) / len(per_problem)
+    return max(1, round(tokens / (len(cfg.teachers) * trace)))
+
+
+def evaluate(
+    cfg: RunConfig, problems: list[Problem], strategies: list[str], out_dir: Path
+) -> dict[str, Any]:
+    """Run each strategy in turn. Unless the config fixes `search.curation_samples`,
+    curation runs after CoRD with N matched to CoRD's generated tokens."""
+    tag = uuid.uuid4().hex[:8]
+    order = sorted(strategies, key=lambda s: (s != "cord", s == "curation"))
+    results: dict[str, StrategyResult] = {}
+    report: dict[str, Any] = {}
+    for strategy in order:
+        run_cfg = cfg
+        if strategy == "curation" and cfg.search.curation_samples is None and "cord" in results:
+            n = matched_curation_samples(cfg, results["cord"])
+            report["curation_samples"] = n
+            run_cfg = cfg.model_copy(
+                update={"search": cfg.search.model_copy(update={"curation_samples": n})}
+            )
+        results[strategy] = run_strategy(run_cfg, strategy, problems, out_dir, tag)
+    report["strategies"] = {s: results[s].metrics() for s in strategies}
+    pooled_right: list[float] = []
+    pooled_wrong: list[float] = []
+    for r in results.values():
+        for row in r.rows:
+            right = answer_matches(row["final_answer"], row["reference_answer"])
+            (pooled_right if right else pooled_wrong).append(row["score"])
+    report["auroc_all"] = _round(auroc(pooled_right, pooled_wrong))
+    report["problems"] = len(problems)
+    report["out"] = str(out_dir)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (
+        f"{'strategy':<16} {'accuracy':>8} {'mean S':>8} {'tokens':>8} {'wall s':>8} "
+        f"{'failed':>6} {'AUROC':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for name, m in report["strategies"].items():
+        lines.append(
+            f"{name:<16} {m['accuracy']:>8.3f} {_fmt(m['mean_score'])} {_fmt(m['tokens'], '.0f')} "
+            f"{m['wall_s']:>8.1f} {m['failed']:>6} {_fmt(m['auroc'], '.3f', 6)}"
+        )
+    lines.append(
+        f"S separates right from wrong final traces (all strategies): AUROC {report['auroc_all']}"
+    )
+    if "curation_samples" in report:
+        lines.append(
+            f"curation: {report['curation_samples']} trajectories per teacher "
+            "(matched to CoRD's generated tokens)"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None, spec: str = ".4f", width: int = 8) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}{spec}}"
