@@ -29,6 +29,14 @@ def make_celery(cfg: RunConfig) -> Celery:
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
+        # A send during a Redis restart waits for it (about a minute) instead of failing
+        # after kombu's default three quick tries.
+        task_publish_retry_policy={
+            "max_retries": 30,
+            "interval_start": 0.2,
+            "interval_step": 0.5,
+            "interval_max": 2.0,
+        },
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_send_task_events=True,
         task_send_sent_event=True,

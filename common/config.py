@@ -125,8 +125,27 @@ class ReliabilitySpec(_Strict):
         default=7200, ge=60, description="broker redelivery of unacked tasks"
     )
     heartbeat_s: float = Field(default=5.0, gt=0)
+    worker_lost_s: float = Field(
+        default=15.0,
+        gt=0,
+        description="a worker silent this long is gone: its running task is sent elsewhere",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lost(self) -> ReliabilitySpec:
+        if self.worker_lost_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"reliability.worker_lost_s ({self.worker_lost_s:g}) must be at least twice "
+                f"reliability.heartbeat_s ({self.heartbeat_s:g}), or live workers look lost"
+            )
+        return self
     lease_s: float = Field(
         default=30.0, gt=0, description="a dead coordinator's problems are taken over after this"
+    )
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="after SIGTERM a worker finishes its task within this, else hands it back",
     )
 
 

@@ -58,6 +58,17 @@ class Keys:
         """HASH worker name -> heartbeat JSON."""
         return f"{self.ns}:workers"
 
+    @property
+    def running(self) -> str:
+        """HASH task id -> worker name, while a worker runs the task (set before the
+        engine starts, removed after the result is on the reply stream)."""
+        return f"{self.ns}:running"
+
+    def alive(self, worker: str) -> str:
+        """STRING with a TTL of ``reliability.worker_lost_s``, renewed by the worker's
+        heartbeat: gone means the worker is gone (no clocks compared across hosts)."""
+        return f"{self.ns}:alive:{worker}"
+
     def replies(self, coordinator_id: str) -> str:
         """STREAM the workers append results to for one coordinator."""
         return f"{self.ns}:replies:{coordinator_id}"

@@ -105,3 +105,6 @@ class TaskResult(_Msg):
     # A whole-task failure (bad message, engine not loaded); item errors live on items.
     error: str | None = None
     retryable: bool = False
+    # The worker is shutting down (a spot notice) and gave the task back unfinished:
+    # send it elsewhere now, without counting an attempt.
+    handed_back: bool = False

@@ -3,10 +3,17 @@ the reply stream, commit state, write rows.
 
 Each item of work has a stable key. `pending` maps every key still owed a result to
 its problem, attempt and send time; a result for a key not in `pending` is late or a
-duplicate and is ignored. A key with no result after ``reliability.task_timeout_s`` is
-sent again under the same key (the broker's visibility timeout alone would take hours);
-after ``max_attempts`` the problem fails with the reason. Committed search states go
+duplicate and is ignored. A task whose worker died, that ran too long, or that vanished
+from the broker is sent again under the same keys (`_check_deadlines`; the broker's
+visibility timeout alone would take hours); after ``max_attempts`` the problem fails
+with the reason. Committed search states go
 to Redis after every step, so another coordinator can resume them.
+
+Redis may go away at any moment (a restart, a failover): every step of the loop is
+safe to repeat, so a lost connection only pauses the loop until Redis answers again.
+Results already applied in memory are committed, and rows already on disk are marked
+done, by the next successful pass (`_dirty`, `_closing`); a row is written only while
+this coordinator still holds the problem's lease, and never twice.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from kombu.exceptions import OperationalError
 
 from cord.common.celery_app import make_celery
 from cord.common.config import RunConfig
@@ -44,6 +52,15 @@ class Pending:
 
 
 @dataclass
+class Closing:
+    """A problem whose search ended: its row waits to be written and marked done."""
+
+    row: dict[str, Any]
+    failed: bool
+    written: bool = False
+
+
+@dataclass
 class Counters:
     tasks_sent: int = 0
     items_sent: int = 0
@@ -53,6 +70,8 @@ class Counters:
     done: int = 0
     failed: int = 0
     resumed: int = 0
+    lost_leases: int = 0
+    redis_outages: int = 0
     by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
 
@@ -77,6 +96,7 @@ class Coordinator:
         # Queues always follow cfg.namespace (the workers'); the problem state may live
         # apart, e.g. one namespace per strategy in `cord-coord eval`.
         self.keys = Keys(state_namespace or cfg.namespace)
+        self.wkeys = Keys(cfg.namespace)  # what the workers write: running tasks, liveness
         self.redis = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
         self.store = Store(self.redis, self.keys)
         self.app = make_celery(cfg)
@@ -87,6 +107,8 @@ class Coordinator:
         self.keys_of: dict[str, set[str]] = defaultdict(set)
         self.outbox: dict[tuple[TaskKind, str], list[str]] = defaultdict(list)
         self.tasks: dict[str, list[str]] = {}
+        self._dirty: dict[str, dict[str, Any]] = {}  # snapshots not yet committed
+        self._closing: dict[str, Closing] = {}
         self.counters = Counters()
         self.lease_s = cfg.reliability.lease_s
         self.log = get_logger("cord.coordinator", coordinator=self.id)
@@ -94,6 +116,8 @@ class Coordinator:
         self._next_takeover = 0.0
         self._next_renew = 0.0
         self._next_deadline_check = 0.0
+        self._vanished: set[str] = set()  # task ids found neither queued nor running
+        self._started: dict[str, float] = {}  # task id -> when first seen running
         self._stop = False
 
     # -- main loop --------------------------------------------------------------------
@@ -109,20 +133,32 @@ class Coordinator:
         )
         try:
             while not self._stop:
-                now = time.monotonic()
-                self._admit(now)
-                self._flush(now)
-                self._read(block_ms=50 if self.searches else 250)
-                self._check_deadlines(time.monotonic())
-                self._renew(time.monotonic())
-                if not self.searches and not self.follow and self._drained():
-                    break
+                try:
+                    if self._step():
+                        break
+                except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
+                    self.counters.redis_outages += 1
+                    self.log.warning("redis_lost", error=str(e))
+                    self._wait_for_redis()
         finally:
             self._shutdown()
         summary = {**self.counters.__dict__, "wall_s": round(time.monotonic() - start, 3)}
         summary["by_kind"] = dict(self.counters.by_kind)
         self.log.info("coordinator_finished", **summary)
         return summary
+
+    def _step(self) -> bool:
+        """One pass of the loop; True when all work is done. Safe to repeat after a
+        Redis error at any point."""
+        self._persist()
+        now = time.monotonic()
+        self._admit(now)
+        self._flush(now)
+        self._read(block_ms=50 if self.searches else 250)
+        self._persist()
+        self._check_deadlines(time.monotonic())
+        self._renew(time.monotonic())
+        return not self.searches and not self._closing and not self.follow and self._drained()
 
     def _wait_for_redis(self) -> None:
         delay = 0.5
@@ -145,10 +181,15 @@ class Coordinator:
         return counts["queued"] == 0 and counts["in_flight"] == 0
 
     def _shutdown(self) -> None:
-        if self.searches:  # a clean stop hands unfinished problems back at once
-            self.store.release(self.id, self.searches)
-            self.log.info("released_problems", count=len(self.searches))
-        self.redis.delete(self.reply)
+        try:
+            self._persist()
+            if self.searches:  # a clean stop hands unfinished problems back at once
+                self.store.release(self.id, self.searches)
+                self.log.info("released_problems", count=len(self.searches))
+            self.redis.delete(self.reply)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Nothing is lost: the leases run out and another coordinator resumes.
+            self.log.warning("shutdown_without_redis", error=str(e))
 
     # -- admission --------------------------------------------------------------------
     def _admit(self, now: float) -> None:
@@ -161,6 +202,11 @@ class Coordinator:
             self._next_takeover = now + self.lease_s / 3
             self.counters.resumed += len(ids)
         ids += self.store.claim(self.id, room - len(ids), self.lease_s)
+        if not ids:
+            return
+        # Our own expired leases come back too (renewal failed while Redis was away):
+        # the ones we still hold are simply ours again.
+        ids = [i for i in dict.fromkeys(ids) if i not in self.searches and i not in self._closing]
         if not ids:
             return
         for pid, problem, state in zip(
@@ -235,14 +281,23 @@ class Coordinator:
         if not reply:
             return
         entries = reply[0][1]
-        commits: dict[str, dict[str, Any]] = {}
         for _entry_id, fields in entries:
-            self._on_result(TaskResult.model_validate_json(fields[b"data"]), commits)
-        self.store.commit({pid: s for pid, s in commits.items() if pid in self.searches})
-        for pid in [p for p in commits if p in self.searches and self.searches[p].finished]:
-            self._finish(pid)
+            self._on_result(TaskResult.model_validate_json(fields[b"data"]), self._dirty)
+        # Applied in memory: never read these again, whatever fails next.
         self._last_id = entries[-1][0].decode()
+        for pid in [p for p in self._dirty if p in self.searches and self.searches[p].finished]:
+            self._finish(pid)
+        self._persist()
         self.redis.xdel(self.reply, *[e[0] for e in entries])
+
+    def _persist(self) -> None:
+        """Commit the snapshots taken since the last commit, then write and close the
+        finished problems. Idempotent: after a Redis error the next pass completes it."""
+        if self._dirty:
+            self.store.commit({p: s for p, s in self._dirty.items() if p in self.searches})
+            self._dirty.clear()
+        for pid in list(self._closing):
+            self._close(pid, self._closing[pid])
 
     def _on_result(self, result: TaskResult, commits: dict[str, dict[str, Any]]) -> None:
         self.counters.results += 1
@@ -251,7 +306,10 @@ class Coordinator:
             for key in keys:
                 p = self.pending.get(key)
                 if p is not None and p.task_id == result.task_id:
-                    self._retry_or_fail(key, result.error, result.retryable)
+                    if result.handed_back:
+                        self._resend(key, result.error)
+                    else:
+                        self._retry_or_fail(key, result.error, result.retryable)
             return
         items: list[Generation] | list[Score] = result.generations or result.scores
         for item in items:
@@ -279,43 +337,97 @@ class Coordinator:
                 search.committed = False
                 commits[p.pid] = search.snapshot()
 
+    def _resend(self, key: str, error: str) -> None:
+        p = self.pending[key]
+        p.sent_at = None
+        self.outbox[(p.work.kind, p.work.model)].append(key)
+        self.counters.redispatched += 1
+        self.log.warning("redispatch", problem_id=p.pid, key=key, attempt=p.attempt, error=error)
+
     def _retry_or_fail(self, key: str, error: str, retryable: bool) -> None:
         p = self.pending[key]
         if retryable and p.attempt < self.cfg.reliability.max_attempts:
             p.attempt += 1
-            p.sent_at = None
-            self.outbox[(p.work.kind, p.work.model)].append(key)
-            self.counters.redispatched += 1
-            self.log.warning(
-                "redispatch", problem_id=p.pid, key=key, attempt=p.attempt, error=error
-            )
+            self._resend(key, error)
             return
         self._fail(
             p.pid, f"{p.work.kind} on {p.work.model} failed after {p.attempt} attempt(s): {error}"
         )
 
     def _check_deadlines(self, now: float) -> None:
+        """Find sent tasks that will never answer, once a second:
+
+        - running on a worker whose liveness key expired (killed, preempted): lost;
+        - running on a live worker for longer than ``task_timeout_s``: hung;
+        - running nowhere while its queue is empty, on two checks in a row (the first
+          could race the result being read): the message was lost.
+
+        A task still waiting in a non-empty queue is left alone however long it waits:
+        sending it again would only lengthen the queue. Each of these costs an attempt.
+        """
         if now < self._next_deadline_check:
             return
         self._next_deadline_check = now + 1.0
+        by_task: dict[str, list[str]] = defaultdict(list)
+        for key, p in self.pending.items():
+            if p.sent_at is not None and now - p.sent_at >= 1.0:
+                by_task[p.task_id].append(key)
+        if not by_task:
+            self._vanished.clear()
+            return
+        tids = list(by_task)
+        workers = [w.decode() if w else None for w in self.redis.hmget(self.wkeys.running, tids)]
+        pipe = self.redis.pipeline(transaction=False)
+        for w in workers:
+            if w:
+                pipe.exists(self.wkeys.alive(w))
+        alive = iter(pipe.execute())
+        lengths: dict[str, int] = {}
+        vanished: set[str] = set()
         timeout = self.cfg.reliability.task_timeout_s
-        late = [
-            k
-            for k, p in self.pending.items()
-            if p.sent_at is not None and now - p.sent_at > timeout
-        ]
-        for key in late:
-            if key in self.pending:
-                self._retry_or_fail(
-                    key,
-                    f"no result within {timeout:g}s (reliability.task_timeout_s)",
-                    retryable=True,
-                )
+        for tid, worker in zip(tids, workers, strict=True):
+            first = self.pending[by_task[tid][0]]
+            reason = None
+            if worker:
+                started = self._started.setdefault(tid, now)
+                if not next(alive):
+                    reason = f"worker {worker} was lost while running the task"
+                elif now - started > timeout:
+                    reason = f"ran over {timeout:g}s on {worker} (reliability.task_timeout_s)"
+            else:
+                queue = queue_name(self.cfg.namespace, first.work.kind, first.work.model)
+                if queue not in lengths:
+                    lengths[queue] = int(self.redis.llen(queue))
+                if lengths[queue] == 0:
+                    if tid in self._vanished:
+                        reason = "the task vanished: not queued and not running anywhere"
+                    else:
+                        vanished.add(tid)
+            if reason:
+                self._started.pop(tid, None)
+                for key in by_task[tid]:
+                    if key in self.pending:
+                        self._retry_or_fail(key, reason, retryable=True)
+        self._vanished = vanished
+        for tid in [t for t in self._started if t not in by_task]:
+            del self._started[tid]
 
     def _renew(self, now: float) -> None:
-        if now >= self._next_renew and self.searches:
-            self.store.renew(self.id, self.searches, self.lease_s)
-            self._next_renew = now + self.lease_s / 3
+        if now < self._next_renew or not (self.searches or self._closing):
+            return
+        lost = self.store.renew(self.id, [*self.searches, *self._closing], self.lease_s)
+        self._next_renew = now + self.lease_s / 3
+        for pid in lost:
+            self._drop_lost(pid)
+
+    def _drop_lost(self, pid: str) -> None:
+        """Another coordinator holds `pid` now (we could not renew in time): stop
+        driving it and write nothing for it."""
+        self._forget(pid)
+        self._dirty.pop(pid, None)
+        self._closing.pop(pid, None)
+        self.counters.lost_leases += 1
+        self.log.warning("lease_lost", problem_id=pid)
 
     # -- endings ----------------------------------------------------------------------
     def _drop_key(self, key: str) -> None:
@@ -330,19 +442,13 @@ class Coordinator:
 
     def _finish(self, pid: str) -> None:
         search = self._forget(pid)
-        if search is None:
-            return
-        if not self.store.is_finished(pid):
-            self.writer.write(search.row())
-            self.store.finish(pid)
-            self.counters.done += 1
-            self.log.info("problem_done", problem_id=pid)
-            if self.on_event:
-                self.on_event("done", pid)
+        if search is not None:
+            self._closing[pid] = Closing(search.row(), failed=False)
+            self._dirty.pop(pid, None)
 
     def _fail(self, pid: str, reason: str) -> None:
         search = self._forget(pid)
-        if search is None or self.store.is_finished(pid):
+        if search is None:
             return
         p = search.problem
         row = {
@@ -355,12 +461,32 @@ class Coordinator:
             "state": search.snapshot(),
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        self.writer.write(row, failed=True)
-        self.store.finish(pid, failed=True)
-        self.counters.failed += 1
-        self.log.warning("problem_failed", problem_id=pid, reason=reason)
+        self._closing[pid] = Closing(row, failed=True)
+        self._dirty.pop(pid, None)
+
+    def _close(self, pid: str, c: Closing) -> None:
+        """Write the row once (while the lease is still ours), then mark it finished.
+        Raises on a Redis error with the state kept for the next pass."""
+        if not c.written:
+            if self.store.is_finished(pid):  # someone else closed it
+                self._closing.pop(pid)
+                return
+            if self.store.renew(self.id, [pid], self.lease_s):  # fencing: still ours?
+                self._drop_lost(pid)
+                return
+            self.writer.write(c.row, failed=c.failed)
+            c.written = True
+        self.store.finish(pid, failed=c.failed)
+        self._closing.pop(pid)
+        kind = "failed" if c.failed else "done"
+        if c.failed:
+            self.counters.failed += 1
+            self.log.warning("problem_failed", problem_id=pid, reason=c.row.get("reason"))
+        else:
+            self.counters.done += 1
+            self.log.info("problem_done", problem_id=pid)
         if self.on_event:
-            self.on_event("failed", pid)
+            self.on_event(kind, pid)
 
     def _reconcile(self) -> None:
         """Rows on disk whose problem Redis still holds open (a crash between the

@@ -39,20 +39,37 @@ end
 return out
 """
 
-# KEYS: inflight; ARGV: owner, now, lease_until, n -> ids whose lease expired, now ours
+# KEYS: inflight; ARGV: owner, now, lease_until, n -> ids whose lease expired, now ours.
+# Our own expired leases count too: a claim whose reply was lost to a dropped connection
+# would otherwise stay ours and unheld for ever.
 _TAKEOVER = """
 local out = {}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   if #out >= tonumber(ARGV[4]) then break end
   local lease = cjson.decode(all[i + 1])
-  if lease['owner'] ~= ARGV[1] and tonumber(lease['until']) < tonumber(ARGV[2]) then
+  if tonumber(lease['until']) < tonumber(ARGV[2]) then
     local renewed = cjson.encode({owner = ARGV[1], ['until'] = tonumber(ARGV[3])})
     redis.call('HSET', KEYS[1], all[i], renewed)
     table.insert(out, all[i])
   end
 end
 return out
+"""
+
+# KEYS: inflight; ARGV: owner, lease_until, id... -> the ids no longer ours (renewed: the rest)
+_RENEW = """
+local lost = {}
+local lease = cjson.encode({owner = ARGV[1], ['until'] = tonumber(ARGV[2])})
+for i = 3, #ARGV do
+  local raw = redis.call('HGET', KEYS[1], ARGV[i])
+  if raw and cjson.decode(raw)['owner'] == ARGV[1] then
+    redis.call('HSET', KEYS[1], ARGV[i], lease)
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
 """
 
 # KEYS: inflight, state, done|failed; ARGV: id -> 1 when newly finished
@@ -71,6 +88,7 @@ class Store:
         self._claim = client.register_script(_CLAIM)
         self._takeover = client.register_script(_TAKEOVER)
         self._finish = client.register_script(_FINISH)
+        self._renew = client.register_script(_RENEW)
 
     def enqueue(self, problems: Iterable[Problem], chunk: int = 500) -> int:
         k = self.keys
@@ -101,11 +119,14 @@ class Store:
         ids = self._takeover(keys=[self.keys.inflight], args=[owner, now, now + lease_s, n])
         return [i.decode() for i in ids]
 
-    def renew(self, owner: str, ids: Iterable[str], lease_s: float) -> None:
-        lease = json.dumps({"owner": owner, "until": time.time() + lease_s})
-        mapping: dict[str | bytes, bytes | float | int | str] = dict.fromkeys(ids, lease)
-        if mapping:
-            self.r.hset(self.keys.inflight, mapping=mapping)
+    def renew(self, owner: str, ids: Iterable[str], lease_s: float) -> list[str]:
+        """Extend our leases; returns the ids that are no longer ours (another
+        coordinator took them over while we could not renew, or they were finished)."""
+        ids = list(ids)
+        if not ids:
+            return []
+        lost = self._renew(keys=[self.keys.inflight], args=[owner, time.time() + lease_s, *ids])
+        return [i.decode() for i in lost]
 
     def problems(self, ids: list[str]) -> list[Problem | None]:
         if not ids:

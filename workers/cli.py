@@ -11,16 +11,24 @@ one engine per process, and Celery's main loop keeps sending heartbeats while a 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
 
 import click
 import redis
+from celery import signals
 
 from cord.common.celery_app import make_celery
 from cord.common.config import ConfigError, load_config, redact_url
 from cord.common.keys import Keys, queue_name
 from cord.common.log import configure, get_logger
+
+if TYPE_CHECKING:
+    from cord.workers.tasks import WorkerRuntime
 
 
 @click.command(context_settings={"auto_envvar_prefix": "CORD_WORKER"})
@@ -80,10 +88,14 @@ def main(
 
     engine = load_engine(spec)
     client = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
-    runtime = WorkerRuntime(engine, node, client, Keys(cfg.namespace), queues)
+    runtime = WorkerRuntime(
+        engine, node, client, Keys(cfg.namespace), queues, cfg.reliability.worker_lost_s
+    )
     app = make_celery(cfg)
     register_tasks(app, runtime)
     runtime.start_heartbeat(cfg.reliability.heartbeat_s)
+    grace = Grace(runtime, cfg.reliability.shutdown_grace_s, log)
+    signals.worker_shutting_down.connect(grace.on_shutting_down, weak=False)
     log.info("worker_ready", queues=queues)
     try:
         app.worker_main(
@@ -104,10 +116,50 @@ def main(
                 "-E",
             ]
         )
+    except SystemExit as e:
+        if e.code not in (0, None) and not grace.requested:
+            raise
     finally:
         runtime.deregister()
-        log.info("worker_stopped", tasks_done=runtime.tasks_done)
+        log.info("worker_stopped", tasks_done=runtime.tasks_done, handed_back=grace.forced)
+    if grace.forced:
+        # The engine thread may still be inside a forward pass that nothing can
+        # interrupt; the interpreter would wait for it at exit.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     sys.exit(0)
+
+
+class Grace:
+    """SIGTERM is a spot notice: Celery's warm shutdown stops taking tasks and lets the
+    running one finish. If it has not finished after ``shutdown_grace_s``, the task is
+    handed back (the coordinator re-sends it at once) and a cold shutdown follows, which
+    returns the unacked message to the queue. The worker exits 0 either way."""
+
+    def __init__(self, runtime: WorkerRuntime, grace_s: float, log: Any) -> None:
+        self.runtime = runtime
+        self.grace_s = grace_s
+        self.log = log
+        self.requested = False
+        self.forced = False
+
+    def on_shutting_down(self, sig: str = "", how: str = "", **_: Any) -> None:
+        if self.requested:
+            return
+        self.requested = True
+        self.log.info("shutdown_requested", signal=sig, how=how, grace_s=self.grace_s)
+        if how == "Warm" and self.runtime.busy:
+            threading.Thread(target=self._watch, name="cord-grace", daemon=True).start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.grace_s
+        while self.runtime.busy and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.runtime.busy:
+            self.forced = True
+            self.runtime.hand_back(f"worker shutting down ({self.grace_s:g}s grace over)")
+            os.kill(os.getpid(), signal.SIGQUIT)  # cold shutdown: requeue and exit
 
 
 if __name__ == "__main__":

@@ -38,15 +38,20 @@ class WorkerRuntime:
         redis_client: redis.Redis,
         keys: Keys,
         queues: list[str],
+        lost_after_s: float = 15.0,
     ) -> None:
         self.engine = engine
         self.worker_name = worker_name
         self.redis = redis_client
         self.keys = keys
         self.queues = queues
+        self.lost_after_s = lost_after_s
         self.log = get_logger("cord.worker", worker=worker_name, model=engine.name)
         self.tasks_done = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._current: TaskRequest | None = None  # the task the engine is running
+        self._handed_back: set[str] = set()
 
     # -- tasks ----------------------------------------------------------------------
     def handle(self, kind: TaskKind, payload: Any) -> None:
@@ -63,6 +68,9 @@ class WorkerRuntime:
         result = TaskResult(
             task_id=req.task_id, kind=kind, model=req.model, worker=self.worker_name
         )
+        with self._lock:
+            self._current = req
+        self._mark_running(req.task_id)
         try:
             if req.model != self.engine.name or req.kind != kind:
                 raise EngineError(
@@ -88,10 +96,55 @@ class WorkerRuntime:
                 )
                 raise
             result.error, result.retryable = f"out of memory: {e}", True
+        finally:
+            with self._lock:
+                self._current = None
+                handed_back = req.task_id in self._handed_back
+        if handed_back:  # the coordinator has sent it elsewhere; this copy is late
+            log.info("task_done_after_hand_back")
+            return
         result.elapsed_s = time.perf_counter() - start
         self._reply(req.reply_to, result)
+        self._unmark_running(req.task_id)
         self.tasks_done += 1
         log.info("task_done", elapsed_s=round(result.elapsed_s, 3), error=result.error)
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def hand_back(self, reason: str) -> str | None:
+        """Tell the coordinator the running task will not finish here (the worker is
+        going away), so it is sent elsewhere at once. Returns the task id, if any."""
+        with self._lock:
+            req = self._current
+            if req is None:
+                return None
+            self._handed_back.add(req.task_id)
+        self._reply(
+            req.reply_to,
+            TaskResult(
+                task_id=req.task_id,
+                kind=req.kind,
+                model=req.model,
+                worker=self.worker_name,
+                error=f"handed back: {reason}",
+                retryable=True,
+                handed_back=True,
+            ),
+        )
+        self._unmark_running(req.task_id)
+        self.log.warning("task_handed_back", task_id=req.task_id, reason=reason)
+        return req.task_id
+
+    def _mark_running(self, task_id: str) -> None:
+        # Best effort: without it the coordinator falls back to its deadline.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.redis.hset(self.keys.running, task_id, self.worker_name)
+
+    def _unmark_running(self, task_id: str) -> None:
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self.redis.hdel(self.keys.running, task_id)
 
     def _reply(self, stream: str, result: TaskResult) -> None:
         delay = 0.2
@@ -119,7 +172,10 @@ class WorkerRuntime:
             "tasks_done": self.tasks_done,
             "engine": self.engine.stats(),
         }
-        self.redis.hset(self.keys.workers, self.worker_name, json.dumps(record))
+        pipe = self.redis.pipeline()
+        pipe.hset(self.keys.workers, self.worker_name, json.dumps(record))
+        pipe.set(self.keys.alive(self.worker_name), 1, px=int(self.lost_after_s * 1000))
+        pipe.execute()
 
     def start_heartbeat(self, every_s: float) -> threading.Thread:
         def loop() -> None:
@@ -138,6 +194,7 @@ class WorkerRuntime:
         self._stop.set()
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             self.redis.hdel(self.keys.workers, self.worker_name)
+            self.redis.delete(self.keys.alive(self.worker_name))
 
 
 def register_tasks(app: Celery, runtime: WorkerRuntime) -> None:

@@ -1,20 +1,25 @@
 """The coordinator against a live fleet: committed state in Redis after every step, and
 a coordinator killed mid-run whose problems another one resumes without a duplicate."""
 
+import base64
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import yaml
 
 from cord.common.config import load_config
+from cord.common.keys import Keys, queue_name
 from cord.common.lab.arith import make_problems
+from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
 from cord.coordinator.intake import enqueue_file
+from cord.coordinator.store import Store
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -79,3 +84,56 @@ def test_killed_coordinator_is_resumed_from_committed_state(fleet, tmp_path, red
     ids = [r["id"] for r in rows]
     assert sorted(ids) == sorted(p.id for p in problems)  # each exactly once
     assert redis_client.hlen(f"{ns}:inflight") == 0 and redis_client.hlen(f"{ns}:state") == 0
+
+
+def take_message(client, queue: str) -> tuple[str, dict] | None:
+    """Pop one Celery message as a worker would: (task id, the TaskRequest JSON)."""
+    raw = client.lpop(queue)
+    if raw is None:
+        return None
+    message = json.loads(raw)
+    args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    return message["headers"]["id"], args[0]
+
+
+def test_lost_tasks_are_found_and_a_poison_task_is_not_retried_for_ever(
+    make_config, tmp_path, redis_client
+):
+    """No worker answers here; the test plays the broker's two ways of losing a task.
+    Attempt 1 vanishes (taken from the queue, never run: a lost message); attempt 2 is
+    taken by a worker that dies (its running mark stays, its liveness key never comes).
+    With max_attempts 2 the problem then fails with the reason, instead of looping."""
+    _, cfg = make_config()
+    cfg = cfg.model_copy(
+        update={
+            "teachers": cfg.teachers[:1],
+            "reliability": cfg.reliability.model_copy(update={"max_attempts": 2}),
+        }
+    )
+    keys = Keys(cfg.namespace)
+    Store(redis_client, keys).enqueue(
+        [Problem(**p.to_json()) for p in make_problems(1, seed=31337)]
+    )
+    coordinator = Coordinator(cfg, str(tmp_path / "out"))
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    queue = queue_name(cfg.namespace, "expand", "alpha")
+    attempts: list[int] = []
+    deadline = time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        taken = take_message(redis_client, queue)
+        if taken is None:
+            time.sleep(0.05)
+            continue
+        task_id, request = taken
+        attempts.append(request["attempt"])
+        if request["attempt"] == 2:
+            redis_client.hset(keys.running, task_id, "ghost@test")
+    thread.join(5)
+    assert not thread.is_alive()
+    assert attempts == [1, 2]
+    (row,) = [json.loads(x) for x in (tmp_path / "out" / "failed.jsonl").read_text().splitlines()]
+    assert "failed after 2 attempt(s)" in row["reason"]
+    assert "worker ghost@test was lost while running the task" in row["reason"]
+    assert coordinator.counters.redispatched == 1
+    assert not (tmp_path / "out" / "traces.jsonl").exists()

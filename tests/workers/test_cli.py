@@ -1,0 +1,183 @@
+"""`cord-worker` as a process: SIGTERM (a spot notice) stops it cleanly, a task that
+cannot finish within the grace period is handed back, and a pickled message is refused
+without being unpickled."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cord.common.celery_app import make_celery
+from cord.common.config import load_config
+from cord.common.keys import TASK_NAMES, Keys, queue_name
+from cord.common.lab import tinymodels
+from cord.common.messages import TaskRequest, TaskResult
+from tests.conftest import MODELS, write_config
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+
+
+def worker_config(tmp_path: Path, redis_url: str, namespace: str, model: Path) -> Path:
+    return write_config(
+        tmp_path / "worker.yaml",
+        {
+            "redis_url": redis_url,
+            "namespace": namespace,
+            "teachers": [{"name": "t", "model": str(model)}],
+            "meta_prover": {"name": "t"},
+            "reliability": {"heartbeat_s": 0.5, "worker_lost_s": 2.0, "shutdown_grace_s": 1.5},
+        },
+    )
+
+
+def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cord.workers.cli", "--config", str(config), "--teacher", "t"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def expand_request(stream: str, items: int, max_new_tokens: int) -> TaskRequest:
+    return TaskRequest(
+        task_id=uuid.uuid4().hex,
+        kind="expand",
+        model="t",
+        reply_to=stream,
+        expand=[
+            {
+                "key": f"k{i}",
+                "prompt": f"What is {i} + 2 + 3?",
+                "steps": [],
+                "next_step": 1,
+                "max_new_tokens": max_new_tokens,
+                "temperature": 0.0,
+                "seed": i,
+                "whole": True,
+            }
+            for i in range(items)
+        ],
+    )
+
+
+def replies(client, stream: str) -> list[TaskResult]:
+    return [TaskResult.model_validate_json(f[b"data"]) for _, f in client.xrange(stream)]
+
+
+@pytest.fixture(scope="module")
+def wandering_model(tmp_path_factory) -> Path:
+    """A random-weight character model whose greedy continuation never closes the
+    trajectory, so a task on it runs to its token limit (a long task on demand)."""
+    path = tmp_path_factory.mktemp("charlm") / "charlm"
+    tinymodels.build(tinymodels.CHAR_SPEC, path, seed=5, text=tinymodels.corpus(50))
+    return path
+
+
+def test_sigterm_hands_back_a_task_that_outlives_the_grace(
+    tmp_path, redis_url, redis_client, namespace, wandering_model
+):
+    config = worker_config(tmp_path, redis_url, namespace, wandering_model)
+    cfg = load_config(config)
+    keys = Keys(namespace)
+    proc = start_worker(config, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: redis_client.hlen(keys.workers) == 1, 120, "the worker")
+        stream = f"{namespace}:replies:test"
+        req = expand_request(stream, items=16, max_new_tokens=900)
+        queue = queue_name(namespace, "expand", "t")
+        make_celery(cfg).send_task(
+            TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue,
+            task_id=req.task_id,
+        )  # fmt: skip
+        wait_for(lambda: redis_client.hexists(keys.running, req.task_id), 60, "the task to start")
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "worker.log").read_text()
+    (result,) = replies(redis_client, stream)  # the hand-back, and no late result
+    assert result.task_id == req.task_id and result.handed_back and result.retryable
+    assert result.generations == [] and "handed back" in (result.error or "")
+    assert 1.5 <= took < 15, log[-3000:]
+    # The message is back in the queue for another worker, and the worker is gone.
+    assert redis_client.llen(queue) == 1
+    assert not redis_client.hexists(keys.running, req.task_id)
+    assert redis_client.hlen(keys.workers) == 0
+    assert not list(redis_client.scan_iter(match=keys.alive("*")))
+
+
+def test_sigterm_lets_a_short_task_finish_and_exits_0(tmp_path, redis_url, redis_client, namespace):
+    config = worker_config(tmp_path, redis_url, namespace, MODELS / "alpha")
+    cfg = load_config(config)
+    keys = Keys(namespace)
+    proc = start_worker(config, tmp_path / "worker.log")
+    try:
+        wait_for(lambda: redis_client.hlen(keys.workers) == 1, 120, "the worker")
+        stream = f"{namespace}:replies:test"
+        req = expand_request(stream, items=4, max_new_tokens=40)
+        queue = queue_name(namespace, "expand", "t")
+        make_celery(cfg).send_task(
+            TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue,
+            task_id=req.task_id,
+        )  # fmt: skip
+        wait_for(lambda: redis_client.hexists(keys.running, req.task_id), 60, "the task to start")
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    (result,) = replies(redis_client, stream)
+    assert result.error is None and not result.handed_back
+    assert [g.key for g in result.generations] == ["k0", "k1", "k2", "k3"]
+    assert redis_client.llen(queue) == 0  # acked: nobody runs it again
+
+
+class Planted:
+    """Unpickling this object would create a file: proof that a message was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+def test_a_pickled_message_is_refused_unopened(fleet, tmp_path, redis_client):
+    config, cfg = fleet
+    marker = tmp_path / "unpickled"
+    queue = queue_name(cfg.namespace, "expand", "alpha")
+    app = make_celery(cfg)
+    app.send_task(TASK_NAMES["expand"], args=[Planted(marker)], queue=queue, serializer="pickle")
+    wait_for(lambda: redis_client.llen(queue) == 0, 60, "the worker to take the message")
+    # The worker refused it and carries on: a JSON task after it is served.
+    stream = f"{cfg.namespace}:replies:{uuid.uuid4().hex[:6]}"
+    req = expand_request(stream, items=1, max_new_tokens=8)
+    req = req.model_copy(update={"model": "alpha"})
+    app.send_task(TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue)
+    wait_for(lambda: redis_client.xlen(stream) == 1, 60, "the JSON task's result")
+    redis_client.delete(stream)
+    assert not marker.exists()
+    logs = "".join(p.read_text(errors="replace") for p in config.parent.glob("alpha*.log"))
+    assert "ContentDisallowed" in logs or "Refusing to deserialize" in logs
