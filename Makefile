@@ -8,7 +8,7 @@ CONFIG ?= examples/demo.yaml
 PROBLEMS ?= examples/problems.jsonl
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint models fleet clean
+.PHONY: venv demo test test-fast lint lab-models lab-eval chaos fleet clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,11 +34,25 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common workers coordinator tests
+	$(BIN)/mypy common workers coordinator tests ops
 
-# Rebuild the bundled tiny models (seeded, no download).
-models: venv
-	$(BIN)/python -m cord.common.lab.tinymodels --out models
+# Train the lab's tiny models again (deterministic, about 23 minutes on 2 cores).
+lab-models: venv
+	$(BIN)/python -m cord.common.lab.train --out models
+
+# The lab's comparison of strategies on 300 held-out problems (docs/lab.md).
+LAB_STRATEGIES ?= cord,curation,single:alpha,single:beta,single:gamma,greedy,random
+lab-eval: venv
+	mkdir -p data
+	$(BIN)/cord-coord lab-problems --n 300 --seed 7 > data/lab-eval-300.jsonl
+	$(BIN)/cord-coord eval --config $(CONFIG) --problems data/lab-eval-300.jsonl \
+		--strategies $(LAB_STRATEGIES) --start-workers --out data/eval
+
+# The chaos suite (docs/reliability.md): 100 problems, two workers per model, SIGKILLed
+# workers, a SIGTERMed worker, two SIGKILLed coordinators and a Redis restart; every
+# problem must come out exactly once. CI runs a short one (tests/test_chaos.py).
+chaos: venv
+	$(BIN)/python ops/chaos.py
 
 # The demo fleet under honcho (see Procfile); stop with Ctrl-C.
 fleet: venv

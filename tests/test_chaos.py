@@ -1,0 +1,37 @@
+"""CI's short chaos run (`make chaos` is the long one): workers killed with SIGKILL
+every few seconds, one SIGTERMed, the coordinator killed once, Redis restarted once;
+every problem must come out exactly once, as a valid row."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path):
+    args = ["--problems", "12", "--workers-per-model", "1", "--kill-every", "15"]
+    args += ["--sigterms", "1", "--coordinator-kills", "1", "--redis-restarts", "1"]
+    args += ["--beam-width", "2", "--thinking-budget", "200", "--no-calm", "--expected-s", "60"]
+    args += ["--max-wall-s", "900", "--workdir", str(tmp_path), "--json"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "chaos.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.stdout.strip(), done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    check = report["check"]
+    assert check["missing"] == [] and check["duplicated"] == [] and check["unknown"] == []
+    assert check["invalid"] == []
+    assert check["traces"] + check["failed"] == 12
+    assert report["worker_kills"] >= 1 and report["coordinator_kills"] == 1
+    assert report["redis_restarts"] == 1 and report["sigterm_exit_codes"] == [0]
+    assert done.returncode == 0
