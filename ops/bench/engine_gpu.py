@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import torch
@@ -47,7 +48,7 @@ def build(path: Path, tokenizer_dir: Path, hidden: int, layers: int) -> int:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(cfg).bfloat16()
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return sum(p.numel() for p in model.parameters())
@@ -175,12 +176,13 @@ def main(
     params = build(path, ROOT / "models" / "meta", hidden, layers)
     card = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     print(f"model: random Qwen2-style, {params / 1e6:.0f}M parameters, bf16, on {card}")
-    results = {
+    rows: list[dict[str, Any]] = []
+    results: dict[str, Any] = {
         "device": card,
         "params": params,
         "steps": steps,
         "new_tokens": new_tokens,
-        "rows": [],
+        "rows": rows,
     }
     for batch in [int(b) for b in batches.split(",")]:
         row: dict = {"batch": batch}
@@ -216,15 +218,15 @@ def main(
             if device == "cuda":
                 torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
-        results["rows"].append(row)
+        rows.append(row)
     if out:
         out.write_text(json.dumps(results, indent=2))
-    for row in results["rows"]:
+    for row in rows:
         b = row["batch"]
         for k, v in row.items():
             if k != "batch":
                 print(f"b{b}_{k}={v}")
-    last = results["rows"][-1]
+    last = rows[-1]
     print(f"engine_vs_generate_speedup={last['engine_cache_tok_s'] / last['generate_tok_s']:.3f}")
 
 
