@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(1300)
 def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path):
     args = ["--problems", "12", "--workers-per-model", "1", "--kill-every", "15"]
     args += ["--sigterms", "1", "--coordinator-kills", "1", "--redis-restarts", "1"]
