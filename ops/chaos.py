@@ -152,6 +152,22 @@ class Chaos:
         new.start()
         self.workers[index] = new
 
+    def node(self, proc: Proc) -> str:
+        return proc.args[proc.args.index("--name") + 1]
+
+    def pick_for_sigterm(self, rng: random.Random) -> int:
+        """A worker in the middle of a task if there is one (the case that matters),
+        else one that serves; a spot notice can also hit a loading worker, but that is
+        the easy case."""
+        ns = self.cfg["namespace"]
+        running = {v.decode() for v in self.client.hvals(f"{ns}:running")}
+        serving = {k.decode() for k in self.client.hkeys(f"{ns}:workers")}
+        for pool in (running, serving):
+            found = [i for i, w in enumerate(self.workers) if self.node(w) in pool and w.alive()]
+            if found:
+                return rng.choice(found)
+        return rng.randrange(len(self.workers))
+
     def start_coordinator(self, out: Path) -> None:
         self.figures.coordinator_starts += 1
         args = [sys.executable, "-m", "cord.coordinator.cli", "run", "--config"]
@@ -242,7 +258,7 @@ class Chaos:
             while plan and now - start >= plan[0][0]:
                 _, what = plan.pop(0)
                 if what == "sigterm":
-                    index = rng.randrange(len(self.workers))
+                    index = self.pick_for_sigterm(rng)
                     proc = self.workers[index]
                     proc.signal(signal.SIGTERM)
                     terminating.append((index, proc, now))
@@ -397,6 +413,7 @@ def main(
         chaos.start_redis()
         chaos.start_workers()
         calm_s = chaos.calm(path, workdir / "calm", max_wall_s) if calm else None
+        calm_check = check(ids, workdir / "calm") if calm else None
         chaos_s = chaos.chaos(
             path,
             workdir / "chaos",
@@ -413,6 +430,7 @@ def main(
     result = check(ids, workdir / "chaos")
     figures = chaos.figures
     totals = coordinator_totals(chaos.logs / "coordinator.log")
+    coordinator_events = log_events(chaos.logs / "coordinator.log")
     worker_events: Counter[str] = Counter()
     for log in chaos.logs.glob("*.log"):
         if log.name != "coordinator.log":
@@ -424,11 +442,16 @@ def main(
         "calm_wall_s": round(calm_s, 1) if calm_s else None,
         "chaos_wall_s": round(chaos_s, 1),
         "wall_ratio": round(chaos_s / calm_s, 2) if calm_s else None,
+        "calm_accuracy": calm_check["accuracy"] if calm_check else None,
         **figures.__dict__,
-        "tasks_redispatched": totals.get("redispatched", 0),
+        # From every coordinator's log (killed ones included)...
+        "tasks_redispatched": coordinator_events.get("redispatch", 0),
+        "redis_outages_seen": coordinator_events.get("redis_lost", 0)
+        + coordinator_events.get("redis_unreachable", 0),
+        "leases_lost": coordinator_events.get("lease_lost", 0),
+        # ...and from the summaries of the coordinators that finished.
         "duplicates_ignored": totals.get("duplicates", 0),
         "problems_resumed": totals.get("resumed", 0),
-        "redis_outages_seen": totals.get("redis_outages", 0),
         "tasks_handed_back": worker_events.get("task_handed_back", 0),
         "check": result,
         "workdir": str(workdir),

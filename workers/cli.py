@@ -56,6 +56,19 @@ def main(
 ) -> None:
     """Serve one model pool from the run config's Redis queues."""
     configure(level=loglevel)
+    # A spot notice can come while the model is still loading: there is no work to
+    # finish or hand back yet, so stop at once, cleanly. Celery replaces this handler
+    # with its warm shutdown when it starts.
+    loading: dict[str, Any] = {"runtime": None}
+
+    def stop_while_loading(signum: int, frame: Any) -> None:
+        if loading["runtime"] is not None:
+            loading["runtime"].deregister()
+        sys.stderr.write("cord-worker: SIGTERM before serving; exiting\n")
+        sys.stderr.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop_while_loading)
     try:
         cfg = load_config(config_path)
         spec = cfg.pool(model_name)
@@ -93,6 +106,7 @@ def main(
     )
     app = make_celery(cfg)
     register_tasks(app, runtime)
+    loading["runtime"] = runtime
     runtime.start_heartbeat(cfg.reliability.heartbeat_s)
     grace = Grace(runtime, cfg.reliability.shutdown_grace_s, log)
     signals.worker_shutting_down.connect(grace.on_shutting_down, weak=False)

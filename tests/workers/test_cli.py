@@ -181,3 +181,19 @@ def test_a_pickled_message_is_refused_unopened(fleet, tmp_path, redis_client):
     assert not marker.exists()
     logs = "".join(p.read_text(errors="replace") for p in config.parent.glob("alpha*.log"))
     assert "ContentDisallowed" in logs or "Refusing to deserialize" in logs
+
+
+def test_sigterm_while_loading_exits_0(tmp_path, redis_url, redis_client, namespace):
+    """A spot notice before the model is loaded: nothing to finish, a clean exit."""
+    config = worker_config(tmp_path, redis_url, namespace, MODELS / "alpha")
+    proc = start_worker(config, tmp_path / "worker.log")
+    try:
+        time.sleep(1.0)  # importing torch, far from serving
+        assert redis_client.hlen(Keys(namespace).workers) == 0
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "SIGTERM before serving" in (tmp_path / "worker.log").read_text()
+    assert redis_client.hlen(Keys(namespace).workers) == 0
