@@ -13,6 +13,7 @@ from wrong final traces (AUROC).
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -114,15 +115,16 @@ def _drop(client: redis.Redis, ns: str) -> None:
 
 
 def matched_curation_samples(cfg: RunConfig, cord: StrategyResult) -> int:
-    """N for curation so that its generated tokens match CoRD's: CoRD's tokens per
-    problem over what one whole trajectory (thinking and answer) costs, per teacher."""
+    """N for curation: the smallest N whose generated tokens reach CoRD's (CoRD's tokens
+    per problem over what one whole trajectory, thinking and answer, costs per teacher),
+    so CoRD is compared with a curation that had at least its budget."""
     per_trace = [r["stats"]["thinking_tokens"] + r["stats"]["answer_tokens"] for r in cord.rows]
     per_problem = [sum(r["stats"]["tokens_by_teacher"].values()) for r in cord.rows]
     if not per_trace or sum(per_trace) == 0:
         return cfg.search.beam_width * cfg.search.samples_per_beam
     trace = sum(per_trace) / len(per_trace)
     tokens = sum(per_problem) / len(per_problem)
-    return max(1, round(tokens / (len(cfg.teachers) * trace)))
+    return max(1, math.ceil(tokens / (len(cfg.teachers) * trace) - 1e-9))
 
 
 def evaluate(

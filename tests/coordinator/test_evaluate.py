@@ -95,3 +95,8 @@ def test_curation_samples_match_cord_tokens():
     cord = StrategyResult("cord", rows, 0, 1.0, 3)
     # 600 tokens per problem over 3 teachers x 100 tokens per whole trajectory
     assert matched_curation_samples(cfg, cord) == 2
+    # 610 would not fit in 2 per teacher: curation gets 3, never less than CoRD's budget
+    more = [
+        {"stats": {**r["stats"], "tokens_by_teacher": {"a": 210, "b": 200, "c": 200}}} for r in rows
+    ]
+    assert matched_curation_samples(cfg, StrategyResult("cord", more, 0, 1.0, 3)) == 3
