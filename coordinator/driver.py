@@ -198,15 +198,14 @@ class Coordinator:
             return
         ids: list[str] = []
         if now >= self._next_takeover:
-            ids = self.store.take_over(self.id, room, self.lease_s)
+            # Our own expired leases come back too (renewal late after a stall or a Redis
+            # outage): the ones we still hold are simply ours again, not resumed.
+            taken = self.store.take_over(self.id, room, self.lease_s)
+            ids = [i for i in taken if i not in self.searches and i not in self._closing]
             self._next_takeover = now + self.lease_s / 3
             self.counters.resumed += len(ids)
         ids += self.store.claim(self.id, room - len(ids), self.lease_s)
-        if not ids:
-            return
-        # Our own expired leases come back too (renewal failed while Redis was away):
-        # the ones we still hold are simply ours again.
-        ids = [i for i in dict.fromkeys(ids) if i not in self.searches and i not in self._closing]
+        ids = list(dict.fromkeys(ids))
         if not ids:
             return
         for pid, problem, state in zip(
