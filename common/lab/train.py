@@ -1,6 +1,6 @@
 """Train the lab's tiny models on the CPU, deterministically, and write their cards.
 
-    python -m cord.common.lab.train --out models          # all four, about 25 minutes
+    python -m cord.common.lab.train --out models          # all four, about 27 minutes
     python -m cord.common.lab.train --out /tmp/m --only alpha --scale 0.2
 
 Teachers learn the step format of `arith` from traces in which the additions they are
@@ -66,7 +66,7 @@ RECIPES = {
         "meta",
         None,
         0.0,
-        steps=2500,
+        steps=4000,
         batch=16,
         lr=3e-3,
         seed=14,
@@ -75,7 +75,7 @@ RECIPES = {
         full_cut=0.25,
     ),
 }
-# Two lanes of one thread each (about 19 and 23 minutes on this 2-core machine).
+# Two lanes of one thread each (about 28 and 23 minutes on this 2-core machine).
 LANES = (("meta", "gamma"), ("alpha", "beta"))
 
 
