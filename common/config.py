@@ -139,6 +139,7 @@ class ReliabilitySpec(_Strict):
                 f"reliability.heartbeat_s ({self.heartbeat_s:g}), or live workers look lost"
             )
         return self
+
     lease_s: float = Field(
         default=30.0, gt=0, description="a dead coordinator's problems are taken over after this"
     )
