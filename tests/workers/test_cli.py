@@ -79,6 +79,20 @@ def expand_request(stream: str, items: int, max_new_tokens: int) -> TaskRequest:
     )
 
 
+def run_until_started(cfg, client, items: int, max_new_tokens: int):
+    """Wait for the worker, send it one expand task, return once it runs the task."""
+    keys = Keys(cfg.namespace)
+    wait_for(lambda: client.hlen(keys.workers) == 1, 120, "the worker")
+    stream = f"{cfg.namespace}:replies:test"
+    req = expand_request(stream, items=items, max_new_tokens=max_new_tokens)
+    queue = queue_name(cfg.namespace, "expand", "t")
+    make_celery(cfg).send_task(
+        TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue, task_id=req.task_id
+    )
+    wait_for(lambda: client.hexists(keys.running, req.task_id), 60, "the task to start")
+    return stream, req, queue
+
+
 def replies(client, stream: str) -> list[TaskResult]:
     return [TaskResult.model_validate_json(f[b"data"]) for _, f in client.xrange(stream)]
 
@@ -100,15 +114,7 @@ def test_sigterm_hands_back_a_task_that_outlives_the_grace(
     keys = Keys(namespace)
     proc = start_worker(config, tmp_path / "worker.log")
     try:
-        wait_for(lambda: redis_client.hlen(keys.workers) == 1, 120, "the worker")
-        stream = f"{namespace}:replies:test"
-        req = expand_request(stream, items=16, max_new_tokens=900)
-        queue = queue_name(namespace, "expand", "t")
-        make_celery(cfg).send_task(
-            TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue,
-            task_id=req.task_id,
-        )  # fmt: skip
-        wait_for(lambda: redis_client.hexists(keys.running, req.task_id), 60, "the task to start")
+        stream, req, queue = run_until_started(cfg, redis_client, items=16, max_new_tokens=900)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -131,18 +137,9 @@ def test_sigterm_hands_back_a_task_that_outlives_the_grace(
 def test_sigterm_lets_a_short_task_finish_and_exits_0(tmp_path, redis_url, redis_client, namespace):
     config = worker_config(tmp_path, redis_url, namespace, MODELS / "alpha")
     cfg = load_config(config)
-    keys = Keys(namespace)
     proc = start_worker(config, tmp_path / "worker.log")
     try:
-        wait_for(lambda: redis_client.hlen(keys.workers) == 1, 120, "the worker")
-        stream = f"{namespace}:replies:test"
-        req = expand_request(stream, items=4, max_new_tokens=40)
-        queue = queue_name(namespace, "expand", "t")
-        make_celery(cfg).send_task(
-            TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue,
-            task_id=req.task_id,
-        )  # fmt: skip
-        wait_for(lambda: redis_client.hexists(keys.running, req.task_id), 60, "the task to start")
+        stream, _req, queue = run_until_started(cfg, redis_client, items=4, max_new_tokens=40)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
