@@ -154,8 +154,7 @@ class Coordinator:
         now = time.monotonic()
         self._admit(now)
         self._flush(now)
-        self._read(block_ms=50 if self.searches else 250)
-        self._persist()
+        self._read(block_ms=50 if self.searches else 250)  # persists what it applied
         self._check_deadlines(time.monotonic())
         self._renew(time.monotonic())
         return not self.searches and not self._closing and not self.follow and self._drained()
@@ -281,7 +280,7 @@ class Coordinator:
             return
         entries = reply[0][1]
         for _entry_id, fields in entries:
-            self._on_result(TaskResult.model_validate_json(fields[b"data"]), self._dirty)
+            self._on_result(TaskResult.model_validate_json(fields[b"data"]))
         # Applied in memory: never read these again, whatever fails next.
         self._last_id = entries[-1][0].decode()
         for pid in [p for p in self._dirty if p in self.searches and self.searches[p].finished]:
@@ -298,7 +297,7 @@ class Coordinator:
         for pid in list(self._closing):
             self._close(pid, self._closing[pid])
 
-    def _on_result(self, result: TaskResult, commits: dict[str, dict[str, Any]]) -> None:
+    def _on_result(self, result: TaskResult) -> None:
         self.counters.results += 1
         keys = self.tasks.pop(result.task_id, [])
         if result.error:
@@ -334,7 +333,7 @@ class Coordinator:
             self._queue(p.pid, new)
             if search.committed:
                 search.committed = False
-                commits[p.pid] = search.snapshot()
+                self._dirty[p.pid] = search.snapshot()
 
     def _resend(self, key: str, error: str) -> None:
         p = self.pending[key]

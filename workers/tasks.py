@@ -94,12 +94,14 @@ class WorkerRuntime:
                         update={"error": f"{type(e).__name__}: {e}", "retryable": True}
                     ),
                 )
+                self._unmark_running(req.task_id)  # answered: not running any more
                 raise
             result.error, result.retryable = f"out of memory: {e}", True
         finally:
             with self._lock:
                 self._current = None
                 handed_back = req.task_id in self._handed_back
+                self._handed_back.discard(req.task_id)
         if handed_back:  # the coordinator has sent it elsewhere; this copy is late
             log.info("task_done_after_hand_back")
             return
@@ -138,7 +140,8 @@ class WorkerRuntime:
         return req.task_id
 
     def _mark_running(self, task_id: str) -> None:
-        # Best effort: without it the coordinator falls back to its deadline.
+        # Best effort: without the mark the coordinator takes the task for lost once
+        # its queue is empty, and sends it again (a duplicate, ignored).
         with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
             self.redis.hset(self.keys.running, task_id, self.worker_name)
 
