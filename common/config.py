@@ -150,6 +150,14 @@ class ReliabilitySpec(_Strict):
     )
 
 
+class RoutingSpec(_Strict):
+    affinity: bool = Field(
+        default=True,
+        description="send a problem's work to the worker of each pool that served it before "
+        "(its prefix is cached there); off: every task goes to the pool's shared queue",
+    )
+
+
 class RunConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
@@ -162,6 +170,7 @@ class RunConfig(_Strict):
     )
     output: OutputSpec = OutputSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
+    routing: RoutingSpec = RoutingSpec()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:

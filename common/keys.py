@@ -21,6 +21,12 @@ def queue_name(namespace: str, kind: TaskKind, model: str) -> str:
     return f"{namespace}.{family}.{model}"
 
 
+def private_queue(namespace: str, kind: TaskKind, model: str, worker: str) -> str:
+    """A worker's own queue beside its pool's shared one (cache-affine routing): the
+    coordinator sends here the work whose prefix this worker has cached."""
+    return f"{queue_name(namespace, kind, model)}.w.{worker}"
+
+
 @dataclass(frozen=True)
 class Keys:
     ns: str

@@ -32,10 +32,11 @@ from kombu.exceptions import OperationalError
 
 from cord.common.celery_app import make_celery
 from cord.common.config import RunConfig
-from cord.common.keys import TASK_NAMES, Keys, queue_name
+from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
 from cord.common.messages import Generation, Score, TaskKind, TaskRequest, TaskResult
 from cord.coordinator.output import JsonlWriter
+from cord.coordinator.routing import Router
 from cord.coordinator.search import Failed, Search, Work, make_search
 from cord.coordinator.store import Store
 
@@ -49,6 +50,8 @@ class Pending:
     attempt: int = 1
     sent_at: float | None = None  # None while waiting in the outbox
     task_id: str = ""
+    queue: str = ""  # where it was sent: the pool's shared queue or a worker's own
+    worker: str | None = None  # the worker whose own queue it was sent to
 
 
 @dataclass
@@ -65,6 +68,7 @@ class Counters:
     tasks_sent: int = 0
     items_sent: int = 0
     redispatched: int = 0
+    rerouted: int = 0  # waiting on a worker that left: sent elsewhere, no attempt counted
     duplicates: int = 0
     results: int = 0
     done: int = 0
@@ -99,6 +103,7 @@ class Coordinator:
         self.wkeys = Keys(cfg.namespace)  # what the workers write: running tasks, liveness
         self.redis = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
         self.store = Store(self.redis, self.keys)
+        self.router = Router(cfg, self.redis, self.wkeys)
         self.app = make_celery(cfg)
         self.reply = self.keys.replies(self.id)
         self.writer = JsonlWriter(out_dir, cfg.output.traces_prefix, cfg.output.failed_prefix)
@@ -116,7 +121,7 @@ class Coordinator:
         self._next_takeover = 0.0
         self._next_renew = 0.0
         self._next_deadline_check = 0.0
-        self._vanished: set[str] = set()  # task ids found neither queued nor running
+        self._vanished: dict[str, float] = {}  # task id -> first found neither queued nor running
         self._started: dict[str, float] = {}  # task id -> when first seen running
         self._stop = False
 
@@ -125,6 +130,7 @@ class Coordinator:
         start = time.monotonic()
         self._wait_for_redis()
         self._reconcile()
+        self.router.refresh(time.monotonic())  # route the first work to live workers
         self.log.info(
             "coordinator_started",
             namespace=self.cfg.namespace,
@@ -236,14 +242,28 @@ class Coordinator:
             self.outbox[(work.kind, work.model)].append(key)
 
     def _flush(self, now: float) -> None:
+        """Send what the outbox holds, in batches of the pool's `max_batch`, each to the
+        queue the router picks for its problem (cache affinity)."""
         for (kind, model), keys in self.outbox.items():
-            keys = [k for k in keys if k in self.pending]
+            by_queue: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+            for k in dict.fromkeys(keys):
+                if k in self.pending:
+                    by_queue[self.router.route(self.pending[k].pid, kind, model)].append(k)
             batch = self.cfg.pool(model).max_batch
-            for i in range(0, len(keys), batch):
-                self._send(kind, model, keys[i : i + batch], now)
+            for (queue, worker), routed in by_queue.items():
+                for i in range(0, len(routed), batch):
+                    self._send(kind, model, routed[i : i + batch], now, queue, worker)
         self.outbox.clear()
 
-    def _send(self, kind: TaskKind, model: str, keys: list[str], now: float) -> None:
+    def _send(
+        self,
+        kind: TaskKind,
+        model: str,
+        keys: list[str],
+        now: float,
+        queue: str,
+        worker: str | None,
+    ) -> None:
         task_id = uuid.uuid4().hex
         items = [self.pending[k].work.item for k in keys]
         attempt = max(self.pending[k].attempt for k in keys)
@@ -256,13 +276,11 @@ class Coordinator:
             **{kind: items},
         )
         self.app.send_task(
-            TASK_NAMES[kind],
-            args=[req.model_dump(mode="json")],
-            queue=queue_name(self.cfg.namespace, kind, model),
-            task_id=task_id,
+            TASK_NAMES[kind], args=[req.model_dump(mode="json")], queue=queue, task_id=task_id
         )
         for k in keys:
-            self.pending[k].sent_at, self.pending[k].task_id = now, task_id
+            p = self.pending[k]
+            p.sent_at, p.task_id, p.queue, p.worker = now, task_id, queue, worker
         self.tasks[task_id] = keys
         self.counters.tasks_sent += 1
         self.counters.items_sent += len(keys)
@@ -300,6 +318,8 @@ class Coordinator:
     def _on_result(self, result: TaskResult) -> None:
         self.counters.results += 1
         keys = self.tasks.pop(result.task_id, [])
+        if result.handed_back:
+            self.router.leaving(result.worker, time.monotonic())
         if result.error:
             for key in keys:
                 p = self.pending.get(key)
@@ -322,6 +342,7 @@ class Coordinator:
             search = self.searches.get(p.pid)
             if search is None:
                 continue
+            self.router.served(p.pid, p.work.model, result.worker)
             try:
                 if isinstance(item, Score):
                     new = search.on_score(item.key, item)
@@ -355,34 +376,38 @@ class Coordinator:
     def _check_deadlines(self, now: float) -> None:
         """Find sent tasks that will never answer, once a second:
 
+        - waiting in the own queue of a worker that is gone (its liveness key lapsed, or
+          it handed a task back): re-routed to a live worker, no attempt counted;
         - running on a worker whose liveness key expired (killed, preempted): lost;
         - running on a live worker for longer than ``task_timeout_s``: hung;
-        - running nowhere while its queue is empty, on two checks in a row (the first
-          could race the result being read): the message was lost.
+        - running nowhere while its queue is empty, for ``worker_lost_s`` (a worker that
+          took it may be too starved to have marked it running yet): the message was lost.
 
-        A task still waiting in a non-empty queue is left alone however long it waits:
-        sending it again would only lengthen the queue. Each of these costs an attempt.
+        A task still waiting in a non-empty queue of a live worker (or the shared queue)
+        is left alone however long it waits: sending it again would only lengthen the
+        queue. Lost, hung and vanished tasks cost an attempt.
         """
         if now < self._next_deadline_check:
             return
         self._next_deadline_check = now + 1.0
+        self.router.refresh(now)
         by_task: dict[str, list[str]] = defaultdict(list)
         for key, p in self.pending.items():
             if p.sent_at is not None and now - p.sent_at >= 1.0:
                 by_task[p.task_id].append(key)
-        if not by_task:
-            self._vanished.clear()
-            return
         tids = list(by_task)
-        workers = [w.decode() if w else None for w in self.redis.hmget(self.wkeys.running, tids)]
+        workers = (
+            [w.decode() if w else None for w in self.redis.hmget(self.wkeys.running, tids)]
+            if tids
+            else []
+        )
         pipe = self.redis.pipeline(transaction=False)
         for w in workers:
             if w:
                 pipe.exists(self.wkeys.alive(w))
         alive = iter(pipe.execute())
         lengths: dict[str, int] = {}
-        vanished: set[str] = set()
-        timeout = self.cfg.reliability.task_timeout_s
+        vanished: dict[str, float] = {}
         for tid, worker in zip(tids, workers, strict=True):
             first = self.pending[by_task[tid][0]]
             reason = None
@@ -390,25 +415,40 @@ class Coordinator:
                 started = self._started.setdefault(tid, now)
                 if not next(alive):
                     reason = f"worker {worker} was lost while running the task"
-                elif now - started > timeout:
-                    reason = f"ran over {timeout:g}s on {worker} (reliability.task_timeout_s)"
+                elif now - started > self.cfg.reliability.task_timeout_s:
+                    reason = (
+                        f"ran over {self.cfg.reliability.task_timeout_s:g}s on {worker} "
+                        "(reliability.task_timeout_s)"
+                    )
+            elif first.worker is not None and not self.router.is_live(first.worker):
+                for key in by_task[tid]:
+                    self._reroute(key, first.worker)
+                continue
             else:
-                queue = queue_name(self.cfg.namespace, first.work.kind, first.work.model)
-                if queue not in lengths:
-                    lengths[queue] = int(self.redis.llen(queue))
-                if lengths[queue] == 0:
-                    if tid in self._vanished:
+                if first.queue not in lengths:
+                    lengths[first.queue] = int(self.redis.llen(first.queue))
+                if lengths[first.queue] == 0:
+                    seen = vanished[tid] = self._vanished.get(tid, now)
+                    if now - seen >= self.cfg.reliability.worker_lost_s:
                         reason = "the task vanished: not queued and not running anywhere"
-                    else:
-                        vanished.add(tid)
             if reason:
                 self._started.pop(tid, None)
+                vanished.pop(tid, None)
                 for key in by_task[tid]:
                     if key in self.pending:
                         self._retry_or_fail(key, reason, retryable=True)
         self._vanished = vanished
         for tid in [t for t in self._started if t not in by_task]:
             del self._started[tid]
+        self.router.drop_dead_queues()
+
+    def _reroute(self, key: str, worker: str) -> None:
+        """Re-send a task that waited for a worker that left before taking it."""
+        p = self.pending[key]
+        p.sent_at = None
+        self.outbox[(p.work.kind, p.work.model)].append(key)
+        self.counters.rerouted += 1
+        self.log.info("reroute", problem_id=p.pid, key=key, worker=worker)
 
     def _renew(self, now: float) -> None:
         if now < self._next_renew or not (self.searches or self._closing):
@@ -436,6 +476,7 @@ class Coordinator:
     def _forget(self, pid: str) -> Search | None:
         for key in self.keys_of.pop(pid, set()):
             self.pending.pop(key, None)
+        self.router.forget(pid)
         return self.searches.pop(pid, None)
 
     def _finish(self, pid: str) -> None:

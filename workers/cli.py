@@ -4,8 +4,10 @@
 
 The model is loaded once, before the worker takes any task. A teacher's worker consumes
 ``<ns>.expand.<name>`` (step expansion and final answers); the meta-prover's consumes
-``<ns>.score.<name>``; a model that is both consumes both. Threads pool, concurrency 1:
-one engine per process, and Celery's main loop keeps sending heartbeats while a task runs.
+``<ns>.score.<name>``; a model that is both consumes both. Each worker also consumes its
+own ``<shared queue>.w.<node name>``, where the coordinator sends cache-affine work.
+Threads pool, concurrency 1: one engine per process, and Celery's main loop keeps sending
+heartbeats while a task runs.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from celery import signals
 
 from cord.common.celery_app import make_celery
 from cord.common.config import ConfigError, load_config, redact_url
-from cord.common.keys import Keys, queue_name
+from cord.common.keys import Keys, private_queue, queue_name
 from cord.common.log import configure, get_logger
+from cord.common.messages import TaskKind
 
 if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
@@ -76,13 +79,17 @@ def main(
         raise click.UsageError(str(e)) from e
     if device:
         spec = spec.model_copy(update={"device": device})
-    queues = []
-    if model_name in cfg.teacher_names:
-        queues.append(queue_name(cfg.namespace, "expand", model_name))
-    if model_name == cfg.meta_prover.name:
-        queues.append(queue_name(cfg.namespace, "score", model_name))
     suffix = os.environ.get("HONCHO_PROCESS_NAME", "").replace(".", "-") or str(os.getpid())
     node = node or f"{model_name}-{suffix}@{socket.gethostname()}"
+    # The pool's shared queue, and this worker's own beside it: the coordinator sends
+    # there the work whose prefix this worker has cached (cache-affine routing).
+    kinds: list[TaskKind] = []
+    if model_name in cfg.teacher_names:
+        kinds.append("expand")
+    if model_name == cfg.meta_prover.name:
+        kinds.append("score")
+    queues = [queue_name(cfg.namespace, k, model_name) for k in kinds]
+    queues += [private_queue(cfg.namespace, k, model_name, node) for k in kinds]
     log = get_logger("cord.worker", worker=node, model=model_name)
     log.info(
         "loading_model",

@@ -107,7 +107,9 @@ def test_lost_tasks_are_found_and_a_poison_task_is_not_retried_for_ever(
     cfg = cfg.model_copy(
         update={
             "teachers": cfg.teachers[:1],
-            "reliability": cfg.reliability.model_copy(update={"max_attempts": 2}),
+            "reliability": cfg.reliability.model_copy(
+                update={"max_attempts": 2, "worker_lost_s": 2.0}
+            ),
         }
     )
     keys = Keys(cfg.namespace)
