@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 class _EngineSpec(_Strict):
     """How a pool runs its model."""
 
-    engine: Literal["hf"] = "hf"
+    engine: Literal["hf", "sglang"] = "hf"
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
@@ -40,6 +40,45 @@ class _EngineSpec(_Strict):
     )
     cpu_threads: int = Field(
         default=1, ge=1, description="torch threads per worker on CPU (oversubscribing hurts)"
+    )
+    # engine: sglang (workers/engines/sglang.py); the hf engine ignores these.
+    sglang_url: str | None = Field(
+        default=None,
+        description="attach to this running SGLang server (http://host:port) instead of "
+        "launching one; nothing is restarted then",
+    )
+    sglang_launch: list[str] = Field(
+        default=["python", "-m", "sglang.launch_server"],
+        min_length=1,
+        description="the command that starts the server (the worker adds --model-path, "
+        "--host, --port, ...); a first word `python` is the worker's own interpreter",
+    )
+    sglang_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port of the launched server; None = a free one"
+    )
+    sglang_args: list[str] = Field(
+        default=[], description="extra launch_server arguments, e.g. [--context-length, '32768']"
+    )
+    sglang_deterministic: bool = Field(
+        default=True,
+        description="launch with --enable-deterministic-inference: SGLang honours a "
+        "request's sampling_seed only then (a re-sent item samples the same text)",
+    )
+    tp_size: int = Field(default=1, ge=1, description="tensor parallel GPUs of the server")
+    mem_fraction_static: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="GPU memory for weights and KV; None = SGLang's"
+    )
+    startup_timeout_s: float = Field(
+        default=900.0, gt=0, description="wait this long for a launched server to be ready"
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="a /generate call longer than this fails, retryable"
+    )
+    health_timeout_s: float = Field(
+        default=30.0, gt=0, description="timeout of one health probe of the server"
+    )
+    health_interval_s: float = Field(
+        default=30.0, gt=0, description="a launched server is probed this often"
     )
 
 

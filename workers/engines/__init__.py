@@ -35,4 +35,10 @@ def load_engine(spec: ModelSpec) -> Engine:
         from cord.workers.engines.hf import HFEngine
 
         return HFEngine(spec)
+    if spec.engine == "sglang":
+        # Imported here: the base install never needs it, and it never imports sglang
+        # itself (it talks HTTP to a server it launches or attaches to).
+        from cord.workers.engines.sglang import SGLangEngine
+
+        return SGLangEngine(spec)
     raise ValueError(f"engine {spec.engine!r} is not available; set `engine: hf`")

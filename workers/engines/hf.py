@@ -385,3 +385,67 @@ class HFEngine:
             "cache_entries": len(self.prefix_cache),
             "cache_tokens": self.prefix_cache.tokens,
         }
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: list[int],
+        temperatures: list[float],
+        top_ps: list[float],
+        seeds: list[int],
+        stops: list[tuple[str, ...]],
+        stop_token_ids: set[int] | None = None,
+    ) -> list[tuple[list[int], FinishReason, int]]:
+        """Generate from token ids, batched like `expand`: per prompt the new ids (a stop
+        token id not included), the finish reason and the prompt tokens served by the
+        prefix cache. `stop_token_ids` end a row as the model's own eos ids do."""
+        rows = []
+        for index, ids in enumerate(prompts):
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seeds[index] % (2**63))
+            prompt = torch.tensor(ids, dtype=torch.long)
+            self._check_context(prompt.numel() + max_new_tokens[index])
+            rows.append(
+                _Row(
+                    index,
+                    prompt,
+                    max_new_tokens[index],
+                    temperatures[index],
+                    top_ps[index],
+                    gen,
+                    0,
+                    stops[index],
+                )
+            )
+        # The decoding loop reads its stop ids from self.eos_ids; widened for this call only.
+        eos_ids = self.eos_ids
+        self.eos_ids = eos_ids | (stop_token_ids or set())
+        try:
+            if rows:
+                self._generate(rows)
+        finally:
+            self.eos_ids = eos_ids
+        self.counters.requests += len(rows)
+        out = []
+        for row in rows:
+            assert row.finish is not None
+            out.append((list(row.out), row.finish, row.cached))
+        return out
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
+        """Log-probabilities of ids[start + 1:], each given the ids before it, computed as
+        `answer_logprobs` does (the cache reused for at most `start` tokens, ids[:start + 1]
+        stored); also the prompt tokens served by the prefix cache."""
+        full = torch.tensor(ids, dtype=torch.long)
+        self._check_context(full.numel())
+        logits, cache, hit = self._prefill(full, start)
+        picked = logits[start - hit : full.numel() - 1 - hit].float()
+        target = full[start + 1 :].to(picked.device)
+        logprobs = torch.log_softmax(picked, dim=-1).gather(1, target[:, None])
+        if self.prefix_cache.max_tokens > 0:
+            kv = [(k.clone(), v.clone()) for k, v in self._kv_of(cache)]
+            self.prefix_cache.store(full[: start + 1], crop_kv(kv, start + 1))
+        self.counters.scored_tokens += target.numel()
+        return logprobs[:, 0].tolist(), hit
