@@ -8,13 +8,13 @@ CONFIG ?= examples/demo.yaml
 PROBLEMS ?= examples/problems.jsonl
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint lab-models lab-eval chaos fleet clean
+.PHONY: venv demo test test-fast lint lab-models lab-eval chaos fleet ops-render clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,redis]"
+	$(BIN)/python -m pip install -q -e ".[dev,redis,monitor]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -57,6 +57,11 @@ chaos: venv
 # The demo fleet under honcho (see Procfile); stop with Ctrl-C.
 fleet: venv
 	$(BIN)/honcho start
+
+# Kubernetes manifests and SkyPilot tasks of the demo config into ops/k8s, ops/skypilot
+# (docs/deploy.md); tests/coordinator/test_deploy.py checks the committed ones are current.
+ops-render: venv
+	$(BIN)/cord-coord ops render --config $(CONFIG) --out ops
 
 clean:
 	rm -rf .run data/demo .pytest_cache .mypy_cache .ruff_cache

@@ -197,6 +197,125 @@ class RoutingSpec(_Strict):
     )
 
 
+class MetricsSpec(_Strict):
+    """Prometheus endpoints; a port left out (None) turns that endpoint off."""
+
+    host: str = Field(
+        default="127.0.0.1", description="address the metrics endpoints bind; 0.0.0.0 in a cluster"
+    )
+    coordinator_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="`cord-coord run` serves /metrics on the first free port from this one",
+    )
+    worker_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="each `cord-worker` serves /metrics on the first free port from this one "
+        "(several workers share a host); 0 = any free port",
+    )
+
+
+# Kubernetes object and namespace names: a DNS-1123 label.
+K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+
+
+class RedisDeploySpec(_Strict):
+    """The Redis a cluster fleet uses (`cord-coord ops render`, docs/deploy.md)."""
+
+    in_cluster: bool = Field(
+        default=True, description="render a Redis StatefulSet (AOF on, password from the Secret)"
+    )
+    address: str | None = Field(
+        default=None,
+        pattern=r"^[^\s:/]+:[0-9]{1,5}$",
+        description="host:port KEDA reads queue lengths from; default the in-cluster Service",
+    )
+    database: int = Field(default=0, ge=0, description="the database index of CORD_REDIS_URL")
+    tls: bool = Field(default=False, description="KEDA talks TLS to Redis (a rediss:// URL)")
+    image: str = "redis:7.4"
+    storage: str = Field(default="10Gi", description="the AOF volume of the in-cluster Redis")
+
+    @model_validator(mode="after")
+    def _address_known(self) -> RedisDeploySpec:
+        if not self.in_cluster and self.address is None:
+            raise ValueError(
+                "deploy.redis.address: required when deploy.redis.in_cluster is false "
+                "(KEDA reads queue lengths there), e.g. address: redis.example.com:6379"
+            )
+        return self
+
+
+class DeploySpec(_Strict):
+    """How `cord-coord ops render` lays the fleet out on Kubernetes and SkyPilot.
+
+    Per-pool settings are maps from pool name to value; pools not named get the default."""
+
+    image: str = Field(default="cord:latest", description="container image with cord installed")
+    namespace: Annotated[str, Field(pattern=K8S_NAME_PATTERN)] = "cord"
+    config_path: str = Field(
+        default="/etc/cord/run.yaml",
+        pattern=r"^/",
+        description="where containers find the run config (mounted from a ConfigMap)",
+    )
+    models_volume: str | None = Field(
+        default=None, description="PersistentVolumeClaim with the weights, mounted in workers"
+    )
+    models_mount: str = Field(default="/models", pattern=r"^/", description="where it is mounted")
+    gpu_resource: str = "nvidia.com/gpu"
+    default_gpus: int = Field(default=1, ge=0, description="GPUs per worker")
+    gpus: dict[ModelName, Annotated[int, Field(ge=0)]] = {}
+    default_max_replicas: int = Field(default=4, ge=1, description="workers per pool at most")
+    max_replicas: dict[ModelName, Annotated[int, Field(ge=1)]] = {}
+    cpu: str = Field(default="4", description="CPU request of a worker")
+    memory: str = Field(default="32Gi", description="memory request of a worker")
+    spot: Literal["gke", "karpenter", "none"] = Field(
+        default="gke", description="node selector and tolerations preset for spot GPU nodes"
+    )
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, str]] | None = None
+    drain_margin_s: float = Field(
+        default=15.0,
+        ge=0,
+        description="termination grace beyond reliability.shutdown_grace_s (unload, exit)",
+    )
+    watch_spot_notice: bool = Field(
+        default=False, description="run Kubernetes workers under cord-spot-watch too"
+    )
+    queue_per_replica: int = Field(
+        default=2, ge=1, description="KEDA listLength: waiting tasks per worker"
+    )
+    polling_s: int = Field(default=15, ge=1, description="KEDA pollingInterval")
+    cooldown_s: int = Field(default=300, ge=0, description="KEDA cooldownPeriod before zero")
+    coordinator_storage: str = Field(default="10Gi", description="the coordinator's output volume")
+    accelerator: str = Field(default="A100", description="SkyPilot accelerator type")
+    accelerators: dict[ModelName, str] = {}
+    infra: str | None = Field(default=None, description="SkyPilot resources.infra, e.g. aws")
+    redis: RedisDeploySpec = RedisDeploySpec()
+
+    def check_pools(self, pools: list[str]) -> None:
+        """Per-pool maps may name only the config's pools (a typo would be ignored)."""
+        for field in ("gpus", "max_replicas", "accelerators"):
+            unknown = sorted(set(getattr(self, field)) - set(pools))
+            if unknown:
+                raise ValueError(f"deploy.{field}: {unknown} name no pool; pools are {pools}")
+
+    def gpus_of(self, pool: str) -> int:
+        return self.gpus.get(pool, self.default_gpus)
+
+    def max_replicas_of(self, pool: str) -> int:
+        return self.max_replicas.get(pool, self.default_max_replicas)
+
+    def accelerators_of(self, pool: str) -> str | None:
+        """SkyPilot `resources.accelerators` of one worker; None for a CPU pool."""
+        if pool in self.accelerators:
+            return self.accelerators[pool]
+        n = self.gpus_of(pool)
+        return f"{self.accelerator}:{n}" if n else None
+
+
 class RunConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
@@ -210,6 +329,8 @@ class RunConfig(_Strict):
     output: OutputSpec = OutputSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
     routing: RoutingSpec = RoutingSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    deploy: DeploySpec = DeploySpec()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -235,6 +356,7 @@ class RunConfig(_Strict):
                     f"meta_prover: name {mp.name!r} is a teacher with model {teacher.model!r}; "
                     "leave meta_prover.model out or give the meta-prover its own name"
                 )
+        self.deploy.check_pools(self.model_names)
         return self
 
     # -- derived views -------------------------------------------------------------
@@ -296,8 +418,13 @@ def _resolve_model_paths(data: dict, base: Path) -> None:
                 entry["model"] = str((base / p).resolve())
 
 
-def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> RunConfig:
-    """Load, resolve and validate a run config; raise ConfigError naming the field."""
+def load_config(
+    path: str | os.PathLike[str], overrides: dict | None = None, resolve_models: bool = True
+) -> RunConfig:
+    """Load, resolve and validate a run config; raise ConfigError naming the field.
+
+    ``resolve_models=False`` keeps model paths as written (`ops render` ships the config
+    to other machines, where this machine's absolute paths mean nothing)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -309,7 +436,8 @@ def load_config(path: str | os.PathLike[str], overrides: dict | None = None) -> 
         raise ConfigError(f"{p}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the run config must be a YAML mapping of fields")
-    _resolve_model_paths(data, p.resolve().parent)
+    if resolve_models:
+        _resolve_model_paths(data, p.resolve().parent)
     return config_from_dict(data, source=str(p), overrides=overrides)
 
 
@@ -327,6 +455,7 @@ def config_from_dict(
         return RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
 
 
 def _set_dotted(data: dict, dotted: str, value: object) -> None:

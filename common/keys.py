@@ -60,6 +60,12 @@ class Keys:
         return f"{self.ns}:failed"
 
     @property
+    def finished_at(self) -> str:
+        """ZSET id -> when it was marked done or failed (unix seconds), the last hour:
+        the recent completion rate behind `cord-coord status`'s ETA."""
+        return f"{self.ns}:finished_at"
+
+    @property
     def workers(self) -> str:
         """HASH worker name -> heartbeat JSON."""
         return f"{self.ns}:workers"

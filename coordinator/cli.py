@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from cord.common.config import ConfigError, RunConfig, load_config, redact_url
-from cord.common.log import configure
+from cord.common.log import configure, get_logger
 
 config_option = click.option(
     "--config",
@@ -99,27 +99,31 @@ def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | No
     from tqdm import tqdm
 
     from cord.coordinator.driver import Coordinator
-    from cord.coordinator.store import Store
 
     cfg = _load(config_path)
     out = out_dir or cfg.output.dir
     show = sys.stderr.isatty() if progress is None else progress
     bar: Any = None
     if show:
-        import redis
-
-        from cord.common.keys import Keys
-
-        counts = Store(redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)).counts()
-        bar = tqdm(total=counts["queued"] + counts["in_flight"], unit="problem", desc="cord")
+        bar = tqdm(total=_open_problems(cfg), unit="problem", desc="cord")
+    # Off a TTY (honcho, a cluster) progress is a JSON log line per problem closed.
+    log = get_logger("cord.run")
+    closed = {"done": 0, "failed": 0}
 
     def on_event(kind: str, pid: str) -> None:
+        closed[kind] += 1
         if bar is not None:
             bar.update(1)
             if kind == "failed":
                 bar.set_postfix_str(f"failed: {pid}")
+        else:
+            log.info("progress", problem_id=pid, outcome=kind, **closed, **_open_now(coord))
 
     coord = Coordinator(cfg, out, follow=follow, on_event=on_event)
+    if cfg.metrics.coordinator_port is not None:
+        from cord.coordinator.metrics import serve_coordinator
+
+        serve_coordinator(coord, cfg.metrics.coordinator_port, cfg.metrics.host)
     signal.signal(signal.SIGTERM, lambda *_: coord.stop())
     try:
         summary = coord.run()
@@ -139,27 +143,44 @@ def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | No
     )
 
 
+def _open_now(coord: Any) -> dict[str, int]:
+    """The run's problems still queued and in flight (all coordinators), for a progress
+    line; nothing when Redis does not answer (the loop then waits for it)."""
+    import redis
+
+    try:
+        counts = coord.store.counts()
+    except (redis.ConnectionError, redis.TimeoutError):
+        return {}
+    return {"queued": counts["queued"], "in_flight": counts["in_flight"]}
+
+
+def _open_problems(cfg: RunConfig) -> int | None:
+    """Problems queued or in flight now (the progress bar's total); None without Redis
+    (the coordinator then waits for it)."""
+    import redis
+
+    from cord.common.keys import Keys
+    from cord.coordinator.store import Store
+
+    try:
+        counts = Store(redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)).counts()
+    except (redis.ConnectionError, redis.TimeoutError):
+        return None
+    return int(counts["queued"] + counts["in_flight"])
+
+
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def status(config_path: str, as_json: bool) -> None:
-    """Problems queued / in flight / done / failed, queue depths, live workers."""
-    from cord.coordinator.status import fleet_status
+    """Problems queued / in flight / done / failed, ETA; per pool: queue depth, live
+    workers, generated tokens per second over the last minute, cache hit share."""
+    from cord.coordinator.status import fleet_status, format_status
 
     cfg = _load(config_path)
     st = fleet_status(cfg)
-    if as_json:
-        click.echo(json.dumps(st))
-        return
-    click.echo(f"namespace {cfg.namespace} at {redact_url(cfg.redis_url)}")
-    click.echo(
-        "problems: " + "  ".join(f"{k} {st[k]}" for k in ("queued", "in_flight", "done", "failed"))
-    )
-    for q, n in st["queues"].items():
-        click.echo(f"queue {q}: {n} waiting")
-    for model, ws in st["workers"].items():
-        names = ", ".join(w["name"] for w in ws) or "none"
-        click.echo(f"workers {model}: {len(ws)} live ({names})")
+    click.echo(json.dumps(st) if as_json else format_status(st, cfg.redis_url))
 
 
 @main.command()
@@ -267,6 +288,54 @@ def lab_problems(count: int, seed: int) -> None:
         click.echo(json.dumps(p.to_json()))
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@config_option
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--address", default="127.0.0.1", show_default=True, help="0.0.0.0 in a cluster.")
+@click.option(
+    "--auth-file",
+    type=click.Path(dir_okay=False),
+    default=".run/flower-auth",
+    show_default=True,
+    help="user:password used when FLOWER_BASIC_AUTH is unset (generated if missing).",
+)
+@click.option(
+    "--inspect-every",
+    type=click.FloatRange(min=1.0),
+    default=15.0,
+    show_default=True,
+    help="Seconds between inspections of the workers (their queues, late joiners).",
+)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower(
+    config_path: str,
+    port: int,
+    address: str,
+    auth_file: str,
+    inspect_every: float,
+    flower_args: tuple[str, ...],
+) -> None:
+    """Flower (Celery's web monitor) on the run's broker, behind basic auth.
+
+    Credentials: FLOWER_BASIC_AUTH=user:password, else those in --auth-file (created
+    with a random password for user `cord` when missing). Other Flower options go after
+    `--` or in FLOWER_<OPTION> variables."""
+    from cord.coordinator.flower import FlowerError, resolve_auth, run_flower
+
+    cfg = _load(config_path)
+    try:
+        _, source = resolve_auth(Path(auth_file))
+        click.echo(
+            f"flower on http://{address}:{port}/ for {redact_url(cfg.redis_url)}; "
+            f"basic auth from {source}",
+            err=True,
+        )
+        code = run_flower(cfg, port, address, Path(auth_file), flower_args, inspect_every)
+    except FlowerError as e:
+        raise click.UsageError(str(e)) from e
+    sys.exit(code)
+
+
 @main.command("redis-up")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--url", default=None, help="Redis URL (default: the config's redis_url).")
@@ -297,6 +366,38 @@ def redis_up(config_path: str | None, url: str | None, data_dir: str, foreground
     click.echo(f"started redis at {redact_url(target)} (data in {data_dir})")
     if proc is not None:
         sys.exit(proc.wait())
+
+
+@main.group()
+def ops() -> None:
+    """Deployment material rendered from the run config (docs/deploy.md)."""
+
+
+@ops.command("render")
+@config_option
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for k8s/ and skypilot/ (files an earlier render made there are replaced).",
+)
+def ops_render(config_path: str, out_dir: str) -> None:
+    """Write Kubernetes manifests and SkyPilot tasks for this config.
+
+    Kubernetes: per pool a worker Deployment and a KEDA ScaledObject on its queues, the
+    coordinator, Redis with AOF, Flower behind basic auth. SkyPilot: per pool a managed
+    spot job task. Queue names, models and the config itself come from the config."""
+    from cord.coordinator.deploy import render_config, write_rendered
+
+    try:
+        rendered = render_config(config_path)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    written = write_rendered(rendered, Path(out_dir))
+    for warning in rendered.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {len(written)} files under {out_dir} (k8s/, skypilot/)")
 
 
 if __name__ == "__main__":

@@ -72,12 +72,19 @@ end
 return lost
 """
 
-# KEYS: inflight, state, done|failed; ARGV: id -> 1 when newly finished
+# KEYS: inflight, state, done|failed, finished_at; ARGV: id, now, forget_before -> 1 when
+# newly finished. The finish time feeds status's completion rate; an hour of them is kept.
 _FINISH = """
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
-return redis.call('SADD', KEYS[3], ARGV[1])
+local new = redis.call('SADD', KEYS[3], ARGV[1])
+if new == 1 then
+  redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[3])
+end
+return new
 """
+FINISHED_KEEP_S = 3600.0
 
 
 class Store:
@@ -89,6 +96,10 @@ class Store:
         self._takeover = client.register_script(_TAKEOVER)
         self._finish = client.register_script(_FINISH)
         self._renew = client.register_script(_RENEW)
+        # Search steps committed by this process (the coordinator's metrics): the step of
+        # each problem's last restored or committed state, to count only steps advanced.
+        self.steps_committed = 0
+        self._step_of: dict[str, int] = {}
 
     def enqueue(self, problems: Iterable[Problem], chunk: int = 500) -> int:
         k = self.keys
@@ -138,7 +149,11 @@ class Store:
         if not ids:
             return []
         raw = self.r.hmget(self.keys.state, ids)
-        return [json.loads(r) if r else None for r in raw]
+        states = [json.loads(r) if r else None for r in raw]
+        for pid, st in zip(ids, states, strict=True):
+            if st is not None and isinstance(st.get("step"), int):
+                self._step_of[pid] = st["step"]
+        return states
 
     def commit(self, states: dict[str, dict[str, Any]]) -> None:
         if states:
@@ -146,6 +161,18 @@ class Store:
                 k: json.dumps(v) for k, v in states.items()
             }
             self.r.hset(self.keys.state, mapping=mapping)
+            for pid, st in states.items():
+                self._count_steps(pid, st)
+
+    def _count_steps(self, pid: str, state: dict[str, Any]) -> None:
+        """CoRD-like states number their steps (the next one to expand); a strategy
+        without steps (curation) counts one per commit."""
+        step = state.get("step")
+        if not isinstance(step, int):
+            self.steps_committed += 1
+            return
+        self.steps_committed += max(0, step - self._step_of.get(pid, 1))
+        self._step_of[pid] = step
 
     def is_finished(self, pid: str) -> bool:
         pipe = self.r.pipeline()
@@ -166,7 +193,14 @@ class Store:
     def finish(self, pid: str, failed: bool = False) -> bool:
         k = self.keys
         target = k.failed if failed else k.done
-        return bool(self._finish(keys=[k.inflight, k.state, target], args=[pid]))
+        self._step_of.pop(pid, None)
+        now = time.time()
+        return bool(
+            self._finish(
+                keys=[k.inflight, k.state, target, k.finished_at],
+                args=[pid, now, now - FINISHED_KEEP_S],
+            )
+        )
 
     def release(self, owner: str, ids: Iterable[str]) -> None:
         """Hand problems back on a clean stop: their lease expires at once."""

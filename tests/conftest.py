@@ -175,7 +175,9 @@ def fleet(
     problems unique ids."""
     ns = f"test-fleet-{uuid.uuid4().hex[:8]}"
     tmp = tmp_path_factory.mktemp("fleet")
-    path = write_config(tmp / "fleet.yaml", base_config(redis_url, ns))
+    # Each worker serves /metrics on a free port, named in its heartbeat record.
+    data = {**base_config(redis_url, ns), "metrics": {"worker_port": 0}}
+    path = write_config(tmp / "fleet.yaml", data)
     workers = Fleet(path, tmp)
     try:
         for model in (*TEACHERS, "meta"):

@@ -114,6 +114,9 @@ def main(
     app = make_celery(cfg)
     register_tasks(app, runtime)
     loading["runtime"] = runtime
+    if cfg.metrics.worker_port is not None:  # before the first heartbeat, which names it
+        port = runtime.metrics.start_server(cfg.metrics.worker_port, cfg.metrics.host)
+        log.info("metrics_serving", url=f"http://{cfg.metrics.host}:{port}/metrics")
     runtime.start_heartbeat(cfg.reliability.heartbeat_s)
     grace = Grace(runtime, cfg.reliability.shutdown_grace_s, log)
     signals.worker_shutting_down.connect(grace.on_shutting_down, weak=False)

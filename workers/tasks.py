@@ -24,6 +24,7 @@ from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
 from cord.common.messages import TaskKind, TaskRequest, TaskResult
 from cord.workers.engines import Engine, EngineError
+from cord.workers.metrics import WorkerMetrics
 
 REPLY_MAXLEN = 100_000
 
@@ -52,6 +53,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._current: TaskRequest | None = None  # the task the engine is running
         self._handed_back: set[str] = set()
+        self.metrics = WorkerMetrics(self)  # tokens per minute, latency, /metrics
 
     # -- tasks ----------------------------------------------------------------------
     def handle(self, kind: TaskKind, payload: Any) -> None:
@@ -106,6 +108,7 @@ class WorkerRuntime:
             log.info("task_done_after_hand_back")
             return
         result.elapsed_s = time.perf_counter() - start
+        self.metrics.observe(kind, result)
         self._reply(req.reply_to, result)
         self._unmark_running(req.task_id)
         self.tasks_done += 1
@@ -174,6 +177,7 @@ class WorkerRuntime:
             "ts": time.time(),
             "tasks_done": self.tasks_done,
             "engine": self.engine.stats(),
+            **self.metrics.heartbeat_fields(),
         }
         pipe = self.redis.pipeline()
         pipe.hset(self.keys.workers, self.worker_name, json.dumps(record))
