@@ -8,7 +8,7 @@ CONFIG ?= examples/demo.yaml
 PROBLEMS ?= examples/problems.jsonl
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint lab-models lab-eval chaos fleet ops-render clean
+.PHONY: venv demo test test-fast lint lab-models lab-eval chaos bench fleet ops-render clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ lab-eval: venv
 # problem must come out exactly once. CI runs a short one (tests/test_chaos.py).
 chaos: venv
 	$(BIN)/python ops/chaos.py
+
+# The fleet benchmarks (docs/benchmarks.md, "The fleet on CPU"): dispatch rate and step
+# latency, fleet against one process, CoRD against curation, prefix-cache hits with and
+# without affinity, coordinator memory with 10,000 problems in flight; about 10 minutes on
+# 2 cores. Rewrites that section of docs/benchmarks.md; sizes via BENCH_ARGS, e.g.
+# BENCH_ARGS='--overhead-problems 96 --no-doc'.
+BENCH_ARGS ?=
+bench: venv
+	$(BIN)/python ops/bench/run_all.py $(BENCH_ARGS)
 
 # The demo fleet under honcho (see Procfile); stop with Ctrl-C.
 fleet: venv

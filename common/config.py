@@ -31,7 +31,7 @@ class _Strict(BaseModel):
 class _EngineSpec(_Strict):
     """How a pool runs its model."""
 
-    engine: Literal["hf", "sglang"] = "hf"
+    engine: Literal["hf", "sglang", "bench"] = "hf"
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
@@ -452,10 +452,29 @@ def config_from_dict(
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     try:
-        return RunConfig.model_validate(data)
+        cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+    bench = [n for n in cfg.model_names if cfg.pool(n).engine == "bench"]
+    if bench and not _bench_engine_allowed:
+        raise ConfigError(
+            f"{source}: pools {bench} use `engine: bench`, which returns placeholder text "
+            "for overhead benchmarks and never makes data; it runs only under the "
+            "benchmark harness (python ops/bench/fleet.py, make bench). Use engine hf or sglang"
+        )
+    return cfg
 
+
+# The `bench` engine (workers/engines/bench.py) answers with placeholder text at once.
+# Only the benchmark harness turns it on, inside its own processes, and it discards the
+# rows; any other config load (cord-coord run/demo/eval, cord-worker) refuses it.
+_bench_engine_allowed = False
+
+
+def allow_bench_engine() -> None:
+    """Let this process load configs with `engine: bench` (ops/bench/ only)."""
+    global _bench_engine_allowed
+    _bench_engine_allowed = True
 
 
 def _set_dotted(data: dict, dotted: str, value: object) -> None:

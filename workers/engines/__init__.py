@@ -41,4 +41,9 @@ def load_engine(spec: ModelSpec) -> Engine:
         from cord.workers.engines.sglang import SGLangEngine
 
         return SGLangEngine(spec)
+    if spec.engine == "bench":
+        # Placeholder text at once, for overhead benchmarks only (ops/bench/).
+        from cord.workers.engines.bench import BenchEngine
+
+        return BenchEngine(spec)
     raise ValueError(f"engine {spec.engine!r} is not available; set `engine: hf`")

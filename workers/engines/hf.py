@@ -7,10 +7,20 @@
 - A prefix KV cache (`kvcache.PrefixCache`): each request reuses the longest cached
   prefix of its token ids and reports how many prompt tokens came from it.
 
-Generation: every item is prefilled alone on top of its cached prefix; the per-item KV
-caches are then left-padded into one batch and decoded together, one token per step,
-with explicit position ids and an attention mask that hides the padding. Finished rows
-leave the batch and their KV (prompt + generated tokens) goes into the prefix cache.
+Prefill (`_prefill_many`): the items of a task run in one forward pass, each on top of
+its own cached prefix: the cached KVs are left-padded to a common length and the new
+tokens right-padded after them, with explicit position ids and an attention mask that
+hides the padding. On a CPU with tiny models a forward pass costs milliseconds of Python
+whatever its size, so one pass per item made prefill and scoring most of CoRD's cost
+(docs/benchmarks.md); a batch whose logits would be large is split into smaller passes.
+
+Generation: the per-item KV caches from the prefill are left-padded into one batch and
+decoded together, one token per step, with explicit position ids and an attention mask
+that hides the padding. Finished rows leave the batch and their KV (prompt + generated
+tokens) goes into the prefix cache.
+
+Scoring: the items of a task are prefilled together; each item's log-probabilities of
+the reference answer are read off its rows of the logits.
 """
 
 from __future__ import annotations
@@ -33,6 +43,14 @@ from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _STOP_WINDOW = 16  # tokens decoded to look for a stop string that the newest token completed
+# Logits elements (rows x new tokens x vocabulary) one batched prefill may produce; a
+# larger batch is split. 2**26 floats are 256 MiB: a tiny model's whole task fits in one
+# pass, a 150k-vocabulary model's long prompts go a few at a time.
+_PREFILL_LOGITS_BUDGET = 2**26
+# The fixed cost of one forward pass, in padded tokens: a prefill splits a batch into
+# several passes only where that saves more padding than this. (Tiny models on a CPU:
+# a pass costs about 4 ms of Python, a token about 50 us.)
+_PASS_COST_TOKENS = 64
 
 
 @dataclass
@@ -105,6 +123,14 @@ class HFEngine:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
+    def encode_many(self, texts: list[str]) -> list[torch.Tensor]:
+        """`encode` for several texts in one tokenizer call (its per-call cost is most of
+        a short text's)."""
+        if not texts:
+            return []
+        batch = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [torch.tensor(ids, dtype=torch.long) for ids in batch]
+
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
@@ -163,6 +189,110 @@ class HFEngine:
         self.counters.cached_tokens += hit
         return logits[0], cache, hit
 
+    def _prefill_many(
+        self, seqs: list[torch.Tensor], reuse_limits: list[int]
+    ) -> list[tuple[torch.Tensor, KV, int]]:
+        """`_prefill` for several sequences, batched: per sequence the logits of its new
+        positions, its KV (cached prefix and new tokens) and the reused length. All
+        lookups come before the passes, so one item does not reuse another's new tokens.
+
+        Every row of a pass is as wide as its longest new part, so the rows are sorted by
+        new tokens and cut into the passes that cost least: a pass costs
+        `_PASS_COST_TOKENS` plus rows x width (one item missing the cache would otherwise
+        widen every row of a cache-hitting task)."""
+        hits: list[int] = []
+        kvs: list[KV | None] = []
+        for ids, limit in zip(seqs, reuse_limits, strict=True):
+            hit, kv = self.prefix_cache.lookup(ids)
+            hit = min(hit, limit)
+            hits.append(hit)
+            kvs.append(crop_kv(kv, hit) if kv is not None and hit > 0 else None)
+        news = [ids.numel() - hit for ids, hit in zip(seqs, hits, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: news[i])
+        out: list[tuple[torch.Tensor, KV, int] | None] = [None] * len(seqs)
+        for group in self._passes([news[i] for i in order]):
+            rows = [order[g] for g in group]
+            done = self._prefill_group(
+                [seqs[i] for i in rows], [hits[i] for i in rows], [kvs[i] for i in rows]
+            )
+            for i, result in zip(rows, done, strict=True):
+                out[i] = result
+        return [r for r in out if r is not None]
+
+    def _passes(self, widths: list[int]) -> list[list[int]]:
+        """Cut ascending `widths` into consecutive groups of least total cost (a group
+        costs `_PASS_COST_TOKENS` + size x its last width), each within the logits
+        budget unless it is a single row. Returns the groups as index lists."""
+        vocab = int(getattr(self.model.config, "vocab_size", 0) or 32_000)
+        n = len(widths)
+        best = [0.0] + [float("inf")] * n  # best[k]: cost of the first k rows
+        cut = [0] * (n + 1)
+        for k in range(1, n + 1):
+            for j in range(k):  # rows j..k-1 in one pass
+                size = k - j
+                if size > 1 and size * widths[k - 1] * vocab > _PREFILL_LOGITS_BUDGET:
+                    continue
+                cost = best[j] + _PASS_COST_TOKENS + size * widths[k - 1]
+                if cost < best[k]:
+                    best[k], cut[k] = cost, j
+        groups: list[list[int]] = []
+        k = n
+        while k > 0:
+            groups.append(list(range(cut[k], k)))
+            k = cut[k]
+        return groups[::-1]
+
+    def _prefill_group(
+        self, seqs: list[torch.Tensor], hits: list[int], kvs: list[KV | None]
+    ) -> list[tuple[torch.Tensor, KV, int]]:
+        """One forward pass. Row i holds P - hit_i zero pads, its cached prefix (`kvs`,
+        hit_i tokens), its s_i new tokens, then S - s_i holes; the mask hides pads and
+        holes, which only ever come before a real token's query or after all of them, so
+        every real query attends to exactly its own sequence."""
+        news = [ids.numel() - hit for ids, hit in zip(seqs, hits, strict=True)]
+        width, span = max(hits), max(news)
+        rows = len(seqs)
+        cache = self._make_cache(self._left_padded(kvs, hits, width) if width else None)
+        ids = torch.zeros(rows, span, dtype=torch.long)
+        positions = torch.zeros(rows, span, dtype=torch.long)
+        mask = torch.zeros(rows, width + span, dtype=torch.long)
+        for i, (seq, hit, new) in enumerate(zip(seqs, hits, news, strict=True)):
+            ids[i, :new] = seq[hit:]
+            # Holes repeat the last position: never beyond the sequence (position tables).
+            positions[i] = torch.clamp(torch.arange(hit, hit + span), max=seq.numel() - 1)
+            mask[i, width - hit : width + new] = 1
+        logits, cache = self._forward(ids, positions, mask, cache)
+        layers = self._kv_of(cache)
+        out: list[tuple[torch.Tensor, KV, int]] = []
+        for i, (seq, hit, new) in enumerate(zip(seqs, hits, news, strict=True)):
+            lo, hi = width - hit, width + new
+            kv = [(k[i : i + 1, :, lo:hi, :], v[i : i + 1, :, lo:hi, :]) for k, v in layers]
+            out.append((logits[i, :new], kv, hit))
+            self.counters.prompt_tokens += seq.numel()
+            self.counters.cached_tokens += hit
+        return out
+
+    def _left_padded(self, kvs: list[KV | None], hits: list[int], width: int) -> KV:
+        """The cached prefixes as one batch, each left-padded with zeros to `width`."""
+        template = next(kv for kv in kvs if kv is not None)
+        layers: KV = []
+        for layer, (k0, v0) in enumerate(template):
+            keys, values = [], []
+            for kv, hit in zip(kvs, hits, strict=True):
+                pad = width - hit
+                if kv is None:
+                    keys.append(k0.new_zeros(1, k0.shape[1], width, k0.shape[-1]))
+                    values.append(v0.new_zeros(1, v0.shape[1], width, v0.shape[-1]))
+                    continue
+                k, v = kv[layer]
+                if pad:
+                    k = torch.cat([k.new_zeros(1, k.shape[1], pad, k.shape[-1]), k], dim=-2)
+                    v = torch.cat([v.new_zeros(1, v.shape[1], pad, v.shape[-1]), v], dim=-2)
+                keys.append(k)
+                values.append(v)
+            layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
+        return layers
+
     # -- generation -----------------------------------------------------------------
     def expand(self, items: list[ExpandItem]) -> list[Generation]:
         texts = [self._prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items]
@@ -181,8 +311,8 @@ class HFEngine:
         start = time.perf_counter()
         results: list[Generation | None] = [None] * len(items)
         rows: list[_Row] = []
-        for index, (item, text, stop) in enumerate(zip(items, texts, stops, strict=True)):
-            ids = self.encode(text)
+        encoded = self.encode_many(texts)
+        for index, (item, ids, stop) in enumerate(zip(items, encoded, stops, strict=True)):
             try:
                 self._check_context(ids.numel() + item.max_new_tokens)
             except EngineError as e:
@@ -211,10 +341,13 @@ class HFEngine:
 
     def _generate(self, rows: list[_Row]) -> None:
         firsts, caches = [], []
-        for row in rows:
-            logits, cache, row.cached = self._prefill(row.prompt, row.prompt.numel() - 1)
+        prefilled = self._prefill_many(
+            [r.prompt for r in rows], [r.prompt.numel() - 1 for r in rows]
+        )
+        for row, (logits, kv, hit) in zip(rows, prefilled, strict=True):
+            row.cached = hit
             firsts.append(logits[-1])
-            caches.append(self._kv_of(cache))
+            caches.append(kv)
         lens = [r.prompt.numel() for r in rows]
         width = max(lens)
         pads = [width - n for n in lens]
@@ -330,48 +463,78 @@ class HFEngine:
     @torch.inference_mode()
     def score(self, items: list[ScoreItem]) -> list[Score]:
         start = time.perf_counter()
-        out = []
-        for item in items:
+        out: list[Score | None] = [None] * len(items)
+        ready: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # index, context, target
+        contexts = self.encode_many(
+            [self._prefix(i.prompt) + prompts.scoring_context(i.steps) for i in items]
+        )
+        targets = self.encode_many([prompts.answer_target(i.answer) for i in items])
+        for index, (item, context, target) in enumerate(zip(items, contexts, targets, strict=True)):
             try:
-                out.append(self._score_one(item))
+                self._check_scoring(context, target)
             except EngineError as e:
-                out.append(Score(key=item.key, error=str(e), retryable=e.retryable))
+                out[index] = Score(key=item.key, error=str(e), retryable=e.retryable)
+                continue
+            ready.append((index, context, target))
+        prefilled = self._prefill_many(
+            [torch.cat([context, target]) for _, context, target in ready],
+            [context.numel() - 1 for _, context, target in ready],
+        )
+        for (index, context, target), (logits, kv, hit) in zip(ready, prefilled, strict=True):
+            logprobs = self._answer_logprobs(context, target, logits, kv, hit)
+            out[index] = Score(
+                key=items[index].key,
+                score=predictive_score(logprobs),
+                answer_tokens=len(logprobs),
+                prompt_tokens=context.numel() + target.numel(),
+                cached_tokens=hit,
+            )
         self.counters.requests += len(items)
         self.counters.busy_s += time.perf_counter() - start
-        return out
+        return [s for s in out if s is not None]
 
+    def _scoring_ids(
+        self, user: str, steps: list[str], answer: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of the scoring context and of the reference answer after it."""
+        context = self.encode(self._prefix(user) + prompts.scoring_context(steps))
+        target = self.encode(prompts.answer_target(answer))
+        self._check_scoring(context, target)
+        return context, target
+
+    def _check_scoring(self, context: torch.Tensor, target: torch.Tensor) -> None:
+        if target.numel() == 0:
+            raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
+        self._check_context(context.numel() + target.numel())
+
+    def _answer_logprobs(
+        self, context: torch.Tensor, target: torch.Tensor, logits: torch.Tensor, kv: KV, hit: int
+    ) -> list[float]:
+        """The answer's log-probabilities from a prefill of context + target (`logits` of
+        its new positions); the context's KV goes into the prefix cache."""
+        first = context.numel() - 1 - hit  # logits row that predicts target[0]
+        picked = logits[first : first + target.numel()].float()
+        logprobs = torch.log_softmax(picked, dim=-1).gather(1, target.to(picked.device)[:, None])
+        if self.prefix_cache.max_tokens > 0:
+            n = context.numel()
+            self.prefix_cache.store(
+                context, [(k[..., :n, :].clone(), v[..., :n, :].clone()) for k, v in kv]
+            )
+        self.counters.scored_tokens += target.numel()
+        return [float(x) for x in logprobs[:, 0].tolist()]
+
+    @torch.inference_mode()
     def answer_logprobs(
         self, user: str, steps: list[str], answer: str
     ) -> tuple[list[float], int, int]:
         """Log-probabilities of the answer's tokens after the scoring context; also the
         prompt length and how much of it came from the prefix cache."""
-        context = self.encode(self._prefix(user) + prompts.scoring_context(steps))
-        target = self.encode(prompts.answer_target(answer))
-        if target.numel() == 0:
-            raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
-        full = torch.cat([context, target])
-        self._check_context(full.numel())
-        logits, cache, hit = self._prefill(full, context.numel() - 1)
-        first = context.numel() - 1 - hit  # logits row that predicts target[0]
-        picked = logits[first : first + target.numel()].float()
-        logprobs = torch.log_softmax(picked, dim=-1).gather(1, target.to(picked.device)[:, None])
-        if self.prefix_cache.max_tokens > 0:
-            self.prefix_cache.store(
-                context,
-                crop_kv([(k.clone(), v.clone()) for k, v in self._kv_of(cache)], context.numel()),
-            )
-        self.counters.scored_tokens += target.numel()
-        return logprobs[:, 0].tolist(), full.numel(), hit
-
-    def _score_one(self, item: ScoreItem) -> Score:
-        logprobs, prompt_tokens, hit = self.answer_logprobs(item.prompt, item.steps, item.answer)
-        return Score(
-            key=item.key,
-            score=predictive_score(logprobs),
-            answer_tokens=len(logprobs),
-            prompt_tokens=prompt_tokens,
-            cached_tokens=hit,
+        context, target = self._scoring_ids(user, steps, answer)
+        ((logits, kv, hit),) = self._prefill_many(
+            [torch.cat([context, target])], [context.numel() - 1]
         )
+        logprobs = self._answer_logprobs(context, target, logits, kv, hit)
+        return logprobs, context.numel() + target.numel(), hit
 
     def stats(self) -> dict[str, Any]:
         c = self.counters
@@ -386,6 +549,7 @@ class HFEngine:
             "cache_tokens": self.prefix_cache.tokens,
         }
 
+    # -- token ids in, no prompt building (the SGLang test server speaks ids) ------------
     @torch.inference_mode()
     def generate_ids(
         self,

@@ -1,0 +1,880 @@
+"""Fleet benchmarks: what the coordinator, Redis and the workers cost beyond the models.
+
+    python ops/bench/fleet.py dispatch --problems 2000      # bench engine: items/s, step latency
+    python ops/bench/fleet.py memory --problems 10000       # bench engine: coordinator RSS
+    python ops/bench/fleet.py overhead --problems 24        # lab models: fleet vs one process,
+                                                            #   and CoRD vs curation
+    python ops/bench/fleet.py cache --problems 16           # lab models: prefix-cache hits
+                                                            #   with and without affinity
+    python ops/bench/fleet.py overhead --device cuda --model /path/to/model   # on a GPU box
+
+Each subcommand starts what it needs: a Redis if none answers at ``--redis-url`` (or
+CORD_REDIS_URL), real ``cord-worker`` processes (through the ``worker`` subcommand, the
+only way a worker may load the `bench` engine), and runs the coordinator in this process.
+It prints its figures, then ``name=value`` lines; ``--json PATH`` also writes them as JSON
+(`ops/bench/run_all.py`, ``make bench``, collects them).
+
+Rows: every run writes its rows to a temporary folder that is deleted at the end. Rows of
+the `bench` engine are placeholders and never leave this script; the run config refuses
+that engine everywhere else (`cord.common.config.allow_bench_engine`).
+
+Problems come from the lab (`cord-coord lab-problems`), settings from
+``examples/demo.yaml`` (three teachers, B = 4, T = 0.6, the same budgets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+import yaml
+
+from cord.common.config import RunConfig, allow_bench_engine, config_from_dict
+from cord.common.keys import Keys
+from cord.common.lab.arith import make_problems
+from cord.common.log import configure
+from cord.common.problems import Problem
+from cord.common.redis_server import ping, start_redis
+from cord.coordinator.driver import Coordinator
+from cord.coordinator.search import Failed, Search, Work, make_search
+from cord.coordinator.store import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = ROOT / "examples" / "demo.yaml"
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+# Seeds of the problem sets: none of them is a training, evaluation or demo seed.
+SEED = 4242
+WARMUP_SEED = 4243
+
+
+# -- the machine -----------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """Cores, CPU model, load average and versions: every report states its machine."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg()
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "load_avg_1_5_15": [round(x, 2) for x in load],
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+    # Not imported: the coordinator's memory is measured in this process.
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        info["torch"] = importlib.metadata.version("torch")
+    return info
+
+
+def gpu_name() -> str | None:
+    """The first CUDA device, for runs that load torch anyway."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def rss_mib(pid: int | str = "self") -> tuple[float, float]:
+    """(current, peak) resident memory of a process, MiB, from /proc (Linux)."""
+    now = peak = 0.0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            now = int(line.split()[1]) / 1024
+        elif line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) / 1024
+    return now, peak
+
+
+# -- configs and problems --------------------------------------------------------------
+def lab_problems(n: int, seed: int) -> list[Problem]:
+    return [Problem.model_validate(p.to_json()) for p in make_problems(n, seed)]
+
+
+def demo_dict() -> dict[str, Any]:
+    """examples/demo.yaml with its model paths made absolute."""
+    data = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
+    for entry in [*data["teachers"], data["meta_prover"]]:
+        entry["model"] = str((DEMO_CONFIG.parent / entry["model"]).resolve())
+    return dict(data)
+
+
+def fleet_dict(
+    redis_url: str,
+    namespace: str,
+    *,
+    engine: str = "hf",
+    bench_steps: int = 4,
+    model: str | None = None,
+    device: str = "cpu",
+    cpu_threads: int = 1,
+    max_in_flight: int | None = None,
+    affinity: bool | None = None,
+) -> dict[str, Any]:
+    """The demo's settings on `engine`: the lab models (hf) or placeholders (bench)."""
+    data = demo_dict()
+    data.update(redis_url=redis_url, namespace=namespace)
+    data.pop("output", None)
+    for entry in [*data["teachers"], data["meta_prover"]]:
+        entry["engine"] = engine
+        if engine == "bench":
+            entry["model"] = f"steps={bench_steps}"
+        else:
+            if model is not None:
+                entry["model"] = model
+            entry["device"] = device
+            entry["cpu_threads"] = cpu_threads
+    if max_in_flight is not None:
+        data["max_in_flight"] = max_in_flight
+    # A loaded 2-core machine can starve a worker's heartbeat: don't call it lost.
+    data.setdefault("reliability", {}).update(heartbeat_s=2.0, worker_lost_s=60.0)
+    if affinity is not None:
+        data["routing"] = {"affinity": affinity}
+    return data
+
+
+# -- the fleet ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def redis_at(url: str, workdir: Path) -> Iterator[str]:
+    """The Redis at `url` if it answers; otherwise one started here (no AOF: nothing of
+    a benchmark needs to survive), stopped afterwards."""
+    if ping(url):
+        yield url
+        return
+    proc = start_redis(url, workdir / "redis", appendonly=False)
+    deadline = time.monotonic() + 30
+    while not ping(url):
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"started redis-server for {url} but it does not answer")
+        time.sleep(0.1)
+    click.echo(f"no Redis answered at {url}; started one", err=True)
+    try:
+        yield url
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(10)
+
+
+def drop_namespace(client: redis.Redis, ns: str) -> None:
+    """Every key of a benchmark's namespace: state, queues and kombu's queue bindings."""
+    for pattern in (f"{ns}:*", f"{ns}.*", f"_kombu.binding.{ns}.*"):
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+
+
+class Fleet:
+    """Real `cord-worker` processes (``workers_per_pool`` per pool) for one config,
+    started through this script's ``worker`` subcommand, stopped as process groups."""
+
+    def __init__(self, data: dict[str, Any], workdir: Path, workers_per_pool: int = 1) -> None:
+        self.data = data
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.path = workdir / f"{data['namespace']}.yaml"
+        self.path.write_text(yaml.safe_dump(data), encoding="utf-8")
+        self.cfg = config_from_dict(data, source=str(self.path))
+        self.workers_per_pool = workers_per_pool
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.client = redis.Redis.from_url(self.cfg.redis_url)
+
+    def start(self, timeout_s: float = 600.0) -> float:
+        """Start the workers and wait until all have registered; returns the seconds."""
+        start = time.monotonic()
+        for model in self.cfg.model_names:
+            for slot in range(self.workers_per_pool):
+                name = f"{model}-{slot}"
+                args = [sys.executable, __file__, "worker", "--config", str(self.path)]
+                args += ["--teacher", model, "--name", f"{name}@bench"]
+                with open(self.logs / f"{name}.log", "wb") as log:
+                    self.procs.append(
+                        subprocess.Popen(
+                            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                        )
+                    )
+        want = len(self.procs)
+        workers_key = Keys(self.cfg.namespace).workers
+        while self.client.hlen(workers_key) < want:
+            dead = [p for p in self.procs if p.poll() is not None]
+            if dead or time.monotonic() - start > timeout_s:
+                self.stop()
+                raise click.ClickException(f"workers did not start; logs in {self.logs}")
+            time.sleep(0.2)
+        return time.monotonic() - start
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []
+        drop_namespace(self.client, self.cfg.namespace)
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds (user + system) each worker process has used so far, by pool slot."""
+        tick = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {}
+        names = [f"{m}-{s}" for m in self.cfg.model_names for s in range(self.workers_per_pool)]
+        for name, p in zip(names, self.procs, strict=True):
+            try:
+                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError):
+                out[name] = 0.0
+        return out
+
+    def engine_stats(self) -> dict[str, dict[str, Any]]:
+        """The workers' last heartbeats (engine counters), by worker name."""
+        raw = self.client.hgetall(Keys(self.cfg.namespace).workers)
+        return {k.decode(): json.loads(v).get("engine", {}) for k, v in raw.items()}
+
+
+# -- the coordinator, timed ------------------------------------------------------------
+def _step_label(pid: str, works: list[Work]) -> str | None:
+    """The phase a batch of new work opens for a problem: ``x<step>`` (a CoRD step's
+    expansions), ``a`` (final answers only), ``w`` (curation's whole trajectories).
+    Scoring work opens nothing: it belongs to the step whose candidates it scores."""
+    labels = set()
+    for w in works:
+        parts = w.item.key[len(pid) + 1 :].split(":")
+        if parts[0] == "x":
+            labels.add(f"x{parts[1]}")
+        elif parts[0] in ("a", "w"):
+            labels.add(parts[0])
+    xs = sorted((lab for lab in labels if lab.startswith("x")), key=lambda s: int(s[1:]))
+    if xs:
+        return xs[-1]
+    return "a" if "a" in labels else ("w" if "w" in labels else None)
+
+
+class TimedCoordinator(Coordinator):
+    """The driver's loop with a stopwatch per problem step: a step's latency is the time
+    from queueing its expansions to queueing the next step's (or the final answers):
+    dispatch, generation, scoring, selection and the commit of its state. It only
+    observes `_queue` (every new work of a problem passes there)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._open: dict[str, tuple[str, float]] = {}
+        self.step_latencies: list[float] = []
+        self.steps = 0
+        self.peak_in_flight = 0
+        self.rss_at_peak_mib = 0.0
+
+    def _queue(self, pid: str, works: list[Work]) -> None:
+        label = _step_label(pid, works)
+        if label is not None:
+            now = time.perf_counter()
+            opened = self._open.get(pid)
+            if opened is not None and opened[0] != label and opened[0].startswith("x"):
+                self.step_latencies.append(now - opened[1])
+                self.steps += 1
+            if opened is None or opened[0] != label:
+                self._open[pid] = (label, now)
+        super()._queue(pid, works)
+        if len(self.searches) > self.peak_in_flight:
+            self.peak_in_flight = len(self.searches)
+            if self.peak_in_flight % 1000 == 0 or self.peak_in_flight == self.cfg.max_in_flight:
+                self.rss_at_peak_mib = rss_mib()[0]
+
+
+@dataclass
+class FleetRun:
+    wall_s: float
+    rows: list[dict[str, Any]]
+    failed: int
+    summary: dict[str, Any]
+    step_latencies: list[float] = field(default_factory=list)
+    steps: int = 0
+    peak_in_flight: int = 0
+    rss_at_peak_mib: float = 0.0
+    coordinator_cpu_s: float = 0.0
+    worker_cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def cpu_s(self) -> float:
+        return self.coordinator_cpu_s + sum(self.worker_cpu_s.values())
+
+    def cpu_line(self) -> str:
+        """Where the CPU went: the coordinator (this process) and each worker."""
+        parts = [f"coordinator {self.coordinator_cpu_s:.1f}"]
+        parts += [f"{k} {v:.1f}" for k, v in self.worker_cpu_s.items()]
+        busy = self.coordinator_cpu_s + sum(self.worker_cpu_s.values())
+        return f"cpu s: {', '.join(parts)}; {busy:.1f} in {self.wall_s:.1f}s wall"
+
+
+def process_cpu_s() -> float:
+    """CPU seconds of this process, all threads."""
+    t = os.times()
+    return t.user + t.system
+
+
+def run_fleet(
+    cfg: RunConfig,
+    problems: list[Problem],
+    strategy: str | None = None,
+    fleet: Fleet | None = None,
+) -> FleetRun:
+    """`problems` through the live fleet with a `TimedCoordinator`, in a problem-state
+    namespace of their own (as `cord-coord eval` does); rows to a temporary folder.
+    With `fleet`, the CPU time of its workers during the run is recorded too."""
+    if strategy is not None:
+        cfg = cfg.model_copy(
+            update={"search": cfg.search.model_copy(update={"strategy": strategy})}
+        )
+    state_ns = f"{cfg.namespace}:run:{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as out:
+        coord = TimedCoordinator(cfg, out, state_namespace=state_ns)
+        try:
+            Store(coord.redis, Keys(state_ns)).enqueue(problems)
+            workers_before = fleet.cpu_s() if fleet else {}
+            cpu_before = process_cpu_s()
+            start = time.perf_counter()
+            summary = coord.run()
+            wall = time.perf_counter() - start
+            coordinator_cpu = process_cpu_s() - cpu_before
+            workers_after = fleet.cpu_s() if fleet else {}
+            rows = _read_rows(coord.writer.traces)
+            failed = len(_read_rows(coord.writer.failed))
+        finally:
+            drop_namespace(coord.redis, state_ns)
+    return FleetRun(
+        wall,
+        rows,
+        failed,
+        summary,
+        coord.step_latencies,
+        coord.steps,
+        coord.peak_in_flight,
+        coord.rss_at_peak_mib,
+        coordinator_cpu,
+        {k: round(v - workers_before.get(k, 0.0), 2) for k, v in workers_after.items()},
+    )
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
+
+
+# -- the same search in one process ------------------------------------------------------
+@dataclass
+class InProcessRun:
+    wall_s: float
+    rows: list[dict[str, Any]]
+    failed: int
+    calls: int
+    cpu_s: float = 0.0
+
+
+def load_engines(cfg: RunConfig) -> dict[str, Any]:
+    from cord.workers.engines import load_engine
+
+    return {name: load_engine(cfg.pool(name)) for name in cfg.model_names}
+
+
+def release_device_memory(device: str) -> None:
+    """Give freed GPU memory back, so the fleet's workers started next can have it."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def run_in_process(
+    cfg: RunConfig, problems: list[Problem], engines: dict[str, Any], strategy: str | None = None
+) -> InProcessRun:
+    """The same strategy on the same problems with the engines called directly: no
+    Redis, no Celery, no messages. Batching follows `Coordinator._flush`: up to
+    ``max_in_flight`` problems at once; each round gathers all pending work of a
+    (kind, model) and splits it into batches of that pool's ``max_batch``; results are
+    fed back batch by batch and the new work waits for the next round."""
+    if strategy is not None:
+        cfg = cfg.model_copy(
+            update={"search": cfg.search.model_copy(update={"strategy": strategy})}
+        )
+    waiting = deque(problems)
+    searches: dict[str, Search] = {}
+    outbox: dict[tuple[str, str], list[tuple[str, Work]]] = defaultdict(list)
+    rows: list[dict[str, Any]] = []
+    failed = calls = 0
+
+    def queue(pid: str, works: list[Work]) -> None:
+        for w in works:
+            outbox[(w.kind, w.model)].append((pid, w))
+
+    start, cpu = time.perf_counter(), process_cpu_s()
+    while waiting or searches:
+        while waiting and len(searches) < cfg.max_in_flight:
+            p = waiting.popleft()
+            searches[p.id] = make_search(p, cfg)
+            queue(p.id, searches[p.id].start())
+        if not outbox:
+            raise RuntimeError(f"in-process run stalled with {len(searches)} open problems")
+        current = dict(outbox)
+        outbox.clear()
+        for (kind, model), entries in current.items():
+            size = cfg.pool(model).max_batch
+            engine = engines[model]
+            for i in range(0, len(entries), size):
+                chunk = entries[i : i + size]
+                items = [w.item for _, w in chunk]
+                calls += 1
+                if kind == "expand":
+                    results = engine.expand(items)
+                elif kind == "answer":
+                    results = engine.answer(items)
+                else:
+                    results = engine.score(items)
+                owner = {w.item.key: pid for pid, w in chunk}
+                for r in results:
+                    pid = owner[r.key]
+                    search = searches.get(pid)
+                    if search is None:
+                        continue
+                    try:
+                        if kind == "score":
+                            new = search.on_score(r.key, r)
+                        else:
+                            new = search.on_generation(r.key, r)
+                    except Failed:
+                        failed += 1
+                        del searches[pid]
+                        continue
+                    queue(pid, new)
+                    if search.finished:
+                        rows.append(search.row())
+                        del searches[pid]
+        for key in [k for k, v in outbox.items() if not v]:
+            del outbox[key]
+    return InProcessRun(time.perf_counter() - start, rows, failed, calls, process_cpu_s() - cpu)
+
+
+# -- figures ------------------------------------------------------------------------------
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def tokens_of(rows: list[dict[str, Any]]) -> float:
+    """Mean generated tokens per problem (all teachers, kept and discarded, answers)."""
+    if not rows:
+        return 0.0
+    return sum(sum(r["stats"]["tokens_by_teacher"].values()) for r in rows) / len(rows)
+
+
+def cache_share(rows: list[dict[str, Any]]) -> float | None:
+    prompt = sum(r["stats"]["prompt_tokens"] for r in rows)
+    cached = sum(r["stats"]["cached_prompt_tokens"] for r in rows)
+    return round(cached / prompt, 4) if prompt else None
+
+
+def same_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float | None:
+    """Share of problems whose chosen trajectory (step texts and teachers) and final
+    answer are the same in both runs."""
+
+    def content(r: dict[str, Any]) -> tuple[Any, ...]:
+        steps = tuple((s["text"], s["teacher"]) for s in r["steps"])
+        return (steps, r["final_answer"])
+
+    by_id = {r["id"]: content(r) for r in b}
+    if not a:
+        return None
+    return round(sum(by_id.get(r["id"]) == content(r) for r in a) / len(a), 4)
+
+
+def emit(figures: dict[str, Any], json_path: str | None) -> None:
+    """The figures as ``name=value`` lines (last), and as JSON when asked."""
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    for name, value in figures.items():
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
+            click.echo(f"{name}={value}")
+
+
+def r3(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+# -- commands -------------------------------------------------------------------------------
+url_option = click.option(
+    "--redis-url",
+    default=lambda: os.environ.get("CORD_REDIS_URL", DEFAULT_URL),
+    show_default="CORD_REDIS_URL or " + DEFAULT_URL,
+    help="Redis to use; started here (on that port) when none answers.",
+)
+json_option = click.option("--json", "json_path", default=None, help="Also write figures here.")
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    help="Of the coordinator run here (workers log at INFO to their files, as deployed).",
+)
+def main(log_level: str) -> None:
+    """Fleet benchmarks (see the module docstring)."""
+    configure(level=log_level)
+    allow_bench_engine()  # this harness only; its bench rows never leave a temp folder
+    os.environ.pop("CORD_NAMESPACE", None)  # each run picks its own namespace
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker(args: tuple[str, ...]) -> None:
+    """`cord-worker ARGS`, with the bench engine allowed (the fleet starts these)."""
+    from cord.workers.cli import main as worker_main
+
+    worker_main.main(args=list(args), prog_name="cord-worker")
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=2000, show_default=True)
+@click.option("--max-in-flight", default=1000, show_default=True)
+@click.option("--workers-per-pool", default=1, show_default=True)
+@click.option("--steps", default=4, show_default=True, help="Steps per trajectory.")
+@json_option
+def dispatch(
+    redis_url: str,
+    problems: int,
+    max_in_flight: int,
+    workers_per_pool: int,
+    steps: int,
+    json_path: str | None,
+) -> None:
+    """Expansion items per second through the whole fleet on the bench engine, and the
+    step latency (dispatch of a step's expansions to its selection and commit)."""
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        data = fleet_dict(
+            redis_url, ns, engine="bench", bench_steps=steps, max_in_flight=max_in_flight
+        )
+        fleet = Fleet(data, Path(tmp), workers_per_pool)
+        try:
+            fleet.start()
+            run_fleet(fleet.cfg, synthetic_problems(50, "warm"))  # connections, imports
+            run = run_fleet(fleet.cfg, synthetic_problems(problems, "p"), fleet=fleet)
+        finally:
+            fleet.stop()
+    kinds = run.summary.get("by_kind", {})
+    expand = kinds.get("expand", 0)
+    items = sum(kinds.values())
+    figures = {
+        "dispatch_problems": problems,
+        "dispatch_done": len(run.rows),
+        "dispatch_failed": run.failed,
+        "dispatch_workers": workers_per_pool * len(fleet.cfg.model_names),
+        "dispatch_max_in_flight": max_in_flight,
+        "dispatch_wall_s": r3(run.wall_s),
+        "dispatch_expand_items": expand,
+        "dispatch_items": items,
+        "dispatch_tasks": run.summary.get("tasks_sent", 0),
+        "dispatch_tasks_per_s": round(expand / run.wall_s, 1),
+        "dispatch_items_per_s": round(items / run.wall_s, 1),
+        "dispatch_celery_tasks_per_s": round(run.summary.get("tasks_sent", 0) / run.wall_s, 1),
+        "step_latency_p50_s": r3(percentile(run.step_latencies, 50)),
+        "step_latency_p99_s": r3(percentile(run.step_latencies, 99)),
+        "dispatch_steps_per_s": round(run.steps / run.wall_s, 1),
+        "machine": info,
+    }
+    click.echo(
+        f"{problems} problems x {steps} steps on the bench engine, "
+        f"{figures['dispatch_workers']} workers, max_in_flight {max_in_flight}: "
+        f"{expand} expansions ({items} items in {figures['dispatch_tasks']} tasks) in "
+        f"{run.wall_s:.1f}s; {run.cpu_line()}"
+    )
+    emit(figures, json_path)
+
+
+def synthetic_problems(n: int, tag: str) -> list[Problem]:
+    """Problems for the bench engine (it never reads them): ids and a reference answer."""
+    return [
+        Problem(id=f"{tag}-{i}", question=f"What is {i} + 1?", answer=str(i + 1)) for i in range(n)
+    ]
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=10000, show_default=True)
+@click.option("--workers-per-pool", default=1, show_default=True)
+@click.option("--steps", default=4, show_default=True, help="Steps per trajectory.")
+@json_option
+def memory(
+    redis_url: str, problems: int, workers_per_pool: int, steps: int, json_path: str | None
+) -> None:
+    """Coordinator memory with every problem in flight at once (max_in_flight = problems)
+    on the bench engine; Redis memory; steps per second. Run it in a fresh process: the
+    peak RSS is this process's (it is the coordinator)."""
+    info = machine()
+    base_rss = rss_mib()[0]
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        data = fleet_dict(redis_url, ns, engine="bench", bench_steps=steps, max_in_flight=problems)
+        fleet = Fleet(data, Path(tmp), workers_per_pool)
+        client = fleet.client
+        redis_before = int(client.info("memory")["used_memory"])
+        sampler = RedisSampler(client)
+        try:
+            fleet.start()
+            sampler.start()
+            run = run_fleet(fleet.cfg, synthetic_problems(problems, "m"))
+        finally:
+            sampler.stop()
+            fleet.stop()
+    peak = rss_mib()[1]
+    figures = {
+        "memory_problems": problems,
+        "memory_done": len(run.rows),
+        "memory_failed": run.failed,
+        "memory_peak_in_flight": run.peak_in_flight,
+        "memory_wall_s": r3(run.wall_s),
+        "coordinator_rss_mib_10k": round(peak, 1),
+        "coordinator_rss_mib_before": round(base_rss, 1),
+        "coordinator_rss_mib_all_admitted": round(run.rss_at_peak_mib, 1),
+        "redis_used_mib_peak": round((sampler.peak - redis_before) / 2**20, 1),
+        "memory_steps_per_s": round(run.steps / run.wall_s, 1),
+        "memory_expand_items_per_s": round(
+            run.summary.get("by_kind", {}).get("expand", 0) / run.wall_s, 1
+        ),
+        "machine": info,
+    }
+    click.echo(
+        f"{problems} problems in flight at once on the bench engine: coordinator peak RSS "
+        f"{peak:.0f} MiB (at start {base_rss:.0f}), Redis +{figures['redis_used_mib_peak']} MiB, "
+        f"{figures['memory_steps_per_s']} steps/s, {run.wall_s:.1f}s"
+    )
+    emit(figures, json_path)
+
+
+class RedisSampler:
+    """Redis ``used_memory`` every half second in a thread; keeps the peak."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        import threading
+
+        self.client = client
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, int(self.client.info("memory")["used_memory"]))
+            self._stop.wait(0.5)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=24, show_default=True)
+@click.option("--warmup", default=2, show_default=True, help="Untimed problems first.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--model", default=None, help="One model path for every pool (default: the lab's).")
+@click.option(
+    "--inproc-threads",
+    default="1,2",
+    show_default=True,
+    help="torch threads of the one-process baseline; the fastest is the baseline.",
+)
+@click.option(
+    "--curation/--no-curation",
+    default=True,
+    show_default=True,
+    help="Also run curation (N matched to CoRD's tokens) through the same fleet.",
+)
+@json_option
+def overhead(
+    redis_url: str,
+    problems: int,
+    warmup: int,
+    device: str,
+    model: str | None,
+    inproc_threads: str,
+    curation: bool,
+    json_path: str | None,
+) -> None:
+    """CoRD through the fleet (one worker per pool, one torch thread each) against the
+    same search in one process on the same problems; then curation through the fleet."""
+    from cord.coordinator.evaluate import StrategyResult, matched_curation_samples
+
+    info = machine()
+    threads = [int(t) for t in inproc_threads.split(",") if t.strip()]
+    todo = lab_problems(problems, SEED)
+    warm = lab_problems(warmup, WARMUP_SEED)
+    figures: dict[str, Any] = {"overhead_problems": problems, "overhead_device": device}
+    inproc: dict[int, InProcessRun] = {}
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        data = fleet_dict(redis_url, ns, model=model, device=device, cpu_threads=1)
+        # One process, before any worker exists: nothing else competes for the cores.
+        for t in threads:
+            cfg_t = config_from_dict(
+                fleet_dict(redis_url, ns, model=model, device=device, cpu_threads=t)
+            )
+            engines = load_engines(cfg_t)
+            if warm:
+                run_in_process(cfg_t, warm, engines)
+            inproc[t] = run_in_process(cfg_t, todo, engines)
+            del engines
+            release_device_memory(device)
+            click.echo(f"one process, {t} thread(s): {inproc[t].wall_s:.1f}s", err=True)
+        fleet = Fleet(data, Path(tmp), 1)
+        try:
+            figures["overhead_worker_start_s"] = r3(fleet.start())
+            if warm:
+                run_fleet(fleet.cfg, warm)
+            run = run_fleet(fleet.cfg, todo, fleet=fleet)
+            click.echo(f"fleet, cord: {run.wall_s:.1f}s; {run.cpu_line()}", err=True)
+            cur: FleetRun | None = None
+            n = None
+            if curation:
+                cord_result = StrategyResult("cord", run.rows, run.failed, run.wall_s, problems)
+                n = matched_curation_samples(fleet.cfg, cord_result)
+                search = fleet.cfg.search.model_copy(
+                    update={"strategy": "curation", "curation_samples": n}
+                )
+                cur = run_fleet(fleet.cfg.model_copy(update={"search": search}), todo, fleet=fleet)
+                click.echo(f"fleet, curation N={n}: {cur.wall_s:.1f}s; {cur.cpu_line()}", err=True)
+        finally:
+            fleet.stop()
+    best_t = min(inproc, key=lambda t: inproc[t].wall_s)
+    base = inproc[best_t]
+    for t, r in inproc.items():
+        figures[f"inprocess_threads{t}_wall_s"] = r3(r.wall_s)
+    figures.update(
+        {
+            "inprocess_wall_s": r3(base.wall_s),
+            "inprocess_threads": best_t,
+            "fleet_cord_wall_s": r3(run.wall_s),
+            "fleet_overhead_ratio": r3(run.wall_s / base.wall_s),
+            # The fleet may use every core, one process only its threads: its CPU
+            # seconds (coordinator and workers) over the one process's show the cost
+            # that more cores hide.
+            "fleet_cpu_s": round(run.cpu_s, 2),
+            "inprocess_cpu_s": round(base.cpu_s, 2),
+            "fleet_cpu_overhead_ratio": r3(run.cpu_s / base.cpu_s) if base.cpu_s else None,
+            "fleet_rows_same_as_inprocess": same_rows(run.rows, base.rows),
+            "fleet_cord_done": len(run.rows),
+            "fleet_cord_failed": run.failed,
+            "cord_tokens_per_problem": round(tokens_of(run.rows), 1),
+            "cord_step_latency_p50_s": r3(percentile(run.step_latencies, 50)),
+            "cord_step_latency_p99_s": r3(percentile(run.step_latencies, 99)),
+            "cord_tasks": run.summary.get("tasks_sent"),
+            "cord_items": run.summary.get("items_sent"),
+        }
+    )
+    if cur is not None:
+        figures.update(
+            {
+                "curation_samples": n,
+                "curation_wall_s": r3(cur.wall_s),
+                "curation_tokens_per_problem": round(tokens_of(cur.rows), 1),
+                "curation_done": len(cur.rows),
+                "cord_vs_curation_wall_ratio": r3(run.wall_s / cur.wall_s),
+                "curation_cpu_s": round(cur.cpu_s, 2),
+                "cord_vs_curation_cpu_ratio": r3(run.cpu_s / cur.cpu_s) if cur.cpu_s else None,
+                "cord_vs_curation_token_ratio": r3(tokens_of(run.rows) / tokens_of(cur.rows))
+                if cur.rows
+                else None,
+            }
+        )
+    if device.startswith("cuda"):
+        info["gpu"] = gpu_name()
+    figures["machine"] = info
+    emit(figures, json_path)
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=16, show_default=True, help="Problems per run.")
+@click.option("--workers-per-pool", default=2, show_default=True)
+@json_option
+def cache(redis_url: str, problems: int, workers_per_pool: int, json_path: str | None) -> None:
+    """Prefix-cache hit share with two workers per pool, routing.affinity on and off.
+    Each run gets fresh workers (empty caches) and the same problems."""
+    info = machine()
+    todo = lab_problems(problems, SEED)
+    figures: dict[str, Any] = {
+        "cache_problems": problems,
+        "cache_workers_per_pool": workers_per_pool,
+    }
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        for affinity in (True, False):
+            ns = f"bench-{uuid.uuid4().hex[:8]}"
+            fleet = Fleet(fleet_dict(redis_url, ns, affinity=affinity), Path(tmp), workers_per_pool)
+            try:
+                fleet.start()
+                run = run_fleet(fleet.cfg, todo)
+            finally:
+                fleet.stop()
+            tag = "affinity" if affinity else "no_affinity"
+            figures[f"prefix_cache_hit_{tag}"] = cache_share(run.rows)
+            figures[f"cache_{tag}_wall_s"] = r3(run.wall_s)
+            figures[f"cache_{tag}_done"] = len(run.rows)
+            click.echo(
+                f"affinity {affinity}: prefix-cache hit share {cache_share(run.rows)}, "
+                f"{run.wall_s:.1f}s",
+                err=True,
+            )
+    figures["machine"] = info
+    emit(figures, json_path)
+
+
+if __name__ == "__main__":
+    main()

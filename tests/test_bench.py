@@ -1,0 +1,92 @@
+"""The benchmark harness (ops/bench/): a tiny dispatch run comes out whole and prints its
+figures; the doc writer replaces only its own section. Shapes only, never speeds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "ops" / "bench"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tiny_dispatch_run_brings_every_problem_out(tmp_path, redis_url):
+    out = tmp_path / "figures.json"
+    args = ["dispatch", "--problems", "20", "--max-in-flight", "10", "--steps", "3"]
+    args += ["--redis-url", redis_url, "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fleet.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["dispatch_done"] == 20 and figures["dispatch_failed"] == 0
+    # 3 steps: 3 expansions, then 3 beams x 3 teachers, then 4 x 3 (B = 4), per problem.
+    assert figures["dispatch_expand_items"] == 20 * (3 + 9 + 12)
+    assert figures["dispatch_tasks_per_s"] > 0 and figures["step_latency_p50_s"] > 0
+    assert figures["machine"]["cores"] >= 1
+    lines = done.stdout.strip().splitlines()
+    assert "=" in lines[-1] and any(x.startswith("dispatch_tasks_per_s=") for x in lines)
+
+
+def test_doc_section_is_replaced_and_the_rest_kept(tmp_path):
+    run_all = load("run_all")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n## GPU\n\nkept\n", encoding="utf-8")
+    run_all.write_doc(doc, "## CPU\n\nfirst")
+    run_all.write_doc(doc, "## CPU\n\nsecond")
+    text = doc.read_text()
+    assert "kept" in text and "second" in text and "first" not in text
+    assert text.count(run_all.BEGIN) == 1 and text.count(run_all.END) == 1
+
+
+def test_name_value_lines_end_with_the_headline_figures():
+    run_all = load("run_all")
+    figures = {"fleet_overhead_ratio": 0.9, "dispatch_wall_s": 3.0, "dispatch_tasks_per_s": 1500}
+    lines = run_all.name_values(figures)
+    assert lines == ["dispatch_wall_s=3.0", "dispatch_tasks_per_s=1500", "fleet_overhead_ratio=0.9"]
+    rows = run_all.table(figures)
+    assert any("`dispatch_tasks_per_s` | 1500 | >= 1000 |  | met" in r for r in rows)
+
+
+def test_step_labels_follow_the_keys():
+    fleet = load("fleet")
+    from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
+    from cord.coordinator.search import Work
+
+    def expand(key: str) -> Work:
+        item = ExpandItem(
+            key=key, prompt="q", steps=[], next_step=1, max_new_tokens=1, temperature=0, seed=0
+        )
+        return Work("expand", "a", item)
+
+    score = Work("score", "m", ScoreItem(key="p-1:s:2:0:a:0", prompt="q", steps=[], answer="1"))
+    answer = Work(
+        "answer",
+        "a",
+        AnswerItem(key="p-1:a:0", prompt="q", steps=[], max_new_tokens=1, temperature=0, seed=0),
+    )
+    assert fleet._step_label("p-1", [expand("p-1:x:3:0:a:0"), expand("p-1:x:3:1:b:0")]) == "x3"
+    assert fleet._step_label("p-1", [answer, expand("p-1:x:4:0:a:0")]) == "x4"
+    assert fleet._step_label("p-1", [answer]) == "a"
+    assert fleet._step_label("p-1", [score]) is None

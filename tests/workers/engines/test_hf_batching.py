@@ -1,0 +1,80 @@
+"""The hf engine's batched prefill: items of one task run in one padded forward pass,
+each on top of its own cached prefix, and come out as they would alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cord.common.config import ModelSpec
+from cord.common.messages import ExpandItem, ScoreItem
+from cord.workers.engines.hf import HFEngine
+
+MODELS = Path(__file__).resolve().parents[3] / "models"
+
+
+def score_items(tag: str) -> list[ScoreItem]:
+    steps = ["### Step 1. 9 + 6 + 7 + 8", "### Step 2. 15 + 7 + 8", "### Step 3. 22 + 8"]
+    return [
+        ScoreItem(
+            key=f"{tag}{i}", prompt="What is 4 + 5 + 6 + 7 + 8?", steps=steps[:i], answer="30"
+        )
+        for i in range(4)
+    ] + [ScoreItem(key=f"{tag}q", prompt="What is 1 + 2?", steps=["### Step 1. 3"], answer="3")]
+
+
+@pytest.mark.parametrize("name", ["alpha", "meta"])
+def test_a_mixed_batch_scores_as_items_alone(name):
+    spec = ModelSpec(name=name, model=str(MODELS / name))
+    batched, alone = HFEngine(spec), HFEngine(spec)
+    # Warm part of the cache so the batch mixes hits of different lengths and misses.
+    batched.score(score_items("w")[1:2])
+    alone.score(score_items("w")[1:2])
+    together = batched.score(score_items("s"))
+    single = [alone.score([item])[0] for item in score_items("s")]
+    for a, b in zip(together, single, strict=True):
+        assert a.error is None and a.answer_tokens == b.answer_tokens
+        assert a.score == pytest.approx(b.score, rel=1e-5)
+    assert sum(s.cached_tokens for s in together) > 0
+
+
+def test_a_mixed_batch_generates_as_items_alone():
+    spec = ModelSpec(name="gamma", model=str(MODELS / "gamma"))
+    batched, alone = HFEngine(spec), HFEngine(spec)
+
+    def items(tag: str) -> list[ExpandItem]:
+        return [
+            ExpandItem(
+                key=f"{tag}{i}",
+                prompt=q,
+                steps=s,
+                next_step=len(s) + 1,
+                max_new_tokens=24,
+                temperature=0.0,
+                seed=i,
+            )
+            for i, (q, s) in enumerate(
+                [
+                    ("What is 4 + 5 + 6?", []),
+                    ("What is 4 + 5 + 6?", ["### Step 1. 9 + 6"]),
+                    ("What is 7 + 7 + 1 + 2?", []),
+                ]
+            )
+        ]
+
+    batched.expand(items("w")[:1])
+    alone.expand(items("w")[:1])
+    together = batched.expand(items("x"))
+    single = [alone.expand([item])[0] for item in items("x")]
+    assert [(g.text, g.finish, g.tokens) for g in together] == [
+        (g.text, g.finish, g.tokens) for g in single
+    ]
+
+
+def test_passes_split_where_padding_costs_more_than_a_pass():
+    engine = HFEngine(ModelSpec(name="alpha", model=str(MODELS / "alpha")))
+    assert engine._passes([5, 5, 6, 7]) == [[0, 1, 2, 3]]
+    # One long miss among short hits goes alone: 3 x 500 padded tokens cost more than a pass.
+    assert engine._passes([5, 6, 7, 500]) == [[0, 1, 2], [3]]
+    assert engine._passes([]) == []
