@@ -118,9 +118,9 @@ class Search(ABC):
 
     def snapshot(self) -> dict[str, Any]:
         """The committed state as JSON, wall time so far included."""
-        st = self.state.model_copy(deep=True)
-        st.stats = self.stats_now()
-        return dict(st.model_dump())
+        st: dict[str, Any] = self.state.model_dump()  # a fresh copy, no deep copy first
+        st["stats"] = self.stats_now().model_dump()
+        return st
 
     def restore(self, state: dict[str, Any]) -> None:
         self.state = type(self.state).model_validate(state)

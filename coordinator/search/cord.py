@@ -134,8 +134,25 @@ class CordSearch(Search):
     beam_width_override: int | None = None
 
     def _ranked(self) -> list[Candidate]:
-        """All candidates of the step, best first: by S (ties by key)."""
-        return sorted(self._cands.values(), key=lambda c: (-(c.score or 0.0), c.key))
+        """All candidates of the step, best first: by S (ties by key). Candidates that
+        make the same trajectory (two teachers wrote the same step) rank together, at
+        their best S, smallest key first: their S differ only by float noise (batched
+        passes pad differently), which must not decide the order of the beams, since
+        the next step's keys and seeds follow it (a re-run would otherwise differ)."""
+        best: dict[tuple[str, ...], tuple[float, str]] = {}
+        for c in self._cands.values():
+            text = self._text(c)
+            score, key = best.get(text, (float("-inf"), c.key))
+            best[text] = (max(score, c.score or 0.0), min(key, c.key))
+
+        def rank(c: Candidate) -> tuple[float, str, str]:
+            score, first = best[self._text(c)]
+            return (-score, first, c.key)
+
+        return sorted(self._cands.values(), key=rank)
+
+    def _text(self, c: Candidate) -> tuple[str, ...]:
+        return (*self.state.beams[c.beam].texts, c.text or "")
 
     def _select(self) -> list[Work]:
         st, search = self.state, self.cfg.search
@@ -145,7 +162,7 @@ class CordSearch(Search):
         seen: set[tuple[str, ...]] = set()
         for c in ranked:
             assert c.text is not None
-            text = (*st.beams[c.beam].texts, c.text)
+            text = self._text(c)
             if text not in seen:
                 seen.add(text)
                 chosen.append(c)
