@@ -3,7 +3,7 @@ imports the workers; the workers register the task bodies on this app.
 
 Settings follow docs/runtime-facts (Celery on preemptible GPU workers): JSON only, acks
 late, prefetch 1, a visibility timeout longer than any task, results not stored (they go
-to a Redis Stream), task events on for Flower.
+to a Redis Stream), task events only while Flower watches.
 """
 
 from __future__ import annotations
@@ -38,8 +38,13 @@ def make_celery(cfg: RunConfig) -> Celery:
             "interval_max": 2.0,
         },
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Off until Flower turns them on (it sends enable_events to every worker, again
+        # every few seconds): publishing three events per task was a third of a tiny
+        # model's worker time (make bench), and nothing else reads them.
+        worker_send_task_events=False,
+        # Flower follows tasks by the workers' events; a "sent" event per task from the
+        # coordinator was a sixth of its CPU per dispatched item (make bench).
+        task_send_sent_event=False,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
         task_default_queue=f"{cfg.namespace}.default",

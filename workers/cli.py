@@ -137,7 +137,6 @@ def main(
                 loglevel,
                 "--without-gossip",
                 "--without-mingle",
-                "-E",
             ]
         )
     except SystemExit as e:
