@@ -404,12 +404,17 @@ class Coordinator:
                 self._dirty[p.pid] = search.snapshot()
 
     def _resend(self, key: str, error: str) -> None:
+        p = self._requeue(key)
+        self.counters.redispatched += 1
+        self.log.warning("redispatch", problem_id=p.pid, key=key, attempt=p.attempt, error=error)
+
+    def _requeue(self, key: str) -> Pending:
+        """Put `key` back in the outbox; its task is not waited for any more."""
         p = self.pending[key]
         self._close_task(p.task_id)
         p.sent_at, p.queued_at = None, time.monotonic()
         self.outbox[(p.work.kind, p.work.model)].append(key)
-        self.counters.redispatched += 1
-        self.log.warning("redispatch", problem_id=p.pid, key=key, attempt=p.attempt, error=error)
+        return p
 
     def _retry_or_fail(self, key: str, error: str, retryable: bool) -> None:
         p = self.pending[key]
@@ -492,10 +497,7 @@ class Coordinator:
 
     def _reroute(self, key: str, worker: str) -> None:
         """Re-send a task that waited for a worker that left before taking it."""
-        p = self.pending[key]
-        self._close_task(p.task_id)
-        p.sent_at, p.queued_at = None, time.monotonic()
-        self.outbox[(p.work.kind, p.work.model)].append(key)
+        p = self._requeue(key)
         self.counters.rerouted += 1
         self.log.info("reroute", problem_id=p.pid, key=key, worker=worker)
 

@@ -30,6 +30,28 @@ class EngineError(RuntimeError):
         self.retryable = retryable
 
 
+def eos_ids(*values: Any) -> set[int]:
+    """The end-of-turn token ids among `values` (ints, lists of ints or None), as the
+    generation config and the tokenizer give them; every engine stops at the same ones."""
+    ids: set[int] = set()
+    for value in values:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def check_context(model: str, max_context: int | None, n: int) -> None:
+    """A request of `n` tokens must fit the model's context: a fatal item error if not."""
+    if max_context is not None and n > max_context:
+        raise EngineError(
+            f"{n} tokens exceed the context of model {model!r} ({max_context}); "
+            "lower search.thinking_budget or use a model with a longer context",
+            retryable=False,
+        )
+
+
 def load_engine(spec: ModelSpec) -> Engine:
     if spec.engine == "hf":
         from cord.workers.engines.hf import HFEngine

@@ -38,7 +38,7 @@ from cord.common import prompts
 from cord.common.config import ModelSpec
 from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
 from cord.common.scoring import predictive_score
-from cord.workers.engines import EngineError
+from cord.workers.engines import EngineError, check_context, eos_ids
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,14 +107,8 @@ class HFEngine:
 
     # -- text and tokens ------------------------------------------------------------
     def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        for value in (gen_eos, self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list | tuple):
-                ids.update(int(v) for v in value)
-        return ids
+        return eos_ids(gen_eos, self.tokenizer.eos_token_id)
 
     def _chat_prefix(self, user: str) -> str:
         return prompts.chat_prefix(self.tokenizer, user)
@@ -135,12 +129,7 @@ class HFEngine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def _check_context(self, n: int) -> None:
-        if self.max_context is not None and n > self.max_context:
-            raise EngineError(
-                f"{n} tokens exceed the context of model {self.name!r} ({self.max_context}); "
-                "lower search.thinking_budget or use a model with a longer context",
-                retryable=False,
-            )
+        check_context(self.name, self.max_context, n)
 
     # -- torch plumbing -------------------------------------------------------------
     def _make_cache(self, kv: KV | None) -> DynamicCache:

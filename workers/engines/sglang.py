@@ -38,7 +38,7 @@ from cord.common import prompts
 from cord.common.config import ModelSpec
 from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
 from cord.common.scoring import predictive_score
-from cord.workers.engines import EngineError
+from cord.workers.engines import EngineError, check_context, eos_ids
 from cord.workers.engines.sglang_server import RequestRejected, SGLangServer
 
 # Some SGLang builds hold sampling seeds in int32 tensors; our seeds are 64-bit digests.
@@ -89,13 +89,7 @@ class SGLangEngine:
             gen_eos = GenerationConfig.from_pretrained(self.spec.model).eos_token_id
         except OSError:  # no generation_config.json: the model config's own
             gen_eos = getattr(config, "eos_token_id", None)
-        ids: set[int] = set()
-        for value in (gen_eos, self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, list | tuple):
-                ids.update(int(v) for v in value)
-        return ids
+        return eos_ids(gen_eos, self.tokenizer.eos_token_id)
 
     def _chat_prefix(self, user: str) -> str:
         return prompts.chat_prefix(self.tokenizer, user)
@@ -107,12 +101,7 @@ class SGLangEngine:
         return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def _check_context(self, n: int) -> None:
-        if self.max_context is not None and n > self.max_context:
-            raise EngineError(
-                f"{n} tokens exceed the context of model {self.name!r} ({self.max_context}); "
-                "lower search.thinking_budget or use a model with a longer context",
-                retryable=False,
-            )
+        check_context(self.name, self.max_context, n)
 
     # -- the wire -------------------------------------------------------------------
     def _run(self, requests: list[dict[str, Any]]) -> list[dict[str, Any] | EngineError]:
