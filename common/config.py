@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cord.common import prompts
+from cord.common.keys import queue_name
+from cord.common.messages import TaskKind
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -387,6 +389,20 @@ class RunConfig(_Strict):
             )
         assert mp.model is not None  # guaranteed by _cross_checks
         return ModelSpec.model_validate(mp.model_dump())
+
+    def pool_kinds(self, name: str) -> list[TaskKind]:
+        """The task kinds pool `name` serves: expansion (and answers) for a teacher,
+        scoring for the meta-prover, both for a teacher that also scores."""
+        kinds: list[TaskKind] = []
+        if name in self.teacher_names:
+            kinds.append("expand")
+        if name == self.meta_prover.name:
+            kinds.append("score")
+        return kinds
+
+    def pool_queues(self, name: str) -> list[str]:
+        """The shared queues the workers of pool `name` consume."""
+        return [queue_name(self.namespace, k, name) for k in self.pool_kinds(name)]
 
     def temperature(self, teacher: str) -> float:
         t = self.teacher(teacher).temperature

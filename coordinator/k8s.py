@@ -15,7 +15,6 @@ import posixpath
 from typing import Any
 
 from cord.common.config import RunConfig
-from cord.common.keys import queue_name
 
 REDIS_SECRET = "cord-redis"  # keys: url (CORD_REDIS_URL), password (Redis and KEDA)
 FLOWER_SECRET = "cord-flower"  # key: basic-auth (user:password)
@@ -38,16 +37,6 @@ SPOT_PRESETS: dict[str, tuple[dict[str, str], list[dict[str, str]]]] = {
     "karpenter": ({"karpenter.sh/capacity-type": "spot"}, []),
     "none": ({}, []),
 }
-
-
-def queues_of(cfg: RunConfig, pool: str) -> list[str]:
-    """The shared queues a pool's workers consume (as `cord-worker` picks them)."""
-    queues = []
-    if pool in cfg.teacher_names:
-        queues.append(queue_name(cfg.namespace, "expand", pool))
-    if pool == cfg.meta_prover.name:
-        queues.append(queue_name(cfg.namespace, "score", pool))
-    return queues
 
 
 def _labels(component: str, pool: str | None = None) -> dict[str, str]:
@@ -346,7 +335,7 @@ def _scaled_object(cfg: RunConfig, pool: str, target: str) -> dict[str, Any]:
     # Celery's Redis transport keeps a queue as a LIST named exactly like the queue
     # (cord sends no priorities, so no sub-lists). KEDA counts what waits there, not
     # the task a worker runs: scaling in relies on the termination grace above.
-    for queue in queues_of(cfg, pool):
+    for queue in cfg.pool_queues(pool):
         metadata = {
             "address": address,
             "listName": queue,

@@ -17,8 +17,7 @@ from typing import Any
 import redis
 
 from cord.common.config import RunConfig, redact_url
-from cord.common.keys import Keys, queue_name
-from cord.common.messages import TaskKind
+from cord.common.keys import Keys
 from cord.common.metrics import hit_share
 from cord.coordinator.store import Store
 
@@ -26,23 +25,12 @@ from cord.coordinator.store import Store
 RATE_WINDOW_S = 300.0
 
 
-def pool_queues(cfg: RunConfig, model: str) -> list[str]:
-    """The shared queues a pool's workers consume (expand for a teacher, score for the
-    meta-prover, both for a teacher that also scores)."""
-    kinds: list[TaskKind] = []
-    if model in cfg.teacher_names:
-        kinds.append("expand")
-    if model == cfg.meta_prover.name:
-        kinds.append("score")
-    return [queue_name(cfg.namespace, k, model) for k in kinds]
-
-
 def queue_depths(r: redis.Redis, cfg: RunConfig) -> dict[str, dict[str, int]]:
     """Messages waiting, per pool and queue: each shared queue and every worker's
     private ``<shared>.w.<worker>`` queue beside it (cache-affine routing)."""
     depths: dict[str, dict[str, int]] = {}
     for model in cfg.model_names:
-        queues = pool_queues(cfg, model)
+        queues = cfg.pool_queues(model)
         names = list(queues)
         for q in queues:
             names += sorted(

@@ -26,9 +26,8 @@ from celery import signals
 
 from cord.common.celery_app import make_celery
 from cord.common.config import ConfigError, load_config, redact_url
-from cord.common.keys import Keys, private_queue, queue_name
+from cord.common.keys import Keys, private_queue
 from cord.common.log import configure, get_logger
-from cord.common.messages import TaskKind
 
 if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
@@ -83,13 +82,10 @@ def main(
     node = node or f"{model_name}-{suffix}@{socket.gethostname()}"
     # The pool's shared queue, and this worker's own beside it: the coordinator sends
     # there the work whose prefix this worker has cached (cache-affine routing).
-    kinds: list[TaskKind] = []
-    if model_name in cfg.teacher_names:
-        kinds.append("expand")
-    if model_name == cfg.meta_prover.name:
-        kinds.append("score")
-    queues = [queue_name(cfg.namespace, k, model_name) for k in kinds]
-    queues += [private_queue(cfg.namespace, k, model_name, node) for k in kinds]
+    queues = cfg.pool_queues(model_name)
+    queues += [
+        private_queue(cfg.namespace, k, model_name, node) for k in cfg.pool_kinds(model_name)
+    ]
     log = get_logger("cord.worker", worker=node, model=model_name)
     log.info(
         "loading_model",
