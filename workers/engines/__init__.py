@@ -3,8 +3,10 @@ module per runtime. An engine knows prompts and tokens, never beams."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from cord.common import prompts
 from cord.common.config import ModelSpec
 from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem
 
@@ -28,6 +30,22 @@ class EngineError(RuntimeError):
     def __init__(self, message: str, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+def expand_texts(
+    prefix: Callable[[str], str], items: list[ExpandItem]
+) -> tuple[list[str], list[tuple[str, ...]]]:
+    """What each expansion continues (`prefix`: the model's chat prefix of a user turn)
+    and where it stops: one step at the next header, a whole trajectory only at
+    </think>."""
+    texts = [prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items]
+    stops = [(prompts.THINK_CLOSE,) if i.whole else prompts.STEP_STOPS for i in items]
+    return texts, stops
+
+
+def answer_texts(prefix: Callable[[str], str], items: list[AnswerItem]) -> list[str]:
+    """What each final answer continues: the closed thinking block of its steps."""
+    return [prefix(i.prompt) + prompts.answer_context(i.steps) for i in items]
 
 
 def eos_ids(*values: Any) -> set[int]:

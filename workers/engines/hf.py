@@ -38,7 +38,13 @@ from cord.common import prompts
 from cord.common.config import ModelSpec
 from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
 from cord.common.scoring import predictive_score
-from cord.workers.engines import EngineError, check_context, eos_ids
+from cord.workers.engines import (
+    EngineError,
+    answer_texts,
+    check_context,
+    eos_ids,
+    expand_texts,
+)
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -284,14 +290,10 @@ class HFEngine:
 
     # -- generation -----------------------------------------------------------------
     def expand(self, items: list[ExpandItem]) -> list[Generation]:
-        texts = [self._prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items]
-        # One step stops at the next header; a whole trajectory only at </think>.
-        stops = [(prompts.THINK_CLOSE,) if i.whole else prompts.STEP_STOPS for i in items]
-        return self._generate_items(items, texts, stops)
+        return self._generate_items(items, *expand_texts(self._prefix, items))
 
     def answer(self, items: list[AnswerItem]) -> list[Generation]:
-        texts = [self._prefix(i.prompt) + prompts.answer_context(i.steps) for i in items]
-        return self._generate_items(items, texts, [()] * len(items))
+        return self._generate_items(items, answer_texts(self._prefix, items), [()] * len(items))
 
     @torch.inference_mode()
     def _generate_items(

@@ -38,7 +38,13 @@ from cord.common import prompts
 from cord.common.config import ModelSpec
 from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
 from cord.common.scoring import predictive_score
-from cord.workers.engines import EngineError, check_context, eos_ids
+from cord.workers.engines import (
+    EngineError,
+    answer_texts,
+    check_context,
+    eos_ids,
+    expand_texts,
+)
 from cord.workers.engines.sglang_server import RequestRejected, SGLangServer
 
 # Some SGLang builds hold sampling seeds in int32 tensors; our seeds are 64-bit digests.
@@ -132,14 +138,10 @@ class SGLangEngine:
 
     # -- generation -----------------------------------------------------------------
     def expand(self, items: list[ExpandItem]) -> list[Generation]:
-        texts = [self._prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items]
-        # One step stops at the next header; a whole trajectory only at </think>.
-        stops = [(prompts.THINK_CLOSE,) if i.whole else prompts.STEP_STOPS for i in items]
-        return self._generate_items(items, texts, stops)
+        return self._generate_items(items, *expand_texts(self._prefix, items))
 
     def answer(self, items: list[AnswerItem]) -> list[Generation]:
-        texts = [self._prefix(i.prompt) + prompts.answer_context(i.steps) for i in items]
-        return self._generate_items(items, texts, [()] * len(items))
+        return self._generate_items(items, answer_texts(self._prefix, items), [()] * len(items))
 
     def _sampling_params(self, item: ExpandItem | AnswerItem, stops: tuple[str, ...]) -> dict:
         params: dict[str, Any] = {
