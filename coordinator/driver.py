@@ -41,6 +41,7 @@ from cord.coordinator.search import Failed, Search, Work, make_search
 from cord.coordinator.store import Store
 
 Event = Callable[[str, str], None]  # (kind: done|failed, problem id)
+HOLD_S = 0.2  # longest a partial batch waits for more work of its pool (`_flush`)
 
 
 @dataclass
@@ -268,15 +269,13 @@ class Coordinator:
                     if (
                         rest
                         and self._busy(queue, model, worker, now)
-                        and (now - min(self.pending[k].queued_at for k in rest) < self.HOLD_S)
+                        and (now - min(self.pending[k].queued_at for k in rest) < HOLD_S)
                     ):
                         held[(kind, model)] += rest
                         routed = routed[:full]
                     for i in range(0, len(routed), batch):
                         self._send(kind, model, routed[i : i + batch], now, queue, worker, producer)
         self.outbox = held
-
-    HOLD_S = 0.2
 
     def _close_task(self, task_id: str) -> None:
         """`task_id` answered, or will not be waited for any more."""

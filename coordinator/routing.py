@@ -48,17 +48,15 @@ class Router:
         """Re-read which workers are alive. Returns the workers that were live and are
         gone now; their problems are unassigned (routed afresh on their next work)."""
         self._leaving = {w: t for w, t in self._leaving.items() if t > now}
-        names = [n.decode() for n in self.redis.hkeys(self.keys.workers)]
+        records = {k.decode(): v for k, v in self.redis.hgetall(self.keys.workers).items()}
         pipe = self.redis.pipeline(transaction=False)
-        for name in names:
+        for name in records:
             pipe.exists(self.keys.alive(name))
-            pipe.hget(self.keys.workers, name)
-        answers = pipe.execute()
-        model_of: dict[str, str] = {}
-        for i, name in enumerate(names):
-            alive, raw = answers[2 * i], answers[2 * i + 1]
-            if alive and raw and name not in self._leaving:
-                model_of[name] = json.loads(raw)["model"]
+        model_of = {
+            name: json.loads(raw)["model"]
+            for (name, raw), alive in zip(records.items(), pipe.execute(), strict=True)
+            if alive and name not in self._leaving
+        }
         gone = set(self._model_of) - set(model_of)
         self._set_live(model_of)
         for worker in gone:
