@@ -15,7 +15,10 @@ shares, and only the entries sharing it are compared, on a padded matrix of all 
 ids (a row each, -1 after its end), over the first blocks only. Hashes only pick
 candidates; lengths come from the exact comparison, so a collision cannot return a wrong
 prefix. Among entries sharing the longest prefix the least recently used one wins, as it
-did when the scan went entry by entry in LRU order.
+did when the scan went entry by entry in LRU order. A few candidates (the usual case:
+the entries of one trajectory's last step) are compared as Python lists, many on the
+matrix: each torch call costs microseconds, which on tiny models were a tenth of CoRD's
+engine time.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 BLOCK = 16  # tokens per hashed block
+_FEW = 32  # candidates up to this many are compared as lists, more on the matrix
 
 
 @dataclass
@@ -36,6 +40,7 @@ class _Entry:
     ids: torch.Tensor  # 1-D int64 on CPU
     kv: KV
     chain: list[int]  # chain hashes of its whole blocks
+    tokens: list[int]  # ids as a list, for comparisons in Python
 
 
 def kv_len(kv: KV) -> int:
@@ -52,6 +57,22 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
         return 0
     diff = (a[:n] != b[:n]).nonzero()
     return int(diff[0, 0]) if diff.numel() else n
+
+
+def list_prefix(a: list[int], b: list[int]) -> int:
+    """Common prefix length of two lists (slice comparisons run in C: a binary search
+    over them beats an element loop and a tensor comparison on short lists)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n - 1  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def block_chain(ids: list[int]) -> list[int]:
@@ -112,22 +133,30 @@ class PrefixCache:
         self.lookups += 1
         if not self._entries:
             return 0, None
-        chain = block_chain(ids.tolist())
+        tokens = ids.tolist()
+        chain = block_chain(tokens)
         depth = 0
         while depth < len(chain) and chain[depth] in self._by_block:
             depth += 1
         # Entries sharing `depth` blocks share no further one: the longest prefix ends
         # within the next block, unless a hash collided (then look at everything).
         keys = self._by_block[chain[depth - 1]] if depth else None
-        rows = self._rows(keys)
-        common = self._common(ids, rows, BLOCK * (depth + 1))
-        if depth and int(common.max()) < BLOCK * depth:
-            rows = self._rows(None)
-            common = self._common(ids, rows, int(ids.numel()))
-        best_len = int(common.max()) if common.numel() else 0
+        if keys is not None and len(keys) <= _FEW:
+            found = {k: list_prefix(tokens, self._entries[k].tokens) for k in keys}
+            best_len = max(found.values())
+            tied = {k for k, n in found.items() if n == best_len}
+        else:
+            best_len, tied = 0, set()
+        if not tied or best_len < BLOCK * depth:
+            rows = self._rows(keys)
+            common = self._common(ids, rows, BLOCK * (depth + 1))
+            if depth and int(common.max()) < BLOCK * depth:
+                rows = self._rows(None)
+                common = self._common(ids, rows, int(ids.numel()))
+            best_len = int(common.max()) if common.numel() else 0
+            tied = {self._row_key[r] for r in rows[common == best_len].tolist()}
         if best_len == 0:
             return 0, None
-        tied = {self._row_key[r] for r in rows[common == best_len].tolist()}
         best_key = self._first_in_lru({k for k in tied if k is not None})
         self._entries.move_to_end(best_key)
         self.hit_tokens += best_len
@@ -139,36 +168,35 @@ class PrefixCache:
             return
         assert kv_len(kv) == ids.numel(), (kv_len(kv), ids.numel())
         n = int(ids.numel())
-        chain = block_chain(ids.tolist())
+        tokens = ids.tolist()
+        chain = block_chain(tokens)
         if self._entries:
             # Entries that are prefixes of ids end at one of its blocks (or before any).
             ending = set(self._by_end.get(None, ()))
             for h in chain:
                 ending |= self._by_end.get(h, set())
-            if ending:
-                rows = self._rows(ending)
-                lengths = self._lens[rows]
-                inside = (lengths <= n) & (self._common(ids, rows, n) == lengths)
-                for row in rows[inside].tolist():
-                    key = self._row_key[row]
-                    assert key is not None
+            for key in ending:
+                entry = self._entries[key]
+                m = len(entry.tokens)
+                if m <= n and entry.tokens == tokens[:m]:
                     self._drop(key)
             # An entry holding ids starts with all of its whole blocks.
             starting = self._by_block.get(chain[-1], set()) if chain else None
-            if starting is None or starting:
+            if starting is None or len(starting) > _FEW:
                 rows = self._rows(starting)
+                held = set()
                 if rows.numel():
                     holds = (self._lens[rows] >= n) & (self._common(ids, rows, n) == n)
-                    if bool(holds.any()):
-                        # Already held inside a longer entry.
-                        held = {self._row_key[r] for r in rows[holds].tolist()}
-                        self._entries.move_to_end(
-                            self._first_in_lru({k for k in held if k is not None})
-                        )
-                        return
+                    held = {self._row_key[r] for r in rows[holds].tolist()}
+            else:
+                held = {k for k in starting if self._entries[k].tokens[:n] == tokens}
+            held.discard(None)
+            if held:  # already held inside a longer entry
+                self._entries.move_to_end(self._first_in_lru(held))
+                return
         key = self._next
         self._next += 1
-        self._entries[key] = _Entry(ids.detach().to("cpu", copy=True), kv, chain)
+        self._entries[key] = _Entry(ids.detach().to("cpu", copy=True), kv, chain, tokens)
         self._put_row(key, self._entries[key].ids)
         for h in chain:
             self._by_block.setdefault(h, set()).add(key)

@@ -1,3 +1,6 @@
+import random
+
+import pytest
 import torch
 
 from cord.workers.engines.kvcache import PrefixCache, common_prefix
@@ -46,3 +49,76 @@ def test_disabled_cache_stores_nothing():
     cache = PrefixCache(max_tokens=0)
     cache.store(ids(1, 2), kv_for(2))
     assert len(cache) == 0
+
+
+class Reference:
+    """The cache's contract, the slow way: entries in LRU order (oldest first)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.entries: list[list[int]] = []
+
+    @staticmethod
+    def common(a: list[int], b: list[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    def lookup(self, ids: list[int]) -> int:
+        best = max((self.common(ids, e) for e in self.entries), default=0)
+        if best:  # the least recently used of those sharing the longest prefix
+            e = next(e for e in self.entries if self.common(ids, e) == best)
+            self.entries.remove(e)
+            self.entries.append(e)
+        return best
+
+    def store(self, ids: list[int]) -> None:
+        if not ids or len(ids) > self.max_tokens:
+            return
+        self.entries = [e for e in self.entries if not (len(e) <= len(ids) and ids[: len(e)] == e)]
+        holders = [e for e in self.entries if e[: len(ids)] == ids]
+        if holders:
+            self.entries.remove(holders[0])
+            self.entries.append(holders[0])
+            return
+        self.entries.append(list(ids))
+        while sum(map(len, self.entries)) > self.max_tokens:
+            self.entries.pop(0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cache_matches_the_reference_on_random_trajectories(seed):
+    """Trajectories that branch and grow, as CoRD's do (shared question, steps written
+    by several teachers), longer than many hash blocks; a small vocabulary makes long
+    near-matches. Every lookup returns the reference's length and the KV stored for
+    exactly those tokens; the entries kept are the reference's."""
+    rng = random.Random(seed)
+    cache, ref = PrefixCache(max_tokens=rng.choice([300, 2000])), None
+    ref = Reference(cache.max_tokens)
+    roots = [[rng.randrange(3) for _ in range(rng.randrange(0, 40))] for _ in range(3)]
+    live = [list(r) for r in roots]
+    for _ in range(400):
+        base = rng.choice(live)
+        if rng.random() < 0.3:
+            base = base[: rng.randrange(len(base) + 1)]
+        seq = base + [rng.randrange(3) for _ in range(rng.randrange(1, 40))]
+        live.append(seq)
+        if len(live) > 40:
+            live.pop(rng.randrange(len(live)))
+        t = torch.tensor(seq, dtype=torch.long)
+        if rng.random() < 0.5:
+            n, kv = cache.lookup(t)
+            assert n == ref.lookup(seq)
+            if n:
+                assert kv is not None and kv[0][0].shape[-2] == n
+                # Each position's key holds the token stored there: the KV is that prefix's.
+                assert kv[0][0][0, 0, :, 0].tolist() == [float(x) for x in seq[:n]]
+            else:
+                assert kv is None
+        else:
+            pos = torch.tensor(seq, dtype=torch.float32)[None, None, :, None].expand(1, 2, -1, 4)
+            cache.store(t, [(pos.clone(), -pos.clone())])
+            ref.store(seq)
+        assert sorted(e.ids.tolist() for e in cache._entries.values()) == sorted(ref.entries)
+        assert cache.tokens == sum(map(len, ref.entries))
