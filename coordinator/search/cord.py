@@ -2,7 +2,8 @@
 
 Per step: every teacher continues every live beam by one step (``samples_per_beam``
 samples each); every candidate is scored by the meta-prover as soon as it arrives
-(predictive perplexity S of the reference answer); when all are scored, the top
+(predictive perplexity S of the reference answer; a trajectory that two teachers wrote
+alike is scored once, about a third of the lab's candidates); when all are scored, the top
 ``beam_width - completed`` distinct trajectories by S across all teachers and beams are
 kept. A trajectory is complete when its step ends in ``</think>`` (or the model's end of
 turn) or the thinking budget is spent; the teacher that wrote its last step then writes
@@ -59,6 +60,10 @@ class CordSearch(Search):
         self.state = CordState()
         self._cands: dict[str, Candidate] = {}  # current step, by expand key
         self._by_score_key: dict[str, str] = {}  # score key -> expand key
+        # A trajectory two teachers wrote alike this step is scored once: its text ->
+        # the expand key whose score answers for it, and who waits for that score.
+        self._scored_as: dict[tuple[str, ...], str] = {}
+        self._waiting: dict[str, list[str]] = {}
         self._answer_keys: dict[str, int] = {}  # answer key -> index into completed
 
     # -- keys -----------------------------------------------------------------------
@@ -77,6 +82,8 @@ class CordSearch(Search):
         st, search = self.state, self.cfg.search
         self._cands.clear()
         self._by_score_key.clear()
+        self._scored_as.clear()
+        self._waiting.clear()
         work = []
         for b, beam in enumerate(st.beams):
             budget_left = search.thinking_budget - beam.tokens
@@ -114,10 +121,18 @@ class CordSearch(Search):
         cand.finish, cand.tokens = result.finish, max(1, result.tokens)
         self.state.stats.expansions += 1
         self.state.stats.add_generation(cand.teacher, result)
-        parent = self.state.beams[cand.beam]
+        text = self._text(cand)
+        first = self._scored_as.setdefault(text, key)
+        if first != key:  # the same trajectory as another candidate: share its score
+            other = self._cands[first]
+            if other.score is None:
+                self._waiting.setdefault(first, []).append(key)
+                return []
+            cand.score = other.score
+            return self._select_when_scored()
         score_key = self._key("s", *key.split(":")[-4:])
         self._by_score_key[score_key] = key
-        return [self.score_work(score_key, [*parent.texts, cand.text])]
+        return [self.score_work(score_key, list(text))]
 
     def on_score(self, key: str, result: Score) -> list[Work]:
         if result.error:
@@ -127,6 +142,11 @@ class CordSearch(Search):
             return []
         cand.score = result.score
         self.state.stats.add_score(result)
+        for twin in self._waiting.pop(cand.key, []):
+            self._cands[twin].score = result.score
+        return self._select_when_scored()
+
+    def _select_when_scored(self) -> list[Work]:
         if any(c.score is None for c in self._cands.values()):
             return []
         return self._select()
@@ -135,10 +155,10 @@ class CordSearch(Search):
 
     def _ranked(self) -> list[Candidate]:
         """All candidates of the step, best first: by S (ties by key). Candidates that
-        make the same trajectory (two teachers wrote the same step) rank together, at
-        their best S, smallest key first: their S differ only by float noise (batched
-        passes pad differently), which must not decide the order of the beams, since
-        the next step's keys and seeds follow it (a re-run would otherwise differ)."""
+        make the same trajectory (two teachers wrote the same step) were scored once and
+        rank together, smallest key first: which copy arrived first must not decide the
+        order of the beams, since the next step's keys and seeds follow it (a re-run
+        would otherwise differ)."""
         best: dict[tuple[str, ...], tuple[float, str]] = {}
         for c in self._cands.values():
             text = self._text(c)

@@ -3,6 +3,7 @@ beam it keeps, when trajectories complete, who writes the answer, and the output
 
 import pytest
 
+from cord.common import prompts
 from cord.common.config import config_from_dict
 from cord.common.messages import Generation, Score
 from cord.common.problems import Problem
@@ -29,15 +30,25 @@ def make(beam_width=2, samples=1, budget=1000):
 
 
 def expand_all(search, work, texts):
-    """Answer each expand work with texts[(beam_texts_len, teacher)] -> (text, finish, tokens)."""
+    """Answer each expand work with texts[teacher][i] -> (text, finish, tokens), i counting
+    the answers given. Each new trajectory asks the meta-prover for one score; one that
+    another candidate of the step already made asks for none."""
     scores: list = []
-    for w in work:
+    made: set[tuple[str, ...]] = set()
+    for i, w in enumerate(work):
         assert w.kind == "expand"
-        text, finish, tokens = texts[w.model][len(scores) % len(texts[w.model])]
+        text, finish, tokens = texts[w.model][i % len(texts[w.model])]
         out = search.on_generation(
             w.item.key, Generation(key=w.item.key, text=text, finish=finish, tokens=tokens)
         )
-        assert [o.kind for o in out] == ["score"] and out[0].model == "meta"
+        step = prompts.clean_step(prompts.step_header(w.item.next_step), text)
+        trajectory = (*w.item.steps, step)
+        if trajectory in made:
+            assert out == []
+        else:
+            assert [o.kind for o in out] == ["score"] and out[0].model == "meta"
+            assert tuple(out[0].item.steps) == trajectory
+            made.add(trajectory)
         scores.extend(out)
     return scores
 
@@ -152,6 +163,48 @@ def test_identical_trajectories_are_kept_once():
     for s in scores:
         search.on_score(s.item.key, Score(key=s.item.key, score=0.5))
     assert [b.texts for b in search.state.beams] == [["### Step 1. 6"]]
+
+
+def test_a_trajectory_two_teachers_wrote_alike_is_scored_once():
+    # Beam width 1, three teachers: alpha and gamma write the same step, beta another.
+    search = CordSearch(
+        PROBLEM,
+        config_from_dict(
+            {
+                "teachers": [{"name": n, "model": n} for n in ("alpha", "beta", "gamma")],
+                "meta_prover": {"name": "meta", "model": "m"},
+                "search": {"beam_width": 1, "max_step_tokens": 50},
+            }
+        ),
+    )
+    work = {w.model: w for w in search.start()}
+
+    def gen(teacher, text):
+        key = work[teacher].item.key
+        return search.on_generation(key, Generation(key=key, text=text, finish="step", tokens=2))
+
+    (alpha_score,) = gen("alpha", " 1 + 2 = 3")
+    assert gen("gamma", " 1 + 2 = 3") == []  # waits for alpha's score
+    (beta_score,) = gen("beta", " 3 + 3 = 6")
+    assert search.on_score(beta_score.item.key, Score(key=beta_score.item.key, score=0.2)) == []
+    nxt = search.on_score(alpha_score.item.key, Score(key=alpha_score.item.key, score=0.7))
+    # Both copies got S = 0.7; the step was selected once every candidate had a score.
+    assert [b.texts for b in search.state.beams] == [["### Step 1. 1 + 2 = 3"]]
+    assert search.state.beams[0].score == 0.7 and search.state.beams[0].steps[0].teacher == "alpha"
+    assert search.state.stats.scorings == 2 and len(nxt) == 3
+
+    # Step 2: the copy arrives after the score of the first came back.
+    work = {w.model: w for w in nxt}
+    (beta_score,) = gen("beta", " 6")
+    (alpha_score,) = gen("alpha", " 3 + 3 = 6")
+    assert search.on_score(alpha_score.item.key, Score(key=alpha_score.item.key, score=0.9)) == []
+    assert search.on_score(beta_score.item.key, Score(key=beta_score.item.key, score=0.4)) == []
+    nxt = gen("gamma", " 3 + 3 = 6")  # already scored: selects at once
+    assert [b.texts for b in search.state.beams] == [
+        ["### Step 1. 1 + 2 = 3", "### Step 2. 3 + 3 = 6"]
+    ]
+    assert search.state.beams[0].score == 0.9 and len(nxt) == 3
+    assert search.state.stats.scorings == 4
 
 
 def test_duplicates_are_ignored_and_errors_fail():
