@@ -7,17 +7,20 @@
 - A prefix KV cache (`kvcache.PrefixCache`): each request reuses the longest cached
   prefix of its token ids and reports how many prompt tokens came from it.
 
-Prefill (`_prefill_many`): the items of a task run in one forward pass, each on top of
+Prefill (`_prefill_passes`): the items of a task run in one forward pass, each on top of
 its own cached prefix: the cached KVs are left-padded to a common length and the new
 tokens right-padded after them, with explicit position ids and an attention mask that
 hides the padding. On a CPU with tiny models a forward pass costs milliseconds of Python
 whatever its size, so one pass per item made prefill and scoring most of CoRD's cost
 (docs/benchmarks.md); a batch whose logits would be large is split into smaller passes.
 
-Generation: the per-item KV caches from the prefill are left-padded into one batch and
-decoded together, one token per step, with explicit position ids and an attention mask
-that hides the padding. Finished rows leave the batch and their KV (prompt + generated
-tokens) goes into the prefix cache.
+Generation: the prefill passes' KV is copied once, row by row, into per-layer slabs
+sized for the whole decode (`_joined`, `_SlabLayer`), each row's tokens right-aligned;
+the rows decode together, one token per step written in place, with explicit position
+ids and an attention mask that hides the padding. Finished rows leave the batch and
+their KV (prompt + generated tokens) goes into the prefix cache. transformers'
+`DynamicCache` copies every layer's whole KV on construction and on every decode step;
+the engine avoids both (about a fifth of CoRD's engine time on the lab's models).
 
 Scoring: the items of a task are prefilled together; each item's log-probabilities of
 the reference answer are read off its rows of the logits.
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cord.common import prompts
 from cord.common.config import ModelSpec
@@ -74,6 +78,66 @@ class _Row:
     out: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
     text: str = ""
+
+
+@dataclass
+class _Pass:
+    """One batched prefill: which sequences it ran and what came out."""
+
+    rows: list[int]  # positions of its sequences in the caller's list
+    logits: torch.Tensor  # [rows, span, vocab]: the new positions, holes after
+    layers: KV  # [rows, heads, width + span, dim] per layer
+    mask: torch.Tensor  # [rows, width + span]: 1 where a row has a real token
+    width: int  # cached-prefix columns (each row left-padded to it)
+    hits: list[int]
+    news: list[int]
+
+    def segment(self, j: int) -> tuple[int, int]:
+        """Columns of row j's tokens (cached prefix and new)."""
+        return self.width - self.hits[j], self.width + self.news[j]
+
+
+class _SlabLayer(DynamicLayer):
+    """One layer of a decoding batch's KV in a slab allocated for the whole decode: each
+    pass writes its new column in place. `DynamicLayer.update` concatenates instead, a
+    copy of the batch's whole KV in every layer on every pass, which on CoRD's long
+    prompts and short steps was the largest cost of a decode pass after the model."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self.slab_k, self.slab_v, self.length = keys, values, length
+        self.is_initialized = True
+        self.dtype, self.device = keys.dtype, keys.device
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.slab_k[:, :, : self.length]
+        self.values = self.slab_v[:, :, : self.length]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        if end > self.slab_k.shape[-2]:  # past the planned length: grow (not expected)
+            more = end - self.slab_k.shape[-2]
+            self.slab_k = torch.cat([self.slab_k, _zeros_like_cols(self.slab_k, more)], dim=-2)
+            self.slab_v = torch.cat([self.slab_v, _zeros_like_cols(self.slab_v, more)], dim=-2)
+        self.slab_k[:, :, self.length : end] = key_states
+        self.slab_v[:, :, self.length : end] = value_states
+        self.length = end
+        self._views()
+        return self.slab_k[:, :, :end], self.slab_v[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.slab_k, self.slab_v = self.slab_k[indices], self.slab_v[indices]
+        self._views()
+
+
+def _zeros_like_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    return t.new_zeros(*t.shape[:-2], cols, t.shape[-1])
 
 
 @dataclass
@@ -139,14 +203,23 @@ class HFEngine:
 
     # -- torch plumbing -------------------------------------------------------------
     def _make_cache(self, kv: KV | None) -> DynamicCache:
-        if kv:
-            # Contiguous copies: cropped views of stored entries have the strides of the
-            # longer entry they came from.
-            return DynamicCache(
-                [(k.to(self.device).contiguous(), v.to(self.device).contiguous()) for k, v in kv],
-                config=self.model.config,
-            )
-        return DynamicCache(config=self.model.config)
+        """A DynamicCache holding `kv` as it is: `DynamicCache(kv)` would copy every
+        layer (its first `update` concatenates onto an empty tensor), a full copy of the
+        batch's KV per pass for nothing."""
+        cache = DynamicCache(config=self.model.config)
+        if not kv:
+            return cache
+        for index, (k, v) in enumerate(kv):
+            # Contiguous: cropped views of stored entries have the strides of the longer
+            # entry they came from.
+            k, v = k.to(self.device).contiguous(), v.to(self.device).contiguous()
+            layer = cache.layers[index] if index < len(cache.layers) else None
+            if type(layer) is DynamicLayer:
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+            else:  # another layer type (sliding window, ...): its own update
+                cache.update(k, v, index)
+        return cache
 
     @staticmethod
     def _kv_of(cache: Any) -> KV:
@@ -187,9 +260,21 @@ class HFEngine:
     def _prefill_many(
         self, seqs: list[torch.Tensor], reuse_limits: list[int]
     ) -> list[tuple[torch.Tensor, KV, int]]:
-        """`_prefill` for several sequences, batched: per sequence the logits of its new
-        positions, its KV (cached prefix and new tokens) and the reused length. All
-        lookups come before the passes, so one item does not reuse another's new tokens.
+        """`_prefill` for several sequences, batched (`_prefill_passes`): per sequence
+        the logits of its new positions, its KV (cached prefix and new tokens, views of
+        its pass's batch) and the reused length."""
+        out: list[tuple[torch.Tensor, KV, int] | None] = [None] * len(seqs)
+        for p in self._prefill_passes(seqs, reuse_limits):
+            for j, i in enumerate(p.rows):
+                lo, hi = p.segment(j)
+                kv = [(k[j : j + 1, :, lo:hi, :], v[j : j + 1, :, lo:hi, :]) for k, v in p.layers]
+                out[i] = (p.logits[j, : p.news[j]], kv, p.hits[j])
+        return [r for r in out if r is not None]
+
+    def _prefill_passes(self, seqs: list[torch.Tensor], reuse_limits: list[int]) -> list[_Pass]:
+        """Run each sequence on top of its longest cached prefix (at most its reuse
+        limit), in as few forward passes as pay. All lookups come before the passes, so
+        one item does not reuse another's new tokens.
 
         Every row of a pass is as wide as its longest new part, so the rows are sorted by
         new tokens and cut into the passes that cost least: a pass costs
@@ -204,15 +289,15 @@ class HFEngine:
             kvs.append(crop_kv(kv, hit) if kv is not None and hit > 0 else None)
         news = [ids.numel() - hit for ids, hit in zip(seqs, hits, strict=True)]
         order = sorted(range(len(seqs)), key=lambda i: news[i])
-        out: list[tuple[torch.Tensor, KV, int] | None] = [None] * len(seqs)
+        passes = []
         for group in self._passes([news[i] for i in order]):
             rows = [order[g] for g in group]
-            done = self._prefill_group(
-                [seqs[i] for i in rows], [hits[i] for i in rows], [kvs[i] for i in rows]
+            passes.append(
+                self._prefill_group(
+                    rows, [seqs[i] for i in rows], [hits[i] for i in rows], [kvs[i] for i in rows]
+                )
             )
-            for i, result in zip(rows, done, strict=True):
-                out[i] = result
-        return [r for r in out if r is not None]
+        return passes
 
     def _passes(self, widths: list[int]) -> list[list[int]]:
         """Cut ascending `widths` into consecutive groups of least total cost (a group
@@ -238,54 +323,41 @@ class HFEngine:
         return groups[::-1]
 
     def _prefill_group(
-        self, seqs: list[torch.Tensor], hits: list[int], kvs: list[KV | None]
-    ) -> list[tuple[torch.Tensor, KV, int]]:
+        self, rows: list[int], seqs: list[torch.Tensor], hits: list[int], kvs: list[KV | None]
+    ) -> _Pass:
         """One forward pass. Row i holds P - hit_i zero pads, its cached prefix (`kvs`,
         hit_i tokens), its s_i new tokens, then S - s_i holes; the mask hides pads and
         holes, which only ever come before a real token's query or after all of them, so
         every real query attends to exactly its own sequence."""
         news = [ids.numel() - hit for ids, hit in zip(seqs, hits, strict=True)]
         width, span = max(hits), max(news)
-        rows = len(seqs)
+        n = len(seqs)
         cache = self._make_cache(self._left_padded(kvs, hits, width) if width else None)
-        ids = torch.zeros(rows, span, dtype=torch.long)
-        positions = torch.zeros(rows, span, dtype=torch.long)
-        mask = torch.zeros(rows, width + span, dtype=torch.long)
+        ids = torch.zeros(n, span, dtype=torch.long)
+        positions = torch.zeros(n, span, dtype=torch.long)
+        mask = torch.zeros(n, width + span, dtype=torch.long)
         for i, (seq, hit, new) in enumerate(zip(seqs, hits, news, strict=True)):
             ids[i, :new] = seq[hit:]
             # Holes repeat the last position: never beyond the sequence (position tables).
             positions[i] = torch.clamp(torch.arange(hit, hit + span), max=seq.numel() - 1)
             mask[i, width - hit : width + new] = 1
-        logits, cache = self._forward(ids, positions, mask, cache)
-        layers = self._kv_of(cache)
-        out: list[tuple[torch.Tensor, KV, int]] = []
-        for i, (seq, hit, new) in enumerate(zip(seqs, hits, news, strict=True)):
-            lo, hi = width - hit, width + new
-            kv = [(k[i : i + 1, :, lo:hi, :], v[i : i + 1, :, lo:hi, :]) for k, v in layers]
-            out.append((logits[i, :new], kv, hit))
             self.counters.prompt_tokens += seq.numel()
             self.counters.cached_tokens += hit
-        return out
+        logits, cache = self._forward(ids, positions, mask, cache)
+        return _Pass(rows, logits, self._kv_of(cache), mask, width, hits, news)
 
     def _left_padded(self, kvs: list[KV | None], hits: list[int], width: int) -> KV:
         """The cached prefixes as one batch, each left-padded with zeros to `width`."""
         template = next(kv for kv in kvs if kv is not None)
         layers: KV = []
         for layer, (k0, v0) in enumerate(template):
-            keys, values = [], []
-            for kv, hit in zip(kvs, hits, strict=True):
-                pad = width - hit
-                if kv is None:
-                    keys.append(k0.new_zeros(1, k0.shape[1], width, k0.shape[-1]))
-                    values.append(v0.new_zeros(1, v0.shape[1], width, v0.shape[-1]))
-                    continue
-                k, v = kv[layer]
-                if pad:
-                    k = torch.cat([k.new_zeros(1, k.shape[1], pad, k.shape[-1]), k], dim=-2)
-                    v = torch.cat([v.new_zeros(1, v.shape[1], pad, v.shape[-1]), v], dim=-2)
-                keys.append(k)
-                values.append(v)
-            layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
+            shape = (len(kvs), k0.shape[1], width, k0.shape[-1])
+            keys, values = k0.new_zeros(shape), v0.new_zeros(shape)
+            for i, (kv, hit) in enumerate(zip(kvs, hits, strict=True)):
+                if kv is not None and hit:
+                    keys[i, :, width - hit :] = kv[layer][0][0]
+                    values[i, :, width - hit :] = kv[layer][1][0]
+            layers.append((keys, values))
         return layers
 
     # -- generation -----------------------------------------------------------------
@@ -331,30 +403,30 @@ class HFEngine:
         return [r for r in results if r is not None]
 
     def _generate(self, rows: list[_Row]) -> None:
-        firsts, caches = [], []
-        prefilled = self._prefill_many(
+        """Decode `rows` together on top of their prefill passes' KV as it is (pads and
+        holes stay in place, hidden by the mask): no per-row copy of any prompt's KV."""
+        passes = self._prefill_passes(
             [r.prompt for r in rows], [r.prompt.numel() - 1 for r in rows]
         )
-        for row, (logits, kv, hit) in zip(rows, prefilled, strict=True):
-            row.cached = hit
-            firsts.append(logits[-1])
-            caches.append(kv)
-        lens = [r.prompt.numel() for r in rows]
-        width = max(lens)
-        pads = [width - n for n in lens]
-        batched = self._pad_batch(caches, pads)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, pad in enumerate(pads):
-            mask[b, pad:] = 1
-        positions = torch.tensor(lens, dtype=torch.long)
+        batched, mask, segments = self._joined(passes, max(r.max_new for r in rows))
+        firsts = []
+        order: list[int] = []  # batch position -> index into rows
+        for p in passes:
+            for j, r in enumerate(p.rows):
+                rows[r].cached = p.hits[j]
+                firsts.append(p.logits[j, p.news[j] - 1])
+                order.append(r)
+        start = mask.shape[1]  # the column of the first fed-back token, every row
+        positions = torch.tensor([rows[r].prompt.numel() for r in order], dtype=torch.long)
         logits = torch.stack(firsts)
-        active = list(range(len(rows)))  # batch position -> index into rows
+        active = order
+        seg = dict(zip(order, segments, strict=True))
         while True:
             tokens = self._sample(logits, [rows[r] for r in active])
             keep: list[int] = []
             for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
                 if self._advance(rows[r], token):
-                    self._remember(rows[r], batched, b, pads[r])
+                    self._remember(rows[r], batched, b, seg[r], start)
                 else:
                     keep.append(b)
             if not keep:
@@ -376,19 +448,41 @@ class HFEngine:
             positions = positions + 1
             logits = step_logits[:, -1]
 
-    def _pad_batch(self, caches: list[KV], pads: list[int]) -> DynamicCache:
+    def _joined(
+        self, passes: list[_Pass], room: int
+    ) -> tuple[DynamicCache, torch.Tensor, list[range]]:
+        """The passes' KV as one left-padded batch (rows in pass order, each row's
+        tokens right-aligned, so decoding appends at one column for all), in slabs with
+        `room` more columns to decode into (`_SlabLayer`). Also its attention mask and
+        each row's prompt columns."""
+        lens = [h + n for p in passes for h, n in zip(p.hits, p.news, strict=True)]
+        total, n = max(lens), len(lens)
+        mask = torch.zeros(n, total, dtype=torch.long)
+        segments = []
+        for b, length in enumerate(lens):
+            mask[b, total - length :] = 1
+            segments.append(range(total - length, total))
+        cache = DynamicCache(config=self.model.config)
+        slabs = all(type(layer) is DynamicLayer for layer in cache.layers) and len(
+            cache.layers
+        ) == len(passes[0].layers)
+        width = total + room if slabs else total
         layers: KV = []
-        for layer in range(len(caches[0])):
-            keys, values = [], []
-            for kv, pad in zip(caches, pads, strict=True):
-                k, v = kv[layer]
-                if pad:
-                    k = torch.cat([k.new_zeros(*k.shape[:-2], pad, k.shape[-1]), k], dim=-2)
-                    v = torch.cat([v.new_zeros(*v.shape[:-2], pad, v.shape[-1]), v], dim=-2)
-                keys.append(k)
-                values.append(v)
-            layers.append((torch.cat(keys, dim=0), torch.cat(values, dim=0)))
-        return self._make_cache(layers)
+        for k0, v0 in passes[0].layers:
+            shape = (n, k0.shape[1], width, k0.shape[-1])
+            layers.append((k0.new_zeros(shape), v0.new_zeros(shape)))
+        b = 0
+        for p in passes:  # one copy per row and layer, straight into place
+            for j in range(len(p.rows)):
+                lo, hi = p.segment(j)
+                for (keys, values), (k, v) in zip(layers, p.layers, strict=True):
+                    keys[b, :, total - (hi - lo) : total] = k[j, :, lo:hi]
+                    values[b, :, total - (hi - lo) : total] = v[j, :, lo:hi]
+                b += 1
+        if not slabs:
+            return self._make_cache(layers), mask, segments
+        cache.layers = [_SlabLayer(k, v, total) for k, v in layers]
+        return cache, mask, segments
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
         """One token per row, for the whole batch at once (Gumbel-max). Each row draws its
@@ -437,17 +531,25 @@ class HFEngine:
             return True
         return False
 
-    def _remember(self, row: _Row, batched: Any, b: int, pad: int) -> None:
-        """Put a finished row's KV (prompt and the tokens fed back) in the prefix cache."""
+    def _remember(self, row: _Row, batched: Any, b: int, prompt: range, start: int) -> None:
+        """Put a finished row's KV (prompt and the tokens fed back) in the prefix cache:
+        its prompt columns and its columns from `start` on (batch position `b`)."""
         if self.prefix_cache.max_tokens <= 0:
             return
         fed = row.out[:-1] if row.finish != "eos" else row.out
         ids = torch.cat([row.prompt, torch.tensor(fed, dtype=torch.long)])
+        end = start + len(fed)
         kv = [
-            (k[b : b + 1, :, pad:, :].clone(), v[b : b + 1, :, pad:, :].clone())
+            (
+                torch.cat(
+                    [k[b : b + 1, :, prompt.start : prompt.stop], k[b : b + 1, :, start:end]], 2
+                ),
+                torch.cat(
+                    [v[b : b + 1, :, prompt.start : prompt.stop], v[b : b + 1, :, start:end]], 2
+                ),
+            )
             for k, v in self._kv_of(batched)
         ]
-        kv = crop_kv(kv, ids.numel())
         self.prefix_cache.store(ids, kv)
 
     # -- scoring --------------------------------------------------------------------

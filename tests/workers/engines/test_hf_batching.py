@@ -78,3 +78,53 @@ def test_passes_split_where_padding_costs_more_than_a_pass():
     # One long miss among short hits goes alone: 3 x 500 padded tokens cost more than a pass.
     assert engine._passes([5, 6, 7, 500]) == [[0, 1, 2], [3]]
     assert engine._passes([]) == []
+
+
+def test_generation_over_several_passes_matches_an_engine_without_cache():
+    """Cache hits with short new parts and a long miss prefill in separate passes, which
+    `_joined` copies into one decoding batch; the finished rows' KV goes into the prefix
+    cache and the next step decodes on top of it. Every text must be what an engine
+    with no prefix cache writes for each item alone."""
+    spec = ModelSpec(name="alpha", model=str(MODELS / "alpha"))
+    engine = HFEngine(spec)
+    plain = HFEngine(spec.model_copy(update={"prefix_cache_tokens": 0}))
+    passes: list[int] = []
+    group = engine._prefill_group
+
+    def counted(*args):
+        passes.append(len(args[0]))
+        return group(*args)
+
+    engine._prefill_group = counted  # type: ignore[method-assign]
+    long_q = "What is " + " + ".join(str(n % 9 + 1) for n in range(40)) + "?"
+    questions = ["What is 4 + 5 + 6?", "What is 7 + 7 + 1 + 2?", "What is 3 + 9?", long_q]
+
+    def items(tag: str, steps: list[list[str]]) -> list[ExpandItem]:
+        return [
+            ExpandItem(
+                key=f"{tag}{i}",
+                prompt=q,
+                steps=s,
+                next_step=len(s) + 1,
+                max_new_tokens=20 + 4 * i,
+                temperature=0.0,
+                seed=i,
+            )
+            for i, (q, s) in enumerate(zip(questions, steps, strict=True))
+        ]
+
+    engine.expand(items("w", [[]] * 3 + [[]])[:3])  # the short questions are cached
+    steps: list[list[str]] = [[]] * 4
+    for step in range(1, 4):
+        passes.clear()
+        batch = items(f"s{step}-", steps)
+        got = engine.expand(batch)
+        want = [plain.expand([item])[0] for item in batch]
+        assert [(g.text, g.finish, g.tokens) for g in got] == [
+            (g.text, g.finish, g.tokens) for g in want
+        ]
+        if step == 1:
+            assert len(passes) > 1  # the long miss went in a pass of its own
+        assert step == 1 or sum(g.cached_tokens for g in got) > 0
+        steps = [[*s, f"### Step {step}.{g.text}"] for s, g in zip(steps, got, strict=True)]
+    assert plain.prefix_cache.tokens == 0
