@@ -31,6 +31,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -738,6 +739,13 @@ class RedisSampler:
     show_default=True,
     help="Also run curation (N matched to CoRD's tokens) through the same fleet.",
 )
+@click.option(
+    "--pairs",
+    default=3,
+    show_default=True,
+    help="CoRD/curation pairs, each on problems of its own, the order alternating; "
+    "cord_vs_curation_wall_ratio is the median of the pairs' ratios.",
+)
 @json_option
 def overhead(
     redis_url: str,
@@ -747,10 +755,19 @@ def overhead(
     model: str | None,
     inproc_threads: str,
     curation: bool,
+    pairs: int,
     json_path: str | None,
 ) -> None:
     """CoRD through the fleet (one worker per pool, one torch thread each) against the
-    same search in one process on the same problems; then curation through the fleet."""
+    same search in one process on the same problems; then curation through the fleet,
+    in `pairs` CoRD/curation pairs.
+
+    One run of each is a poor figure on a shared machine: the same run's CPU time
+    varies by 15% from one minute to the next here. So the pairs run back to back, each
+    on problems of its own (workers keep their prefix caches between runs: CoRD again
+    on the same problems would find its trajectories cached), the order alternating
+    (the second run of a pair finds the questions cached); the figure is the median of
+    the pairs' ratios, and their spread is printed beside it."""
     from cord.coordinator.evaluate import StrategyResult, matched_curation_samples
 
     info = machine()
@@ -783,14 +800,33 @@ def overhead(
             click.echo(f"fleet, cord: {run.wall_s:.1f}s; {run.cpu_line()}", err=True)
             cur: FleetRun | None = None
             n = None
+            paired: list[tuple[FleetRun, FleetRun]] = []
             if curation:
                 cord_result = StrategyResult("cord", run.rows, run.failed, run.wall_s, problems)
                 n = matched_curation_samples(fleet.cfg, cord_result)
                 search = fleet.cfg.search.model_copy(
                     update={"strategy": "curation", "curation_samples": n}
                 )
-                cur = run_fleet(fleet.cfg.model_copy(update={"search": search}), todo, fleet=fleet)
-                click.echo(f"fleet, curation N={n}: {cur.wall_s:.1f}s; {cur.cpu_line()}", err=True)
+                cur_cfg = fleet.cfg.model_copy(update={"search": search})
+                for pair in range(pairs):
+                    if pair == 0:  # CoRD ran first on `todo` above
+                        c = run
+                        k = run_fleet(cur_cfg, todo, fleet=fleet)
+                    else:
+                        mine = lab_problems(problems, SEED + pair)
+                        if pair % 2:
+                            k = run_fleet(cur_cfg, mine, fleet=fleet)
+                            c = run_fleet(fleet.cfg, mine, fleet=fleet)
+                        else:
+                            c = run_fleet(fleet.cfg, mine, fleet=fleet)
+                            k = run_fleet(cur_cfg, mine, fleet=fleet)
+                    paired.append((c, k))
+                    click.echo(
+                        f"pair {pair + 1}: cord {c.wall_s:.1f}s, curation N={n} {k.wall_s:.1f}s "
+                        f"({c.wall_s / k.wall_s:.3f}); curation {k.cpu_line()}",
+                        err=True,
+                    )
+                cur = paired[0][1]
         finally:
             fleet.stop()
     best_t = min(inproc, key=lambda t: inproc[t].wall_s)
@@ -820,16 +856,29 @@ def overhead(
         }
     )
     if cur is not None:
+        walls = [c.wall_s / k.wall_s for c, k in paired]
+        cpus = [c.cpu_s / k.cpu_s for c, k in paired if k.cpu_s]
         figures.update(
             {
                 "curation_samples": n,
                 "curation_wall_s": r3(cur.wall_s),
                 "curation_tokens_per_problem": round(tokens_of(cur.rows), 1),
                 "curation_done": len(cur.rows),
-                "cord_vs_curation_wall_ratio": r3(run.wall_s / cur.wall_s),
                 "curation_cpu_s": round(cur.cpu_s, 2),
-                "cord_vs_curation_cpu_ratio": r3(run.cpu_s / cur.cpu_s) if cur.cpu_s else None,
-                "cord_vs_curation_token_ratio": r3(tokens_of(run.rows) / tokens_of(cur.rows))
+                "pairs": len(paired),
+                "pairs_cord_wall_s": ",".join(f"{c.wall_s:.2f}" for c, _ in paired),
+                "pairs_curation_wall_s": ",".join(f"{k.wall_s:.2f}" for _, k in paired),
+                "pairs_cord_done": sum(len(c.rows) for c, _ in paired),
+                "pairs_curation_done": sum(len(k.rows) for _, k in paired),
+                "pairs_failed": sum(c.failed + k.failed for c, k in paired),
+                "cord_vs_curation_wall_ratio_min": r3(min(walls)),
+                "cord_vs_curation_wall_ratio_max": r3(max(walls)),
+                "cord_vs_curation_wall_ratio": r3(statistics.median(walls)),
+                "cord_vs_curation_cpu_ratio": r3(statistics.median(cpus)) if cpus else None,
+                "cord_vs_curation_token_ratio": r3(
+                    sum(tokens_of(c.rows) for c, _ in paired)
+                    / sum(tokens_of(k.rows) for _, k in paired)
+                )
                 if cur.rows
                 else None,
             }
