@@ -257,20 +257,6 @@ class HFEngine:
         self.counters.cached_tokens += hit
         return logits[0], cache, hit
 
-    def _prefill_many(
-        self, seqs: list[torch.Tensor], reuse_limits: list[int]
-    ) -> list[tuple[torch.Tensor, KV, int]]:
-        """`_prefill` for several sequences, batched (`_prefill_passes`): per sequence
-        the logits of its new positions, its KV (cached prefix and new tokens, views of
-        its pass's batch) and the reused length."""
-        out: list[tuple[torch.Tensor, KV, int] | None] = [None] * len(seqs)
-        for p in self._prefill_passes(seqs, reuse_limits):
-            for j, i in enumerate(p.rows):
-                lo, hi = p.segment(j)
-                kv = [(k[j : j + 1, :, lo:hi, :], v[j : j + 1, :, lo:hi, :]) for k, v in p.layers]
-                out[i] = (p.logits[j, : p.news[j]], kv, p.hits[j])
-        return [r for r in out if r is not None]
-
     def _prefill_passes(self, seqs: list[torch.Tensor], reuse_limits: list[int]) -> list[_Pass]:
         """Run each sequence on top of its longest cached prefix (at most its reuse
         limit), in as few forward passes as pay. All lookups come before the passes, so
@@ -403,8 +389,8 @@ class HFEngine:
         return [r for r in results if r is not None]
 
     def _generate(self, rows: list[_Row]) -> None:
-        """Decode `rows` together on top of their prefill passes' KV as it is (pads and
-        holes stay in place, hidden by the mask): no per-row copy of any prompt's KV."""
+        """Prefill `rows` (`_prefill_passes`), copy their KV once into decoding slabs
+        (`_joined`), then decode them together until each finishes."""
         passes = self._prefill_passes(
             [r.prompt for r in rows], [r.prompt.numel() - 1 for r in rows]
         )
@@ -569,12 +555,8 @@ class HFEngine:
                 out[index] = Score(key=item.key, error=str(e), retryable=e.retryable)
                 continue
             ready.append((index, context, target))
-        prefilled = self._prefill_many(
-            [torch.cat([context, target]) for _, context, target in ready],
-            [context.numel() - 1 for _, context, target in ready],
-        )
-        for (index, context, target), (logits, kv, hit) in zip(ready, prefilled, strict=True):
-            logprobs = self._answer_logprobs(context, target, logits, kv, hit)
+        scored = self._answers_logprobs([(c, t) for _, c, t in ready])
+        for (index, context, target), (logprobs, hit) in zip(ready, scored, strict=True):
             out[index] = Score(
                 key=items[index].key,
                 score=predictive_score(logprobs),
@@ -600,21 +582,44 @@ class HFEngine:
             raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
         self._check_context(context.numel() + target.numel())
 
-    def _answer_logprobs(
-        self, context: torch.Tensor, target: torch.Tensor, logits: torch.Tensor, kv: KV, hit: int
-    ) -> list[float]:
-        """The answer's log-probabilities from a prefill of context + target (`logits` of
-        its new positions); the context's KV goes into the prefix cache."""
-        first = context.numel() - 1 - hit  # logits row that predicts target[0]
-        picked = logits[first : first + target.numel()].float()
-        logprobs = torch.log_softmax(picked, dim=-1).gather(1, target.to(picked.device)[:, None])
-        if self.prefix_cache.max_tokens > 0:
-            n = context.numel()
-            self.prefix_cache.store(
-                context, [(k[..., :n, :].clone(), v[..., :n, :].clone()) for k, v in kv]
-            )
-        self.counters.scored_tokens += target.numel()
-        return [float(x) for x in logprobs[:, 0].tolist()]
+    def _answers_logprobs(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> list[tuple[list[float], int]]:
+        """Per (context, answer) pair: the answer's log-probabilities after the context,
+        and the prompt tokens the prefix cache served. One prefill of context + answer
+        per pair, batched (`_prefill_passes`); the log-softmax runs once per pass over
+        every answer position in it; each context's KV goes into the prefix cache."""
+        out: list[tuple[list[float], int] | None] = [None] * len(pairs)
+        passes = self._prefill_passes(
+            [torch.cat([c, t]) for c, t in pairs], [c.numel() - 1 for c, _ in pairs]
+        )
+        for p in passes:
+            rows: list[int] = []
+            cols: list[int] = []
+            for j, i in enumerate(p.rows):
+                context, target = pairs[i]
+                first = context.numel() - 1 - p.hits[j]  # the column predicting target[0]
+                rows += [j] * target.numel()
+                cols += range(first, first + target.numel())
+            targets = torch.cat([pairs[i][1] for i in p.rows]).to(p.logits.device)
+            device = p.logits.device
+            picked = p.logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+            picked = picked.float()
+            logprobs = torch.log_softmax(picked, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+            at = 0
+            for j, i in enumerate(p.rows):
+                context, target = pairs[i]
+                out[i] = ([float(x) for x in logprobs[at : at + target.numel()]], p.hits[j])
+                at += target.numel()
+                self.counters.scored_tokens += target.numel()
+                if self.prefix_cache.max_tokens > 0:
+                    lo, n = p.segment(j)[0], context.numel()
+                    kv = [
+                        (k[j : j + 1, :, lo : lo + n].clone(), v[j : j + 1, :, lo : lo + n].clone())
+                        for k, v in p.layers
+                    ]
+                    self.prefix_cache.store(context, kv)
+        return [r for r in out if r is not None]
 
     @torch.inference_mode()
     def answer_logprobs(
@@ -623,10 +628,7 @@ class HFEngine:
         """Log-probabilities of the answer's tokens after the scoring context; also the
         prompt length and how much of it came from the prefix cache."""
         context, target = self._scoring_ids(user, steps, answer)
-        ((logits, kv, hit),) = self._prefill_many(
-            [torch.cat([context, target])], [context.numel() - 1]
-        )
-        logprobs = self._answer_logprobs(context, target, logits, kv, hit)
+        ((logprobs, hit),) = self._answers_logprobs([(context, target)])
         return logprobs, context.numel() + target.numel(), hit
 
     def stats(self) -> dict[str, Any]:
