@@ -39,29 +39,35 @@ def test_a_mixed_batch_scores_as_items_alone(name):
     assert sum(s.cached_tokens for s in together) > 0
 
 
+def greedy_items(
+    tag: str, questions: list[str], steps: list[list[str]], max_new: list[int]
+) -> list[ExpandItem]:
+    """Greedy expansions, item i continuing `steps[i]` of `questions[i]`."""
+    return [
+        ExpandItem(
+            key=f"{tag}{i}",
+            prompt=q,
+            steps=s,
+            next_step=len(s) + 1,
+            max_new_tokens=n,
+            temperature=0.0,
+            seed=i,
+        )
+        for i, (q, s, n) in enumerate(zip(questions, steps, max_new, strict=True))
+    ]
+
+
 def test_a_mixed_batch_generates_as_items_alone():
     spec = ModelSpec(name="gamma", model=str(MODELS / "gamma"))
     batched, alone = HFEngine(spec), HFEngine(spec)
 
     def items(tag: str) -> list[ExpandItem]:
-        return [
-            ExpandItem(
-                key=f"{tag}{i}",
-                prompt=q,
-                steps=s,
-                next_step=len(s) + 1,
-                max_new_tokens=24,
-                temperature=0.0,
-                seed=i,
-            )
-            for i, (q, s) in enumerate(
-                [
-                    ("What is 4 + 5 + 6?", []),
-                    ("What is 4 + 5 + 6?", ["### Step 1. 9 + 6"]),
-                    ("What is 7 + 7 + 1 + 2?", []),
-                ]
-            )
-        ]
+        return greedy_items(
+            tag,
+            ["What is 4 + 5 + 6?", "What is 4 + 5 + 6?", "What is 7 + 7 + 1 + 2?"],
+            [[], ["### Step 1. 9 + 6"], []],
+            [24] * 3,
+        )
 
     batched.expand(items("w")[:1])
     alone.expand(items("w")[:1])
@@ -100,18 +106,7 @@ def test_generation_over_several_passes_matches_an_engine_without_cache():
     questions = ["What is 4 + 5 + 6?", "What is 7 + 7 + 1 + 2?", "What is 3 + 9?", long_q]
 
     def items(tag: str, steps: list[list[str]]) -> list[ExpandItem]:
-        return [
-            ExpandItem(
-                key=f"{tag}{i}",
-                prompt=q,
-                steps=s,
-                next_step=len(s) + 1,
-                max_new_tokens=20 + 4 * i,
-                temperature=0.0,
-                seed=i,
-            )
-            for i, (q, s) in enumerate(zip(questions, steps, strict=True))
-        ]
+        return greedy_items(tag, questions, steps, [20 + 4 * i for i in range(4)])
 
     engine.expand(items("w", [[]] * 3 + [[]])[:3])  # the short questions are cached
     steps: list[list[str]] = [[]] * 4
