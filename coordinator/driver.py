@@ -258,6 +258,7 @@ class Coordinator:
         four at once (442 tasks for 48 lab problems, now about 300). With nothing else
         out nothing more can come, so the last problems of a run do not wait."""
         held: dict[tuple[TaskKind, str], list[str]] = defaultdict(list)
+        out = set(self.tasks)  # out before this flush: what this flush sends brings no work yet
         for (kind, model), keys in self.outbox.items():
             by_queue: dict[tuple[str, str | None], list[str]] = defaultdict(list)
             for k in dict.fromkeys(keys):
@@ -273,7 +274,7 @@ class Coordinator:
                         rest
                         and (
                             self._busy(queue, model, worker, now)
-                            or (len(rest) < batch and self._others_out(queue))
+                            or (len(rest) < batch and self._others_out(queue, out))
                         )
                         and (now - min(self.pending[k].queued_at for k in rest) < HOLD_S)
                     ):
@@ -283,9 +284,11 @@ class Coordinator:
                         self._send(kind, model, routed[i : i + batch], now, queue, worker, producer)
         self.outbox = held
 
-    def _others_out(self, queue: str) -> bool:
-        """Is any task out that `queue` did not get (its results can bring more work)?"""
-        return len(self.tasks) > len(self._open_tasks[queue])
+    def _others_out(self, queue: str, out: set[str]) -> bool:
+        """Is any task of `out` one that `queue` did not get (its results can bring more
+        work)?"""
+        mine = self._open_tasks[queue]
+        return len(out) > sum(1 for t in mine if t in out)
 
     def _close_task(self, task_id: str) -> None:
         """`task_id` answered, or will not be waited for any more."""
