@@ -741,7 +741,7 @@ class RedisSampler:
 )
 @click.option(
     "--pairs",
-    default=3,
+    default=5,
     show_default=True,
     help="CoRD/curation pairs, each on problems of its own, the order alternating; "
     "cord_vs_curation_wall_ratio is the median of the pairs' ratios.",
@@ -874,6 +874,9 @@ def overhead(
                 "cord_vs_curation_wall_ratio_min": r3(min(walls)),
                 "cord_vs_curation_wall_ratio_max": r3(max(walls)),
                 "cord_vs_curation_wall_ratio": r3(statistics.median(walls)),
+                "cord_vs_curation_wall_ratio_total": r3(
+                    sum(c.wall_s for c, _ in paired) / sum(k.wall_s for _, k in paired)
+                ),
                 "cord_vs_curation_cpu_ratio": r3(statistics.median(cpus)) if cpus else None,
                 "cord_vs_curation_token_ratio": r3(
                     sum(tokens_of(c.rows) for c, _ in paired)

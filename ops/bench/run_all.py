@@ -45,6 +45,7 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("cord_vs_curation_wall_ratio", 1.25, "<=", "1.72"),
     ("cord_vs_curation_wall_ratio_min", None, "", ""),
     ("cord_vs_curation_wall_ratio_max", None, "", ""),
+    ("cord_vs_curation_wall_ratio_total", None, "", ""),
     ("cord_vs_curation_cpu_ratio", None, "", ""),
     ("cord_vs_curation_token_ratio", None, "", ""),
     ("prefix_cache_hit_affinity", None, "", ""),
