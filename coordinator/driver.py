@@ -258,7 +258,7 @@ class Coordinator:
         four at once (442 tasks for 48 lab problems, now about 300). With nothing else
         out nothing more can come, so the last problems of a run do not wait."""
         held: dict[tuple[TaskKind, str], list[str]] = defaultdict(list)
-        out = set(self.tasks)  # out before this flush: what this flush sends brings no work yet
+        sent: set[str] = set()  # by this flush: they bring no work before it ends
         for (kind, model), keys in self.outbox.items():
             by_queue: dict[tuple[str, str | None], list[str]] = defaultdict(list)
             for k in dict.fromkeys(keys):
@@ -272,23 +272,24 @@ class Coordinator:
                     rest = routed[full:]
                     if (
                         rest
-                        and (
-                            self._busy(queue, model, worker, now)
-                            or (len(rest) < batch and self._others_out(queue, out))
-                        )
-                        and (now - min(self.pending[k].queued_at for k in rest) < HOLD_S)
+                        and (self._busy(queue, model, worker, now) or self._others_out(queue, sent))
+                        and now - min(self.pending[k].queued_at for k in rest) < HOLD_S
                     ):
                         held[(kind, model)] += rest
                         routed = routed[:full]
                     for i in range(0, len(routed), batch):
-                        self._send(kind, model, routed[i : i + batch], now, queue, worker, producer)
+                        sent.add(
+                            self._send(
+                                kind, model, routed[i : i + batch], now, queue, worker, producer
+                            )
+                        )
         self.outbox = held
 
-    def _others_out(self, queue: str, out: set[str]) -> bool:
-        """Is any task of `out` one that `queue` did not get (its results can bring more
-        work)?"""
-        mine = self._open_tasks[queue]
-        return len(out) > sum(1 for t in mine if t in out)
+    def _others_out(self, queue: str, sent: set[str]) -> bool:
+        """Is a task out, sent before this flush (`sent`: by it), that `queue` did not
+        get? Its results can bring more work."""
+        mine = sum(1 for t in self._open_tasks[queue] if t not in sent and t in self.tasks)
+        return len(self.tasks) - len(sent) - mine > 0
 
     def _close_task(self, task_id: str) -> None:
         """`task_id` answered, or will not be waited for any more."""
@@ -315,7 +316,7 @@ class Coordinator:
         queue: str,
         worker: str | None,
         producer: Any = None,
-    ) -> None:
+    ) -> str:
         task_id = uuid.uuid4().hex
         items = [self.pending[k].work.item for k in keys]
         attempt = max(self.pending[k].attempt for k in keys)
@@ -348,6 +349,7 @@ class Coordinator:
         self.counters.tasks_sent += 1
         self.counters.items_sent += len(keys)
         self.counters.by_kind[kind] += len(keys)
+        return task_id
 
     # -- results ----------------------------------------------------------------------
     def _read(self, block_ms: int) -> None:
