@@ -101,15 +101,15 @@ def test_generation_over_several_passes_matches_an_engine_without_cache():
         passes.append(len(args[0]))
         return group(*args)
 
-    engine._prefill_group = counted  # type: ignore[method-assign]
+    engine._prefill_group = counted
     long_q = "What is " + " + ".join(str(n % 9 + 1) for n in range(40)) + "?"
     questions = ["What is 4 + 5 + 6?", "What is 7 + 7 + 1 + 2?", "What is 3 + 9?", long_q]
 
     def items(tag: str, steps: list[list[str]]) -> list[ExpandItem]:
         return greedy_items(tag, questions, steps, [20 + 4 * i for i in range(4)])
 
-    engine.expand(items("w", [[]] * 3 + [[]])[:3])  # the short questions are cached
     steps: list[list[str]] = [[]] * 4
+    engine.expand(items("w", steps)[:3])  # the short questions are cached
     for step in range(1, 4):
         passes.clear()
         batch = items(f"s{step}-", steps)
