@@ -184,6 +184,23 @@ class ReliabilitySpec(_Strict):
     lease_s: float = Field(
         default=30.0, gt=0, description="a dead coordinator's problems are taken over after this"
     )
+    reply_ttl_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a coordinator's reply stream expires this long after its last write or "
+        "the coordinator's last lease renewal: a killed coordinator's stream goes away",
+    )
+
+    @model_validator(mode="after")
+    def _reply_outlives_renewal(self) -> ReliabilitySpec:
+        if self.reply_ttl_s < self.lease_s:
+            raise ValueError(
+                f"reliability.reply_ttl_s ({self.reply_ttl_s:g}) must be at least "
+                f"reliability.lease_s ({self.lease_s:g}): a live coordinator refreshes it "
+                "every third of lease_s"
+            )
+        return self
+
     shutdown_grace_s: float = Field(
         default=20.0,
         ge=0,

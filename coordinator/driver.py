@@ -524,6 +524,9 @@ class Coordinator:
         if now < self._next_renew or not (self.searches or self._closing):
             return
         lost = self.store.renew(self.id, [*self.searches, *self._closing], self.lease_s)
+        # The reply stream lives while we do: were we killed, it expires (workers set the
+        # same TTL on each write, so a late result cannot leave it behind either).
+        self.redis.pexpire(self.reply, int(self.cfg.reliability.reply_ttl_s * 1000))
         self._next_renew = now + self.lease_s / 3
         for pid in lost:
             self._drop_lost(pid)

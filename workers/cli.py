@@ -105,7 +105,13 @@ def main(
     engine = load_engine(spec)
     client = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
     runtime = WorkerRuntime(
-        engine, node, client, Keys(cfg.namespace), queues, cfg.reliability.worker_lost_s
+        engine,
+        node,
+        client,
+        Keys(cfg.namespace),
+        queues,
+        cfg.reliability.worker_lost_s,
+        cfg.reliability.reply_ttl_s,
     )
     app = make_celery(cfg)
     register_tasks(app, runtime)

@@ -40,6 +40,7 @@ class WorkerRuntime:
         keys: Keys,
         queues: list[str],
         lost_after_s: float = 15.0,
+        reply_ttl_s: float = 600.0,
     ) -> None:
         self.engine = engine
         self.worker_name = worker_name
@@ -47,6 +48,7 @@ class WorkerRuntime:
         self.keys = keys
         self.queues = queues
         self.lost_after_s = lost_after_s
+        self.reply_ttl_ms = int(reply_ttl_s * 1000)
         self.log = get_logger("cord.worker", worker=worker_name, model=engine.name)
         self.tasks_done = 0
         self._stop = threading.Event()
@@ -156,12 +158,17 @@ class WorkerRuntime:
         delay = 0.2
         while True:
             try:
-                self.redis.xadd(
+                # One round trip: the result, and the stream's expiry pushed out (a
+                # coordinator killed mid-run leaves no stream behind for good).
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.xadd(
                     stream,
                     {"data": result.model_dump_json()},
                     maxlen=REPLY_MAXLEN,
                     approximate=True,
                 )
+                pipe.pexpire(stream, self.reply_ttl_ms)
+                pipe.execute()
                 return
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 self.log.warning("reply_retry", stream=stream, wait_s=delay, error=str(e))

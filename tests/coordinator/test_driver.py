@@ -84,6 +84,10 @@ def test_killed_coordinator_is_resumed_from_committed_state(fleet, tmp_path, red
     ids = [r["id"] for r in rows]
     assert sorted(ids) == sorted(p.id for p in problems)  # each exactly once
     assert redis_client.hlen(f"{ns}:inflight") == 0 and redis_client.hlen(f"{ns}:state") == 0
+    # The killed coordinator's reply stream is still there (late results land in it), but
+    # it expires: nothing it leaves behind lives for good. The second deleted its own.
+    left = redis_client.keys(f"{ns}:replies:*")
+    assert left and all(0 < redis_client.pttl(key) <= 600_000 for key in left)
 
 
 def take_message(client, queue: str) -> tuple[str, dict] | None:

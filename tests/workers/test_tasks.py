@@ -25,7 +25,7 @@ def replies(client, stream):
 
 
 def test_expand_task_replies_on_the_stream(engine, redis_client, namespace):
-    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"])
+    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"], reply_ttl_s=90)
     stream = f"{namespace}:replies:test"
     req = TaskRequest(
         task_id="t1",
@@ -50,6 +50,8 @@ def test_expand_task_replies_on_the_stream(engine, redis_client, namespace):
     assert result.task_id == "t1" and result.worker == "w1" and result.error is None
     assert [g.key for g in result.generations] == ["k0", "k1", "k2"]
     assert all(1 <= g.tokens <= 5 and g.prompt_tokens > 0 for g in result.generations)
+    # The stream expires unless its coordinator keeps renewing: none is left for good.
+    assert 80_000 < redis_client.pttl(stream) <= 90_000
 
 
 def test_wrong_pool_is_a_retryable_error(engine, redis_client, namespace):
