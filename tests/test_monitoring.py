@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -230,12 +231,11 @@ def _get(url: str, auth: tuple[str, str] | None = AUTH) -> tuple[int, Any]:
         return e.code, None
 
 
-@pytest.fixture(scope="module")
-def flower(fleet: tuple[Path, RunConfig], tmp_path_factory: Any) -> Iterator[str]:
-    """`cord-coord flower` on the fleet's broker, on a free port; yields its base URL."""
-    config, _ = fleet
+@contextlib.contextmanager
+def running_flower(config: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`cord-coord flower` on the fleet's broker, on a free port, until the block ends
+    (SIGTERM); yields its base URL and process."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("flower") / "flower.log"
     env = {**os.environ, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
     with log.open("wb") as f:
         args = ["flower", "--config", str(config), "--port", str(port), "--inspect-every", "2"]
@@ -258,7 +258,7 @@ def flower(fleet: tuple[Path, RunConfig], tmp_path_factory: Any) -> Iterator[str
                 pass
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.3)
-        yield base
+        yield base, proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -267,6 +267,14 @@ def flower(fleet: tuple[Path, RunConfig], tmp_path_factory: Any) -> Iterator[str
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def flower(fleet: tuple[Path, RunConfig], tmp_path_factory: Any) -> Iterator[str]:
+    """`cord-coord flower` on the fleet's broker, on a free port; yields its base URL."""
+    config, _ = fleet
+    with running_flower(config, tmp_path_factory.mktemp("flower") / "flower.log") as (base, _):
+        yield base
 
 
 def fleet_workers() -> set[str]:
