@@ -87,7 +87,6 @@ class _Pass:
     rows: list[int]  # positions of its sequences in the caller's list
     logits: torch.Tensor  # [rows, span, vocab]: the new positions, holes after
     layers: KV  # [rows, heads, width + span, dim] per layer
-    mask: torch.Tensor  # [rows, width + span]: 1 where a row has a real token
     width: int  # cached-prefix columns (each row left-padded to it)
     hits: list[int]
     news: list[int]
@@ -110,9 +109,11 @@ class _SlabLayer(DynamicLayer):
         self.dtype, self.device = keys.dtype, keys.device
         self._views()
 
-    def _views(self) -> None:
-        self.keys = self.slab_k[:, :, : self.length]
-        self.values = self.slab_v[:, :, : self.length]
+    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point `keys` and `values` (what transformers reads) at the filled columns."""
+        keys, values = self.slab_k[:, :, : self.length], self.slab_v[:, :, : self.length]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -125,8 +126,7 @@ class _SlabLayer(DynamicLayer):
         self.slab_k[:, :, self.length : end] = key_states
         self.slab_v[:, :, self.length : end] = value_states
         self.length = end
-        self._views()
-        return self.slab_k[:, :, :end], self.slab_v[:, :, :end]
+        return self._views()
 
     def get_seq_length(self) -> int:
         return self.length
@@ -240,23 +240,6 @@ class HFEngine:
         new_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         return out.logits, new_cache
 
-    def _prefill(self, ids: torch.Tensor, reuse_limit: int) -> tuple[torch.Tensor, Any, int]:
-        """Run `ids` on top of its longest cached prefix (at most `reuse_limit` tokens).
-        Returns the logits of the new positions, the full cache and the reused length."""
-        hit, kv = self.prefix_cache.lookup(ids)
-        hit = min(hit, reuse_limit)
-        cache = self._make_cache(crop_kv(kv, hit) if kv is not None and hit > 0 else None)
-        n = ids.numel()
-        logits, cache = self._forward(
-            ids[hit:].unsqueeze(0),
-            torch.arange(hit, n).unsqueeze(0),
-            torch.ones(1, n, dtype=torch.long),
-            cache,
-        )
-        self.counters.prompt_tokens += n
-        self.counters.cached_tokens += hit
-        return logits[0], cache, hit
-
     def _prefill_passes(self, seqs: list[torch.Tensor], reuse_limits: list[int]) -> list[_Pass]:
         """Run each sequence on top of its longest cached prefix (at most its reuse
         limit), in as few forward passes as pay. All lookups come before the passes, so
@@ -330,7 +313,7 @@ class HFEngine:
             self.counters.prompt_tokens += seq.numel()
             self.counters.cached_tokens += hit
         logits, cache = self._forward(ids, positions, mask, cache)
-        return _Pass(rows, logits, self._kv_of(cache), mask, width, hits, news)
+        return _Pass(rows, logits, self._kv_of(cache), width, hits, news)
 
     def _left_padded(self, kvs: list[KV | None], hits: list[int], width: int) -> KV:
         """The cached prefixes as one batch, each left-padded with zeros to `width`."""
@@ -699,12 +682,5 @@ class HFEngine:
         stored); also the prompt tokens served by the prefix cache."""
         full = torch.tensor(ids, dtype=torch.long)
         self._check_context(full.numel())
-        logits, cache, hit = self._prefill(full, start)
-        picked = logits[start - hit : full.numel() - 1 - hit].float()
-        target = full[start + 1 :].to(picked.device)
-        logprobs = torch.log_softmax(picked, dim=-1).gather(1, target[:, None])
-        if self.prefix_cache.max_tokens > 0:
-            kv = [(k.clone(), v.clone()) for k, v in self._kv_of(cache)]
-            self.prefix_cache.store(full[: start + 1], crop_kv(kv, start + 1))
-        self.counters.scored_tokens += target.numel()
-        return logprobs[:, 0].tolist(), hit
+        ((logprobs, hit),) = self._answers_logprobs([(full[: start + 1], full[start + 1 :])])
+        return logprobs, hit
