@@ -61,9 +61,8 @@ class CordSearch(Search):
         self._cands: dict[str, Candidate] = {}  # current step, by expand key
         self._by_score_key: dict[str, str] = {}  # score key -> expand key
         # A trajectory two teachers wrote alike this step is scored once: its text ->
-        # the expand key whose score answers for it, and who waits for that score.
+        # the expand key whose score answers for it.
         self._scored_as: dict[tuple[str, ...], str] = {}
-        self._waiting: dict[str, list[str]] = {}
         self._answer_keys: dict[str, int] = {}  # answer key -> index into completed
 
     # -- keys -----------------------------------------------------------------------
@@ -83,7 +82,6 @@ class CordSearch(Search):
         self._cands.clear()
         self._by_score_key.clear()
         self._scored_as.clear()
-        self._waiting.clear()
         work = []
         for b, beam in enumerate(st.beams):
             budget_left = search.thinking_budget - beam.tokens
@@ -124,11 +122,7 @@ class CordSearch(Search):
         text = self._text(cand)
         first = self._scored_as.setdefault(text, key)
         if first != key:  # the same trajectory as another candidate: share its score
-            other = self._cands[first]
-            if other.score is None:
-                self._waiting.setdefault(first, []).append(key)
-                return []
-            cand.score = other.score
+            cand.score = self._cands[first].score  # None until it comes (`on_score`)
             return self._select_when_scored()
         score_key = self._key("s", *key.split(":")[-4:])
         self._by_score_key[score_key] = key
@@ -142,8 +136,9 @@ class CordSearch(Search):
             return []
         cand.score = result.score
         self.state.stats.add_score(result)
-        for twin in self._waiting.pop(cand.key, []):
-            self._cands[twin].score = result.score
+        for twin in self._cands.values():  # copies that arrived before this score
+            if twin.score is None and self._scored_as.get(self._text(twin)) == cand.key:
+                twin.score = result.score
         return self._select_when_scored()
 
     def _select_when_scored(self) -> list[Work]:
