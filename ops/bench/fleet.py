@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -157,12 +156,6 @@ def fleet_dict(
 
 
 # -- the fleet ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def redis_at(url: str, workdir: Path) -> Iterator[str]:
     """The Redis at `url` if it answers; otherwise one started here (no AOF: nothing of
@@ -170,12 +163,7 @@ def redis_at(url: str, workdir: Path) -> Iterator[str]:
     if ping(url):
         yield url
         return
-    proc = start_redis(url, workdir / "redis", appendonly=False)
-    deadline = time.monotonic() + 30
-    while not ping(url):
-        if time.monotonic() > deadline:
-            raise click.ClickException(f"started redis-server for {url} but it does not answer")
-        time.sleep(0.1)
+    proc = start_redis(url, workdir / "redis", appendonly=False)  # returns once it answers
     click.echo(f"no Redis answered at {url}; started one", err=True)
     try:
         yield url
