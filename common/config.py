@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from cord.common import prompts
 from cord.common.keys import queue_name
@@ -30,20 +39,82 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _EngineSpec(_Strict):
-    """How a pool runs its model."""
+class _PoolSpec(_Strict):
+    """What every pool has, whatever runs its model. A pool's spec is one of the engine
+    models below (`ModelSpec`, a union on `engine`): each holds only its own settings."""
 
-    engine: Literal["hf", "sglang", "bench"] = "hf"
+    name: ModelName
+    model: str | None = Field(
+        default=None,
+        description="HF path or hub id; relative paths resolve against the config "
+        "(required for teachers; a meta-prover that names a teacher uses the teacher's)",
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, description="overrides search.temperature"
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     device: str = "cpu"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
+
+
+class HFSpec(_PoolSpec):
+    """`engine: hf`: transformers + torch inside the worker (workers/engines/hf.py)."""
+
+    engine: Literal["hf"] = "hf"
     prefix_cache_tokens: int = Field(
         default=65536, ge=0, description="LRU prefix KV cache size in tokens; 0 = off"
     )
     cpu_threads: int = Field(
         default=1, ge=1, description="torch threads per worker on CPU (oversubscribing hurts)"
     )
-    # engine: sglang (workers/engines/sglang.py); the hf engine ignores these.
+
+
+class BenchSpec(_PoolSpec):
+    """`engine: bench`: placeholder text at once, for overhead benchmarks only."""
+
+    engine: Literal["bench"] = "bench"
+
+
+class _ServerSpec(_PoolSpec):
+    """An inference server per worker, launched and supervised or attached
+    (workers/engines/server.py). Each engine names its own url/launch/port/args fields;
+    `server_url`, `launch`, `port` and `extra_args` read them for the supervisor."""
+
+    startup_timeout_s: float = Field(
+        default=900.0, gt=0, description="wait this long for a launched server to be ready"
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="a request longer than this fails, retryable"
+    )
+    health_timeout_s: float = Field(
+        default=30.0, gt=0, description="timeout of one health probe of the server"
+    )
+    health_interval_s: float = Field(
+        default=30.0, gt=0, description="a launched server is probed this often"
+    )
+
+    @property
+    def server_url(self) -> str | None:
+        raise NotImplementedError
+
+    @property
+    def launch(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int | None:
+        raise NotImplementedError
+
+    @property
+    def extra_args(self) -> list[str]:
+        raise NotImplementedError
+
+
+class SGLangSpec(_ServerSpec):
+    """`engine: sglang` (workers/engines/sglang.py)."""
+
+    engine: Literal["sglang"] = "sglang"
     sglang_url: str | None = Field(
         default=None,
         description="attach to this running SGLang server (http://host:port) instead of "
@@ -70,37 +141,113 @@ class _EngineSpec(_Strict):
     mem_fraction_static: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="GPU memory for weights and KV; None = SGLang's"
     )
-    startup_timeout_s: float = Field(
-        default=900.0, gt=0, description="wait this long for a launched server to be ready"
+
+    @property
+    def server_url(self) -> str | None:
+        return self.sglang_url
+
+    @property
+    def launch(self) -> list[str]:
+        return self.sglang_launch
+
+    @property
+    def port(self) -> int | None:
+        return self.sglang_port
+
+    @property
+    def extra_args(self) -> list[str]:
+        return self.sglang_args
+
+
+class VLLMSpec(_ServerSpec):
+    """`engine: vllm` (workers/engines/vllm.py): vLLM's OpenAI-compatible server."""
+
+    engine: Literal["vllm"] = "vllm"
+    vllm_url: str | None = Field(
+        default=None,
+        description="attach to this running vLLM server (http://host:port) instead of "
+        "launching one; nothing is restarted then",
     )
-    request_timeout_s: float = Field(
-        default=600.0, gt=0, description="a /generate call longer than this fails, retryable"
+    vllm_launch: list[str] = Field(
+        default=["python", "-m", "vllm.entrypoints.openai.api_server"],
+        min_length=1,
+        description="the command that starts the server (the worker adds --model, --host, "
+        "--port, ...); a first word `python` is the worker's own interpreter",
     )
-    health_timeout_s: float = Field(
-        default=30.0, gt=0, description="timeout of one health probe of the server"
+    vllm_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port of the launched server; None = a free one"
     )
-    health_interval_s: float = Field(
-        default=30.0, gt=0, description="a launched server is probed this often"
+    vllm_args: list[str] = Field(
+        default=[],
+        description="extra api_server arguments, e.g. [--gpu-memory-utilization, '0.85']",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="--max-model-len of the launched server; None = vLLM's"
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="--tensor-parallel-size of the launched server"
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="--gpu-memory-utilization; None = vLLM's"
+    )
+    cpu_kvcache_gib: float = Field(
+        default=1.0,
+        gt=0,
+        description="VLLM_CPU_KVCACHE_SPACE of a launched server on device cpu (GiB of KV "
+        "cache; vLLM's own default takes far more)",
     )
 
+    @property
+    def server_url(self) -> str | None:
+        return self.vllm_url
 
-class ModelSpec(_EngineSpec):
-    """One model pool: a teacher (or the meta-prover, as `RunConfig.pool` gives it)."""
+    @property
+    def launch(self) -> list[str]:
+        return self.vllm_launch
 
-    name: ModelName
-    model: str = Field(description="HF path or hub id; relative paths resolve against the config")
-    temperature: float | None = Field(
-        default=None, ge=0.0, description="overrides search.temperature"
-    )
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    @property
+    def port(self) -> int | None:
+        return self.vllm_port
+
+    @property
+    def extra_args(self) -> list[str]:
+        return self.vllm_args
 
 
-class MetaProverSpec(_EngineSpec):
-    """The meta-prover; `model` may be left out when `name` names a teacher."""
+META_PROVER_MAX_BATCH = 32  # scoring items per task unless meta_prover.max_batch says
 
-    name: ModelName
-    model: str | None = None
-    max_batch: int = Field(default=32, ge=1)
+EngineName = Literal["hf", "sglang", "vllm", "bench"]
+ENGINES: tuple[str, ...] = ("hf", "sglang", "vllm", "bench")
+
+
+def _engine_of(value: Any) -> str:
+    """The union's tag: `engine` as written (hf when left out)."""
+    if isinstance(value, dict):
+        engine = value.get("engine", "hf")
+        return engine if engine in ENGINES else str(engine)
+    return str(getattr(value, "engine", "hf"))
+
+
+# One model pool: a teacher or the meta-prover, one spec class per engine.
+ModelSpec = Annotated[
+    Annotated[HFSpec, Tag("hf")]
+    | Annotated[SGLangSpec, Tag("sglang")]
+    | Annotated[VLLMSpec, Tag("vllm")]
+    | Annotated[BenchSpec, Tag("bench")],
+    Discriminator(
+        _engine_of,
+        custom_error_type="engine",
+        custom_error_message=f"unknown engine; use one of {', '.join(ENGINES)}",
+    ),
+]
+AnyModelSpec = HFSpec | SGLangSpec | VLLMSpec | BenchSpec
+ServerSpec = _ServerSpec
+_MODEL_SPEC: TypeAdapter[AnyModelSpec] = TypeAdapter(ModelSpec)
+
+
+def model_spec(**fields: Any) -> AnyModelSpec:
+    """A pool's spec from its fields (`engine` picks the class; hf when left out)."""
+    return _MODEL_SPEC.validate_python(fields)
 
 
 class PromptSpec(_Strict):
@@ -339,7 +486,7 @@ class RunConfig(_Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
     teachers: list[ModelSpec] = Field(min_length=1)
-    meta_prover: MetaProverSpec
+    meta_prover: ModelSpec
     prompt: PromptSpec = PromptSpec()
     search: SearchSpec = SearchSpec()
     max_in_flight: int = Field(
@@ -351,9 +498,22 @@ class RunConfig(_Strict):
     metrics: MetricsSpec = MetricsSpec()
     deploy: DeploySpec = DeploySpec()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _meta_prover_batch(cls, data: Any) -> Any:
+        """The meta-prover's `max_batch` defaults to 32 (scoring items are cheap)."""
+        if isinstance(data, dict) and isinstance(data.get("meta_prover"), dict):
+            mp = data["meta_prover"]
+            if "max_batch" not in mp:
+                data = {**data, "meta_prover": {**mp, "max_batch": META_PROVER_MAX_BATCH}}
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         names = [t.name for t in self.teachers]
+        for index, t in enumerate(self.teachers):
+            if t.model is None:
+                raise ValueError(f"teachers.{index}.model: required field is missing ({t.name})")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"teachers: names must be unique, {dupes} repeat")
@@ -383,7 +543,7 @@ class RunConfig(_Strict):
     def teacher_names(self) -> list[str]:
         return [t.name for t in self.teachers]
 
-    def teacher(self, name: str) -> ModelSpec:
+    def teacher(self, name: str) -> AnyModelSpec:
         for t in self.teachers:
             if t.name == name:
                 return t
@@ -395,8 +555,8 @@ class RunConfig(_Strict):
         names = self.teacher_names
         return names if self.meta_prover.name in names else [*names, self.meta_prover.name]
 
-    def pool(self, name: str) -> ModelSpec:
-        """The spec a worker of pool `name` loads (the meta-prover as a ModelSpec)."""
+    def pool(self, name: str) -> AnyModelSpec:
+        """The spec a worker of pool `name` loads (a teacher's, or the meta-prover's)."""
         if name in self.teacher_names:
             return self.teacher(name)
         mp = self.meta_prover
@@ -405,7 +565,7 @@ class RunConfig(_Strict):
                 f"no model named {name!r} in this config; pools are {self.model_names}"
             )
         assert mp.model is not None  # guaranteed by _cross_checks
-        return ModelSpec.model_validate(mp.model_dump())
+        return mp
 
     def pool_kinds(self, name: str) -> list[TaskKind]:
         """The task kinds pool `name` serves: expansion (and answers) for a teacher,
@@ -429,10 +589,21 @@ class RunConfig(_Strict):
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid run config:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        # A pool's errors are located under its engine's tag (teachers.0.vllm.port):
+        # the tag is not a field the user wrote, so it is left out.
+        parts = e["loc"]
+        tags = [
+            i
+            for i, p in enumerate(parts)
+            if p in ENGINES
+            and i > 0
+            and (isinstance(parts[i - 1], int) or parts[i - 1] == "meta_prover")
+        ]
+        loc = ".".join(str(p) for i, p in enumerate(parts) if i not in tags)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field; check its spelling against docs/config.md"
+            engine = f" of engine {parts[tags[0]]}" if tags else ""
+            msg = f"unknown field{engine}; check its spelling against docs/config.md"
         elif e["type"] == "missing":
             msg = "required field is missing"
         # Cross-field checks run on the whole config and name their fields themselves.

@@ -47,7 +47,7 @@ import sys
 import time
 
 from cord.common import prompts
-from cord.common.config import ModelSpec
+from cord.common.config import model_spec
 from cord.common.messages import ExpandItem, ScoreItem
 from cord.workers.engines import load_engine
 
@@ -71,7 +71,7 @@ def finish() -> None:
     sys.exit(1 if failed else 0)
 
 
-spec = ModelSpec(
+spec = model_spec(
     name="gpucheck",
     model=model,
     engine="sglang",
@@ -140,7 +140,7 @@ check(
 if os.environ["COMPARE_HF"] == "1":
     from cord.workers.engines.hf import HFEngine
 
-    hf = HFEngine(ModelSpec(name="gpucheck", model=model, device="cuda", dtype="bfloat16"))
+    hf = HFEngine(model_spec(name="gpucheck", model=model, device="cuda", dtype="bfloat16"))
     (want,) = hf.score([item])
     values["score_hf"] = want.score
     values["score_abs_diff"] = abs(want.score - score.score)

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from cord.common import prompts
-from cord.common.config import ModelSpec
+from cord.common.config import HFSpec
 from cord.common.messages import ExpandItem, ScoreItem
 from cord.workers.engines.hf import HFEngine
 
@@ -188,7 +188,7 @@ def main(
         row: dict = {"batch": batch}
         for label, cache in (("nocache", 0), ("cache", 1 << 20)):
             engine = HFEngine(
-                ModelSpec(
+                HFSpec(
                     name="bench",
                     model=str(path),
                     device=device,

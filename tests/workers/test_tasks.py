@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import ModelSpec
+from cord.common.config import HFSpec
 from cord.common.keys import Keys
 from cord.common.messages import TaskRequest, TaskResult
 from cord.workers.engines.hf import HFEngine
@@ -17,7 +17,7 @@ MODELS = Path(__file__).resolve().parents[2] / "models"
 
 @pytest.fixture(scope="module")
 def engine():
-    return HFEngine(ModelSpec(name="alpha", model=str(MODELS / "alpha")))
+    return HFEngine(HFSpec(name="alpha", model=str(MODELS / "alpha")))
 
 
 def replies(client, stream):

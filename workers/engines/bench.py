@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from cord.common import prompts
-from cord.common.config import ModelSpec
+from cord.common.config import BenchSpec
 from cord.common.messages import (
     AnswerItem,
     ExpandItem,
@@ -57,7 +57,7 @@ def _digest(key: str) -> int:
 
 
 class BenchEngine:
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: BenchSpec) -> None:
         self.name = spec.name
         options = parse_options(spec.model)
         self.steps = options["steps"]

@@ -1,4 +1,6 @@
-"""The `hf` engine: transformers + torch, on CPU or CUDA.
+"""The `hf` engine: transformers + torch, on CPU or CUDA, inside the worker. The base
+(`base.BaseEngine`) builds prompts, cuts stop strings and computes S; this module
+generates from token ids and computes the answer's log-probabilities.
 
 - Batched generation with stop strings (``### Step`` / ``</think>``) and per-item seeds,
   so a re-dispatched item reproduces its text.
@@ -29,26 +31,16 @@ the reference answer are read off its rows of the logits.
 from __future__ import annotations
 
 import inspect
-import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from cord.common import prompts
-from cord.common.config import ModelSpec
-from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
-from cord.common.scoring import predictive_score
-from cord.workers.engines import (
-    EngineError,
-    answer_texts,
-    check_context,
-    eos_ids,
-    expand_texts,
-)
+from cord.common.config import HFSpec
+from cord.common.messages import FinishReason
+from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,7 +69,6 @@ class _Row:
     stops: tuple[str, ...]
     out: list[int] = field(default_factory=list)
     finish: FinishReason | None = None
-    text: str = ""
 
 
 @dataclass
@@ -140,24 +131,12 @@ def _zeros_like_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t.new_zeros(*t.shape[:-2], cols, t.shape[-1])
 
 
-@dataclass
-class _Counters:
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    scored_tokens: int = 0
-    busy_s: float = 0.0
-
-
-class HFEngine:
-    def __init__(self, spec: ModelSpec) -> None:
-        self.name = spec.name
-        self.spec = spec
+class HFEngine(BaseEngine):
+    def __init__(self, spec: HFSpec) -> None:
+        super().__init__(spec)
         self.device = torch.device(spec.device)
         if self.device.type == "cpu":
             torch.set_num_threads(spec.cpu_threads)
-        self.tokenizer = AutoTokenizer.from_pretrained(spec.model)
         dtype = _DTYPES.get(spec.dtype)
         if dtype is None:  # auto: bf16 on CUDA, fp32 on CPU
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -166,40 +145,8 @@ class HFEngine:
         self.model.eval()
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        cfg = self.model.config
-        self.max_context: int | None = getattr(cfg, "max_position_embeddings", None) or getattr(
-            cfg, "n_positions", None
-        )
-        self.eos_ids = self._eos_ids()
         self.prefix_cache = PrefixCache(spec.prefix_cache_tokens)
-        self.counters = _Counters()
-        self._prefix = lru_cache(maxsize=4096)(self._chat_prefix)
-
-    # -- text and tokens ------------------------------------------------------------
-    def _eos_ids(self) -> set[int]:
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        return eos_ids(gen_eos, self.tokenizer.eos_token_id)
-
-    def _chat_prefix(self, user: str) -> str:
-        return prompts.chat_prefix(self.tokenizer, user)
-
-    def encode(self, text: str) -> torch.Tensor:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)
-
-    def encode_many(self, texts: list[str]) -> list[torch.Tensor]:
-        """`encode` for several texts in one tokenizer call (its per-call cost is most of
-        a short text's)."""
-        if not texts:
-            return []
-        batch = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [torch.tensor(ids, dtype=torch.long) for ids in batch]
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
-
-    def _check_context(self, n: int) -> None:
-        check_context(self.name, self.max_context, n)
+        self._stop_ids = self.eos_ids  # what ends a row: eos ids and a request's stop ids
 
     # -- torch plumbing -------------------------------------------------------------
     def _make_cache(self, kv: KV | None) -> DynamicCache:
@@ -310,8 +257,6 @@ class HFEngine:
             # Holes repeat the last position: never beyond the sequence (position tables).
             positions[i] = torch.clamp(torch.arange(hit, hit + span), max=seq.numel() - 1)
             mask[i, width - hit : width + new] = 1
-            self.counters.prompt_tokens += seq.numel()
-            self.counters.cached_tokens += hit
         logits, cache = self._forward(ids, positions, mask, cache)
         return _Pass(rows, logits, self._kv_of(cache), width, hits, news)
 
@@ -330,46 +275,26 @@ class HFEngine:
         return layers
 
     # -- generation -----------------------------------------------------------------
-    def expand(self, items: list[ExpandItem]) -> list[Generation]:
-        return self._generate_items(items, *expand_texts(self._prefix, items))
-
-    def answer(self, items: list[AnswerItem]) -> list[Generation]:
-        return self._generate_items(items, answer_texts(self._prefix, items), [()] * len(items))
-
     @torch.inference_mode()
-    def _generate_items(
-        self, items: list[Any], texts: list[str], stops: list[tuple[str, ...]]
-    ) -> list[Generation]:
-        start = time.perf_counter()
-        results: list[Generation | None] = [None] * len(items)
-        rows: list[_Row] = []
-        encoded = self.encode_many(texts)
-        for index, (item, ids, stop) in enumerate(zip(items, encoded, stops, strict=True)):
-            try:
-                self._check_context(ids.numel() + item.max_new_tokens)
-            except EngineError as e:
-                results[index] = Generation(key=item.key, error=str(e), retryable=e.retryable)
-                continue
+    def generate_ids(
+        self, requests: list[IdRequest], stop_ids: set[int] | None = None
+    ) -> list[IdOutput | EngineError]:
+        """Generate from token ids, all requests decoding together (`_generate`); each
+        row draws from its own generator, seeded by its request, so an item samples the
+        same text whatever batch it shares. `stop_ids` end a row as the model's own
+        end-of-turn ids do (the SGLang test server's `stop_token_ids`)."""
+        rows = []
+        for index, r in enumerate(requests):
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(item.seed % (2**63))
-            rows.append(
-                _Row(index, ids, item.max_new_tokens, item.temperature, item.top_p, gen, 0, stop)
-            )
+            gen.manual_seed(r.seed % (2**63))
+            prompt = torch.tensor(r.ids, dtype=torch.long)
+            rows.append(_Row(index, prompt, r.max_new, r.temperature, r.top_p, gen, 0, r.stops))
+        self._stop_ids = self.eos_ids | (stop_ids or set())
         if rows:
             self._generate(rows)
-        for row in rows:
-            assert row.finish is not None
-            results[row.index] = Generation(
-                key=items[row.index].key,
-                text=row.text,
-                finish=row.finish,
-                tokens=len(row.out),
-                prompt_tokens=row.prompt.numel(),
-                cached_tokens=row.cached,
-            )
-        self.counters.requests += len(items)
-        self.counters.busy_s += time.perf_counter() - start
-        return [r for r in results if r is not None]
+        return [
+            IdOutput(list(r.out), r.prompt.numel(), r.cached, eos=r.finish == "eos") for r in rows
+        ]
 
     def _generate(self, rows: list[_Row]) -> None:
         """Prefill `rows` (`_prefill_passes`), copy their KV once into decoding slabs
@@ -479,24 +404,18 @@ class HFEngine:
         return [int(t) for t in torch.argmax(choice, dim=-1).tolist()]
 
     def _advance(self, row: _Row, token: int) -> bool:
-        """Append `token`; True when the row is finished (and its text is final)."""
-        if token in self.eos_ids:
+        """Append `token`; True when the row is finished (the base cuts its text)."""
+        if token in self._stop_ids:
             row.finish = "eos"
-            row.text = self.decode(row.out)
             return True
         row.out.append(token)
-        self.counters.generated_tokens += 1
         if row.stops:
             tail = self.decode(row.out[-_STOP_WINDOW:])
             if any(s in tail for s in row.stops):
-                text = self.decode(row.out)
-                cut, stop = min((text.find(s), s) for s in row.stops if s in text)
-                row.text = text[:cut]
-                row.finish = "think_end" if stop == prompts.THINK_CLOSE else "step"
+                row.finish = "step"  # the base tells a step from </think>
                 return True
         if len(row.out) >= row.max_new:
             row.finish = "length"
-            row.text = self.decode(row.out)
             return True
         return False
 
@@ -523,47 +442,17 @@ class HFEngine:
 
     # -- scoring --------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, items: list[ScoreItem]) -> list[Score]:
-        start = time.perf_counter()
-        out: list[Score | None] = [None] * len(items)
-        ready: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # index, context, target
-        contexts = self.encode_many(
-            [self._prefix(i.prompt) + prompts.scoring_context(i.steps) for i in items]
-        )
-        targets = self.encode_many([prompts.answer_target(i.answer) for i in items])
-        for index, (item, context, target) in enumerate(zip(items, contexts, targets, strict=True)):
-            try:
-                self._check_scoring(context, target)
-            except EngineError as e:
-                out[index] = Score(key=item.key, error=str(e), retryable=e.retryable)
-                continue
-            ready.append((index, context, target))
-        scored = self._answers_logprobs([(c, t) for _, c, t in ready])
-        for (index, context, target), (logprobs, hit) in zip(ready, scored, strict=True):
-            out[index] = Score(
-                key=items[index].key,
-                score=predictive_score(logprobs),
-                answer_tokens=len(logprobs),
-                prompt_tokens=context.numel() + target.numel(),
-                cached_tokens=hit,
-            )
-        self.counters.requests += len(items)
-        self.counters.busy_s += time.perf_counter() - start
-        return [s for s in out if s is not None]
-
-    def _scoring_ids(
-        self, user: str, steps: list[str], answer: str
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of the scoring context and of the reference answer after it."""
-        context = self.encode(self._prefix(user) + prompts.scoring_context(steps))
-        target = self.encode(prompts.answer_target(answer))
-        self._check_scoring(context, target)
-        return context, target
-
-    def _check_scoring(self, context: torch.Tensor, target: torch.Tensor) -> None:
-        if target.numel() == 0:
-            raise EngineError("the reference answer is empty under this tokenizer", retryable=False)
-        self._check_context(context.numel() + target.numel())
+    def answer_logprobs(
+        self, pairs: list[tuple[list[int], list[int]]]
+    ) -> list[AnswerLogprobs | EngineError]:
+        tensors = [
+            (torch.tensor(c, dtype=torch.long), torch.tensor(t, dtype=torch.long)) for c, t in pairs
+        ]
+        scored = self._answers_logprobs(tensors) if tensors else []
+        return [
+            AnswerLogprobs(values, len(c) + len(t), hit)
+            for (c, t), (values, hit) in zip(pairs, scored, strict=True)
+        ]
 
     def _answers_logprobs(
         self, pairs: list[tuple[torch.Tensor, torch.Tensor]]
@@ -594,7 +483,6 @@ class HFEngine:
                 context, target = pairs[i]
                 out[i] = ([float(x) for x in logprobs[at : at + target.numel()]], p.hits[j])
                 at += target.numel()
-                self.counters.scored_tokens += target.numel()
                 if self.prefix_cache.max_tokens > 0:
                     lo, n = p.segment(j)[0], context.numel()
                     kv = [
@@ -604,83 +492,5 @@ class HFEngine:
                     self.prefix_cache.store(context, kv)
         return [r for r in out if r is not None]
 
-    @torch.inference_mode()
-    def answer_logprobs(
-        self, user: str, steps: list[str], answer: str
-    ) -> tuple[list[float], int, int]:
-        """Log-probabilities of the answer's tokens after the scoring context; also the
-        prompt length and how much of it came from the prefix cache."""
-        context, target = self._scoring_ids(user, steps, answer)
-        ((logprobs, hit),) = self._answers_logprobs([(context, target)])
-        return logprobs, context.numel() + target.numel(), hit
-
-    def stats(self) -> dict[str, Any]:
-        c = self.counters
-        return {
-            "requests": c.requests,
-            "prompt_tokens": c.prompt_tokens,
-            "cached_tokens": c.cached_tokens,
-            "generated_tokens": c.generated_tokens,
-            "scored_tokens": c.scored_tokens,
-            "busy_s": round(c.busy_s, 3),
-            "cache_entries": len(self.prefix_cache),
-            "cache_tokens": self.prefix_cache.tokens,
-        }
-
-    # -- token ids in, no prompt building (the SGLang test server speaks ids) ------------
-    @torch.inference_mode()
-    def generate_ids(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: list[int],
-        temperatures: list[float],
-        top_ps: list[float],
-        seeds: list[int],
-        stops: list[tuple[str, ...]],
-        stop_token_ids: set[int] | None = None,
-    ) -> list[tuple[list[int], FinishReason, int]]:
-        """Generate from token ids, batched like `expand`: per prompt the new ids (a stop
-        token id not included), the finish reason and the prompt tokens served by the
-        prefix cache. `stop_token_ids` end a row as the model's own eos ids do."""
-        rows = []
-        for index, ids in enumerate(prompts):
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seeds[index] % (2**63))
-            prompt = torch.tensor(ids, dtype=torch.long)
-            self._check_context(prompt.numel() + max_new_tokens[index])
-            rows.append(
-                _Row(
-                    index,
-                    prompt,
-                    max_new_tokens[index],
-                    temperatures[index],
-                    top_ps[index],
-                    gen,
-                    0,
-                    stops[index],
-                )
-            )
-        # The decoding loop reads its stop ids from self.eos_ids; widened for this call only.
-        eos_ids = self.eos_ids
-        self.eos_ids = eos_ids | (stop_token_ids or set())
-        try:
-            if rows:
-                self._generate(rows)
-        finally:
-            self.eos_ids = eos_ids
-        self.counters.requests += len(rows)
-        out = []
-        for row in rows:
-            assert row.finish is not None
-            out.append((list(row.out), row.finish, row.cached))
-        return out
-
-    @torch.inference_mode()
-    def prompt_logprobs(self, ids: list[int], start: int) -> tuple[list[float], int]:
-        """Log-probabilities of ids[start + 1:], each given the ids before it, computed as
-        `answer_logprobs` does (the cache reused for at most `start` tokens, ids[:start + 1]
-        stored); also the prompt tokens served by the prefix cache."""
-        full = torch.tensor(ids, dtype=torch.long)
-        self._check_context(full.numel())
-        ((logprobs, hit),) = self._answers_logprobs([(full[: start + 1], full[start + 1 :])])
-        return logprobs, hit
+    def runtime_stats(self) -> dict[str, Any]:
+        return {"cache_entries": len(self.prefix_cache), "cache_tokens": self.prefix_cache.tokens}

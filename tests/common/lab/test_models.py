@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cord.common.config import ModelSpec
+from cord.common.config import HFSpec
 from cord.common.lab.arith import as_steps, make_problems, solution_lines
 from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
 from cord.workers.engines.hf import HFEngine
@@ -29,7 +29,7 @@ def test_loads_with_auto_classes_and_has_a_card(name):
 
 @pytest.mark.parametrize("name", ["alpha", "beta", "gamma"])
 def test_teacher_writes_steps_in_the_lab_format(name):
-    engine = HFEngine(ModelSpec(name=name, model=str(MODELS / name)))
+    engine = HFEngine(HFSpec(name=name, model=str(MODELS / name)))
     items = []
     for i, p in enumerate(PROBLEMS):
         lines = solution_lines(p.terms)
@@ -70,7 +70,7 @@ def test_teacher_writes_steps_in_the_lab_format(name):
 def test_meta_prover_prefers_the_right_trajectory():
     """S favours the answer a trajectory implies over near misses, and drops when a step
     is wrong. (An untrained model of this vocabulary gives S near 1/512.)"""
-    engine = HFEngine(ModelSpec(name="meta", model=str(MODELS / "meta")))
+    engine = HFEngine(HFSpec(name="meta", model=str(MODELS / "meta")))
     items = []
     near = {}
     for p in PROBLEMS:

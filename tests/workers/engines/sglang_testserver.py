@@ -52,6 +52,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from cord.workers.engines.base import IdRequest
+
 # SGLang's --dtype names, as the hf engine spells them (anything else: auto).
 _DTYPES = {
     "float32": "float32",
@@ -168,35 +170,38 @@ class State:
             stop = p.get("stop") or []
             stops.append(tuple([stop] if isinstance(stop, str) else stop))
         temps = [float(p.get("temperature", 1.0)) for _, p, _, _, _ in chosen]
-        outs = engine.generate_ids(
-            [ids for ids, _, _, _, _ in chosen],
-            [max_new for _, _, max_new, _, _ in chosen],
-            [0.0 if t < 1e-6 else t for t in temps],
-            [float(p.get("top_p", 1.0)) for _, p, _, _, _ in chosen],
-            [self._seed(p) for _, p, _, _, _ in chosen],
-            stops,
-            set(stop_ids),
-        )
+        requests = [
+            IdRequest(
+                ids,
+                max_new,
+                0.0 if t < 1e-6 else t,
+                float(p.get("top_p", 1.0)),
+                self._seed(p),
+                stop,
+            )
+            for (ids, p, max_new, _, _), t, stop in zip(chosen, temps, stops, strict=True)
+        ]
+        outs = engine.generate_ids(requests, set(stop_ids))
         answers = []
-        for (ids, p, max_new, _, _), stop, (out, finish, cached) in zip(
-            chosen, stops, outs, strict=True
-        ):
+        for (ids, p, max_new, _, _), stop, out in zip(chosen, stops, outs, strict=True):
             skip = bool(p.get("skip_special_tokens", True))
-            output_ids = list(out)
+            output_ids = list(out.ids)
             text = engine.tokenizer.decode(output_ids, skip_special_tokens=skip)
+            raw = engine.decode(output_ids)
+            found = sorted((raw.find(s), s) for s in stop if s in raw)
             reason: dict[str, Any]
-            if finish in ("step", "think_end"):
-                raw = engine.decode(output_ids)
-                _, matched = min((raw.find(s), s) for s in stop if s in raw)
+            if found and not out.eos:
+                matched = found[0][1]
                 if not p.get("no_stop_trim"):
                     text = text[: text.find(matched)] if matched in text else text
                 reason = {"type": "stop", "matched": matched}
-            elif finish == "eos":
+            elif out.eos:
                 token = min((engine.eos_ids | stop_ids) or {0})
                 output_ids.append(token)  # SGLang keeps the stop token in output_ids
                 reason = {"type": "stop", "matched": token}
             else:
                 reason = {"type": "length", "length": max_new}
+            cached = out.cached_tokens
             answers.append(
                 {
                     "text": text,
@@ -215,7 +220,9 @@ class State:
     def _prefill(self, ids: list[int], logprob: bool, start: int) -> dict[str, Any]:
         # Without logprobs the prompt is only prefilled (and cached), as SGLang does.
         first = start if logprob and start >= 0 else len(ids) - 1
-        logprobs, cached = self.engine.prompt_logprobs(ids, first)
+        # The cache is reused for at most `first` tokens; ids[: first + 1] are stored.
+        (scored,) = self.engine.answer_logprobs([(ids[: first + 1], ids[first + 1 :])])
+        logprobs, cached = scored.values, scored.cached_tokens
         meta: dict[str, Any] = {
             "id": uuid.uuid4().hex,
             "finish_reason": {"type": "length", "length": 0},
@@ -317,11 +324,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def load() -> None:
         # Like SGLang: the port answers (503) while the model loads.
-        from cord.common.config import ModelSpec
+        from cord.common.config import HFSpec
         from cord.workers.engines.hf import HFEngine
 
         dtype = _DTYPES.get(args.dtype, "auto")
-        spec = ModelSpec(name="testserver", model=args.model_path, dtype=dtype)
+        spec = HFSpec(name="testserver", model=args.model_path, dtype=dtype)
         try:
             state.engine = HFEngine(spec)
         except Exception as e:  # a server that cannot load exits, as SGLang does

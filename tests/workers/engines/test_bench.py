@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cord.common import config as config_module
-from cord.common.config import ConfigError, ModelSpec, config_from_dict
+from cord.common.config import ConfigError, config_from_dict, model_spec
 from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
 from cord.workers.engines import load_engine
 from cord.workers.engines.bench import BenchEngine, parse_options
@@ -39,7 +39,7 @@ def expand(step: int, key: str = "p:x:1:0:a:0", whole: bool = False) -> ExpandIt
 
 
 def test_steps_end_the_trajectory_and_texts_differ_per_key():
-    engine = BenchEngine(ModelSpec(name="a", engine="bench", model="steps=3,tokens=5"))
+    engine = BenchEngine(model_spec(name="a", engine="bench", model="steps=3,tokens=5"))
     first, last = engine.expand([expand(1), expand(3)])
     assert (first.finish, last.finish) == ("step", "think_end")
     assert first.tokens == last.tokens == 5 and first.text.strip()
@@ -51,7 +51,7 @@ def test_steps_end_the_trajectory_and_texts_differ_per_key():
 
 
 def test_scores_are_deterministic_and_answers_fixed():
-    engine = load_engine(ModelSpec(name="m", engine="bench", model=""))
+    engine = load_engine(model_spec(name="m", engine="bench", model=""))
     items = [
         ScoreItem(key=f"k{i}", prompt="q", steps=["### Step 1. s"], answer="7") for i in range(5)
     ]

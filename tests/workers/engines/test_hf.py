@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cord.common import prompts
-from cord.common.config import ModelSpec
+from cord.common.config import HFSpec
 from cord.common.lab import tinymodels
 from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
 from cord.common.scoring import predictive_score
@@ -58,7 +58,7 @@ def reference_greedy(model, tok, eos_ids, text, max_new):
 
 @pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "meta", "charlm"])
 def test_batched_cached_generation_matches_plain_greedy(spiky_models, name):
-    engine = HFEngine(ModelSpec(name=name, model=str(spiky_models / name)))
+    engine = HFEngine(HFSpec(name=name, model=str(spiky_models / name)))
     items = [
         ExpandItem(
             key=f"k{i}",
@@ -92,7 +92,7 @@ def test_batched_cached_generation_matches_plain_greedy(spiky_models, name):
 
 def test_sampling_is_reproducible_per_seed(spiky_models):
     engine = HFEngine(
-        ModelSpec(name="alpha", model=str(spiky_models / "alpha"), prefix_cache_tokens=0)
+        HFSpec(name="alpha", model=str(spiky_models / "alpha"), prefix_cache_tokens=0)
     )
     item = ExpandItem(
         key="k",
@@ -111,7 +111,7 @@ def test_sampling_is_reproducible_per_seed(spiky_models):
 
 @pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "meta"])
 def test_score_equals_direct_transformers_computation(name):
-    engine = HFEngine(ModelSpec(name=name, model=str(MODELS / name)))
+    engine = HFEngine(HFSpec(name=name, model=str(MODELS / name)))
     model = AutoModelForCausalLM.from_pretrained(MODELS / name)
     tok = AutoTokenizer.from_pretrained(MODELS / name)
     items = [
@@ -140,7 +140,7 @@ def test_score_equals_direct_transformers_computation(name):
 
 
 def test_stop_strings_cut_the_step(spiky_models):
-    engine = HFEngine(ModelSpec(name="beta", model=str(MODELS / "beta")))
+    engine = HFEngine(HFSpec(name="beta", model=str(MODELS / "beta")))
     from cord.workers.engines.hf import _Row
 
     def run(text: str):
@@ -150,10 +150,13 @@ def test_stop_strings_cut_the_step(spiky_models):
                 break
         return row
 
+    # The row stops at the token that completes a stop string; the base cuts the text.
     row = run(" 7 + 2 + 9\n### Step 3. more")
-    assert (row.finish, row.text) == ("step", " 7 + 2 + 9\n")
+    assert row.finish is not None and "more" not in engine.decode(row.out)
+    assert engine.cut(row.out, row.stops) == (" 7 + 2 + 9\n", "step")
     row = run(" 18\n</think>\n\nThe final")
-    assert (row.finish, row.text) == ("think_end", " 18\n")
+    assert row.finish is not None and "final" not in engine.decode(row.out)
+    assert engine.cut(row.out, row.stops) == (" 18\n", "think_end")
 
 
 def test_answer_and_context_errors(tmp_path):
@@ -161,7 +164,7 @@ def test_answer_and_context_errors(tmp_path):
     tok = tinymodels.build_tokenizer(spec)
     short = tinymodels.build_model(spec.__class__(**{**spec.__dict__, "context": 32}), tok, 0)
     tinymodels.save(short, tok, tmp_path / "short")
-    engine = HFEngine(ModelSpec(name="short", model=str(tmp_path / "short")))
+    engine = HFEngine(HFSpec(name="short", model=str(tmp_path / "short")))
     (gen,) = engine.answer(
         [
             AnswerItem(

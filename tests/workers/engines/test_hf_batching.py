@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import ModelSpec
+from cord.common.config import HFSpec
 from cord.common.messages import ExpandItem, ScoreItem
 from cord.workers.engines.hf import HFEngine
 
@@ -26,7 +26,7 @@ def score_items(tag: str) -> list[ScoreItem]:
 
 @pytest.mark.parametrize("name", ["alpha", "meta"])
 def test_a_mixed_batch_scores_as_items_alone(name):
-    spec = ModelSpec(name=name, model=str(MODELS / name))
+    spec = HFSpec(name=name, model=str(MODELS / name))
     batched, alone = HFEngine(spec), HFEngine(spec)
     # Warm part of the cache so the batch mixes hits of different lengths and misses.
     batched.score(score_items("w")[1:2])
@@ -58,7 +58,7 @@ def greedy_items(
 
 
 def test_a_mixed_batch_generates_as_items_alone():
-    spec = ModelSpec(name="gamma", model=str(MODELS / "gamma"))
+    spec = HFSpec(name="gamma", model=str(MODELS / "gamma"))
     batched, alone = HFEngine(spec), HFEngine(spec)
 
     def items(tag: str) -> list[ExpandItem]:
@@ -79,7 +79,7 @@ def test_a_mixed_batch_generates_as_items_alone():
 
 
 def test_passes_split_where_padding_costs_more_than_a_pass():
-    engine = HFEngine(ModelSpec(name="alpha", model=str(MODELS / "alpha")))
+    engine = HFEngine(HFSpec(name="alpha", model=str(MODELS / "alpha")))
     assert engine._passes([5, 5, 6, 7]) == [[0, 1, 2, 3]]
     # One long miss among short hits goes alone: 3 x 500 padded tokens cost more than a pass.
     assert engine._passes([5, 6, 7, 500]) == [[0, 1, 2], [3]]
@@ -91,7 +91,7 @@ def test_generation_over_several_passes_matches_an_engine_without_cache():
     `_joined` copies into one decoding batch; the finished rows' KV goes into the prefix
     cache and the next step decodes on top of it. Every text must be what an engine
     with no prefix cache writes for each item alone."""
-    spec = ModelSpec(name="alpha", model=str(MODELS / "alpha"))
+    spec = HFSpec(name="alpha", model=str(MODELS / "alpha"))
     engine = HFEngine(spec)
     plain = HFEngine(spec.model_copy(update={"prefix_cache_tokens": 0}))
     passes: list[int] = []

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 
 from cord.common import prompts
-from cord.common.config import ModelSpec
+from cord.common.config import model_spec
 from cord.common.messages import ExpandItem, ScoreItem
 from cord.workers.engines import load_engine
 from cord.workers.engines.hf import HFEngine
-from cord.workers.engines.sglang import SGLangEngine
-from cord.workers.engines.sglang_server import SGLangServer, request_json
+from cord.workers.engines.server import request_json
+from cord.workers.engines.sglang import SGLangEngine, SGLangServer
 
 ROOT = Path(__file__).resolve().parents[3]
 MODEL = str(ROOT / "models" / "alpha")
@@ -49,6 +49,11 @@ def expand_item(key: str, steps: list[str] | None = None, **kw: Any) -> ExpandIt
         **kw,
     }
     return ExpandItem(key=key, steps=steps, next_step=len(steps) + 1, **fields)
+
+
+def encode(engine: Any, text: str) -> list[int]:
+    (ids,) = engine.encode_many([text])
+    return list(ids)
 
 
 def received(url: str) -> list[Any]:
@@ -112,7 +117,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, launch_env: None) -> It
 
 @pytest.fixture(scope="module")
 def engine(server_url: str) -> Iterator[SGLangEngine]:
-    spec = ModelSpec(name="alpha", model=MODEL, engine="sglang", sglang_url=server_url)
+    spec = model_spec(name="alpha", model=MODEL, engine="sglang", sglang_url=server_url)
     eng = load_engine(spec)
     assert isinstance(eng, SGLangEngine)
     yield eng
@@ -121,14 +126,14 @@ def engine(server_url: str) -> Iterator[SGLangEngine]:
 
 @pytest.fixture(scope="module")
 def hf() -> HFEngine:
-    return HFEngine(ModelSpec(name="alpha", model=MODEL))
+    return HFEngine(model_spec(name="alpha", model=MODEL))
 
 
 @pytest.fixture(scope="module")
 def supervised(launch_env: None) -> Iterator[SGLangEngine]:
     """An engine that launches and supervises its own test server (context 100 tokens
     on the server, 1024 in the model's config: the server refuses what the engine sends)."""
-    spec = ModelSpec(
+    spec = model_spec(
         name="alpha",
         model=MODEL,
         engine="sglang",
@@ -162,7 +167,7 @@ def test_expand_cuts_the_step_as_hf_does(engine: SGLangEngine, hf: HFEngine, ser
     texts = [
         engine._chat_prefix(i.prompt) + prompts.think_body(i.steps, i.next_step) for i in items
     ]
-    assert request["input_ids"] == [engine.encode(t) for t in texts]  # ids, not text
+    assert request["input_ids"] == engine.encode_many(texts)  # ids, not text
     assert "text" not in request
     params = sampling_params(request)
     assert [p["max_new_tokens"] for p in params] == [48, 48]
@@ -212,7 +217,7 @@ def test_shared_prefix_is_reported_cached(engine: SGLangEngine):
         [expand_item("c1", [step1, "### Step 2. 10 + 1 = 11"], prompt=question)]
     )
     after = engine.stats()
-    shared = engine.encode(engine._chat_prefix(question) + step1)
+    shared = encode(engine, engine._chat_prefix(question) + step1)
     # Only the template's opening words are shared with earlier questions.
     assert first.error is None and first.cached_tokens < len(shared) - 1
     assert second.error is None and second.cached_tokens >= len(shared) - 1
@@ -235,7 +240,7 @@ def test_score_equals_hf_score(engine: SGLangEngine, hf: HFEngine, server_url: s
     assert got[0].score != pytest.approx(got[1].score, abs=1e-3)
     (request,) = received(server_url)[-1:]
     contexts = [
-        engine.encode(engine._chat_prefix(i.prompt) + prompts.scoring_context(i.steps))
+        encode(engine, engine._chat_prefix(i.prompt) + prompts.scoring_context(i.steps))
         for i in items
     ]
     assert [p["max_new_tokens"] for p in sampling_params(request)] == [0, 0]
@@ -244,7 +249,9 @@ def test_score_equals_hf_score(engine: SGLangEngine, hf: HFEngine, server_url: s
     # A candidate that extends a scored trajectory reuses its prefix.
     longer = items[1].model_copy(update={"key": "l", "steps": [*steps, "### Step 3. 9"]})
     (again,) = engine.score([longer])
-    assert again.cached_tokens >= len(engine.encode(engine._chat_prefix(longer.prompt) + STEP1)) - 1
+    assert (
+        again.cached_tokens >= len(encode(engine, engine._chat_prefix(longer.prompt) + STEP1)) - 1
+    )
 
 
 def test_context_overflow_is_not_retryable_and_not_sent(engine: SGLangEngine, server_url: str):
@@ -268,7 +275,7 @@ def test_every_request_bounds_max_new_tokens(engine: SGLangEngine, server_url: s
 
 def test_attach_to_nothing_fails_at_start():
     url = f"http://127.0.0.1:{free_port()}"
-    spec = ModelSpec(
+    spec = model_spec(
         name="alpha", model=MODEL, engine="sglang", sglang_url=url, startup_timeout_s=1
     )
     with pytest.raises(RuntimeError, match="did not answer /health_generate"):
@@ -277,7 +284,7 @@ def test_attach_to_nothing_fails_at_start():
 
 # -- supervised: launch command, start, death, hang ------------------------------------------
 def test_launch_command():
-    spec = ModelSpec(
+    spec = model_spec(
         name="m",
         model="/models/QwQ-32B",
         engine="sglang",
@@ -286,18 +293,18 @@ def test_launch_command():
         mem_fraction_static=0.8,
         sglang_args=["--context-length", "32768"],
     )
-    assert SGLangServer(spec).command(31000) == [
+    assert SGLangServer(spec).launch_command(31000) == [
         sys.executable, "-m", "sglang.launch_server",
         "--model-path", "/models/QwQ-32B", "--host", "127.0.0.1", "--port", "31000",
         "--tp-size", "2", "--mem-fraction-static", "0.8", "--dtype", "bfloat16",
         "--enable-deterministic-inference", "--context-length", "32768",
     ]  # fmt: skip
-    hf_spec = ModelSpec(name="m", model="x")
+    hf_spec = model_spec(name="m", model="x")
     assert (hf_spec.engine, hf_spec.device, hf_spec.max_batch) == ("hf", "cpu", 16)
 
 
 def test_a_server_that_cannot_start_is_reported(launch_env: None):
-    spec = ModelSpec(
+    spec = model_spec(
         name="alpha",
         model=MODEL,
         engine="sglang",

@@ -1,21 +1,23 @@
-"""The SGLang server behind one `sglang` engine: launched and supervised, or attached.
+"""The inference server behind a server engine (`sglang`, `vllm`): launched and
+supervised, or attached. `ServerSupervisor` holds what both need; each engine's module
+says how its server is started and probed (`command`, `health_path`, `probe_request`).
 
-Supervised (no `sglang_url`): a daemon thread owns the `launch_server` subprocess. It
-starts it in its own session (so its whole tree is killed together), waits until
-``/health_generate`` answers 200, then watches it: the process exiting, or two health
-probes in a row failing, ends that server, which is killed and started again with a
-growing backoff. A probe is ``/health_generate`` and a one-token ``/generate``:
-runtime-facts (sglang #6624) says the first can keep answering 200 after the scheduler
-died. A request that fails on the wire or with a 5xx wakes the watcher at once.
+Supervised (no `<engine>_url`): a daemon thread owns the server subprocess. It starts it
+in its own session (so its whole tree is killed together), waits until the health path
+answers 200, then watches it: the process exiting, or two health probes in a row
+failing, ends that server, which is killed and started again with a growing backoff. A
+probe is the health path and a one-token generation: runtime-facts (sglang #6624) says
+a health endpoint can keep answering 200 after the scheduler died. A request that fails
+on the wire or with a 5xx wakes the watcher at once.
 
 While a server is down, requests wait up to `startup_timeout_s` for the next one; a
 request the dead server held fails with a retryable `EngineError`, never silently.
 
-Attached (`sglang_url`): nothing is launched or restarted; the server must answer its
+Attached (`<engine>_url`): nothing is launched or restarted; the server must answer its
 health check within `startup_timeout_s` at start, and failed requests are retryable.
 
 HTTP is the standard library's (http.client): JSON bodies, no proxies, one connection
-per request.
+per request (requests from several threads at once are fine).
 """
 
 from __future__ import annotations
@@ -36,11 +38,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cord.common.config import ModelSpec
+from cord.common.config import ServerSpec
 from cord.common.log import get_logger
-from cord.workers.engines import EngineError
+from cord.workers.engines.base import EngineError
 
-_PROBE = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperature": 0.0}}
 _PROBE_FAILURES = 2  # in a row before a running server is replaced: one slow probe is no death
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 60.0  # a server that stayed up this long resets the restart backoff
@@ -78,7 +79,7 @@ def request_json(method: str, url: str, body: Any = None, timeout: float = 30.0)
 
 
 def error_message(payload: Any) -> str:
-    """The message of an SGLang error answer ({"error": {"message": ...}}, or FastAPI's
+    """The message of a server's error answer ({"error": {"message": ...}}, or FastAPI's
     {"message": ...} / {"detail": ...}), else the answer as text."""
     if isinstance(payload, dict):
         err = payload.get("error")
@@ -110,14 +111,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-class SGLangServer:
-    def __init__(self, spec: ModelSpec) -> None:
+class ServerSupervisor:
+    """One server of one worker. Subclasses set `kind` (names logs and fields), `label`
+    (in messages), `health_path`, and implement `command` and `probe_request`."""
+
+    kind = "server"
+    label = "server"
+    health_path = "/health"
+
+    def __init__(self, spec: ServerSpec) -> None:
         self.spec = spec
-        self.supervised = spec.sglang_url is None
-        self.url = (spec.sglang_url or "").rstrip("/")
-        self.log = get_logger("cord.sglang", model=spec.name)
+        self.supervised = spec.server_url is None
+        self.url = (spec.server_url or "").rstrip("/")
+        self.log = get_logger(f"cord.{self.kind}", model=spec.name)
         self.restarts = 0
-        self.log_path = Path(tempfile.gettempdir()) / f"cord-sglang-{spec.name}-{os.getpid()}.log"
+        name = f"cord-{self.kind}-{spec.name}-{os.getpid()}.log"
+        self.log_path = Path(tempfile.gettempdir()) / name
         self._proc: subprocess.Popen[bytes] | None = None
         self._ready = threading.Event()
         self._trouble = threading.Event()
@@ -133,13 +142,13 @@ class SGLangServer:
         if not self.supervised:
             if not self._wait_healthy(timeout):
                 raise RuntimeError(
-                    f"SGLang server {self.url} did not answer /health_generate within "
-                    f"{timeout:g}s (engine.sglang_url of {self.spec.name!r})"
+                    f"{self.label} server {self.url} did not answer {self.health_path} within "
+                    f"{timeout:g}s ({self.kind}_url of {self.spec.name!r})"
                 )
             self._ready.set()
             return
         self._thread = threading.Thread(
-            target=self._supervise, name=f"cord-sglang-{self.spec.name}", daemon=True
+            target=self._supervise, name=f"cord-{self.kind}-{self.spec.name}", daemon=True
         )
         self._thread.start()
         deadline = time.monotonic() + timeout
@@ -147,7 +156,7 @@ class SGLangServer:
             if self._failed is not None or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(
-                    f"SGLang server for {self.spec.name!r} did not start: "
+                    f"{self.label} server for {self.spec.name!r} did not start: "
                     f"{self._failed or f'not ready within {timeout:g}s'}; "
                     f"its log ({self.log_path}) ends:\n{self.log_tail()}"
                 )
@@ -189,12 +198,12 @@ class SGLangServer:
                 # A supervised one is replaced, and its successor takes the request.
                 self._trouble.set()
                 if not self.supervised or self._stop.is_set() or time.monotonic() > deadline:
-                    raise EngineError(f"SGLang server {url}: {e}", retryable=True) from None
+                    raise EngineError(f"{self.label} server {url}: {e}", retryable=True) from None
                 time.sleep(0.2)
             except (OSError, HTTPException) as e:
                 self._trouble.set()
                 raise EngineError(
-                    f"SGLang server {url}: {type(e).__name__}: {e}", retryable=True
+                    f"{self.label} server {url}: {type(e).__name__}: {e}", retryable=True
                 ) from None
         if status == 200:
             return payload
@@ -202,7 +211,8 @@ class SGLangServer:
             raise RequestRejected(status, error_message(payload))
         self._trouble.set()
         raise EngineError(
-            f"SGLang server {url} answered {status}: {error_message(payload)}", retryable=True
+            f"{self.label} server {url} answered {status}: {error_message(payload)}",
+            retryable=True,
         )
 
     def _ready_url(self, deadline: float) -> str:
@@ -214,24 +224,31 @@ class SGLangServer:
                 return self.url
             if time.monotonic() > deadline:
                 raise EngineError(
-                    f"SGLang server of {self.spec.name!r} is not ready (being restarted)",
+                    f"{self.label} server of {self.spec.name!r} is not ready (being restarted)",
                     retryable=True,
                 )
             time.sleep(0.05)
-        raise EngineError(f"the SGLang engine of {self.spec.name!r} is closed", retryable=True)
+        raise EngineError(
+            f"the {self.label} engine of {self.spec.name!r} is closed", retryable=True
+        )
 
     # -- health ------------------------------------------------------------------------
+    def probe_request(self) -> tuple[str, dict[str, Any], str]:
+        """A one-token generation: its path, body, and a key its answer must hold."""
+        raise NotImplementedError
+
     def probe(self) -> bool:
-        """The server answers /health_generate and generates one token, both in time."""
+        """The server answers its health path and generates one token, both in time."""
         timeout = self.spec.health_timeout_s
+        path, body, key = self.probe_request()
         try:
-            status, _ = request_json("GET", self.url + "/health_generate", timeout=timeout)
+            status, _ = request_json("GET", self.url + self.health_path, timeout=timeout)
             if status != 200:
                 return False
-            status, body = request_json("POST", self.url + "/generate", _PROBE, timeout)
+            status, answer = request_json("POST", self.url + path, body, timeout)
         except (OSError, HTTPException):
             return False
-        return status == 200 and isinstance(body, dict) and "meta_info" in body
+        return status == 200 and isinstance(answer, dict) and key in answer
 
     def _wait_healthy(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -241,7 +258,7 @@ class SGLangServer:
                 return False
             try:
                 status, _ = request_json(
-                    "GET", self.url + "/health_generate", timeout=self.spec.health_timeout_s
+                    "GET", self.url + self.health_path, timeout=self.spec.health_timeout_s
                 )
                 if status == 200:
                     return True
@@ -252,37 +269,27 @@ class SGLangServer:
 
     # -- supervision (its own thread) --------------------------------------------------
     def command(self, port: int) -> list[str]:
-        spec = self.spec
-        launch = list(spec.sglang_launch)
-        if launch[0] == "python":
-            launch[0] = sys.executable
-        cmd = [
-            *launch,
-            "--model-path",
-            spec.model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--tp-size",
-            str(spec.tp_size),
-        ]
-        if spec.mem_fraction_static is not None:
-            cmd += ["--mem-fraction-static", str(spec.mem_fraction_static)]
-        if spec.dtype != "auto":
-            cmd += ["--dtype", spec.dtype]
-        if spec.sglang_deterministic:
-            cmd.append("--enable-deterministic-inference")
-        return [*cmd, *spec.sglang_args]
+        """The launch command for a server on `port` (127.0.0.1)."""
+        raise NotImplementedError
+
+    def launch_command(self, port: int) -> list[str]:
+        """`command`, with a first word `python` as the worker's own interpreter."""
+        cmd = self.command(port)
+        return [sys.executable, *cmd[1:]] if cmd and cmd[0] == "python" else cmd
+
+    def launch_env(self) -> dict[str, str]:
+        """Environment the launched server gets on top of the worker's."""
+        return {}
 
     def _launch(self) -> None:
-        port = self.spec.sglang_port or _free_port()
+        port = self.spec.port or _free_port()
         self.url = f"http://127.0.0.1:{port}"
-        cmd = self.command(port)
-        self.log.info("sglang_launch", cmd=cmd, log=str(self.log_path))
+        cmd = self.launch_command(port)
+        self.log.info("server_launch", cmd=cmd, log=str(self.log_path))
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 cmd,
+                env={**os.environ, **self.launch_env()},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -334,7 +341,7 @@ class SGLangServer:
             if up_s is not None and up_s > _STABLE_S:
                 backoff = 1.0
             self.restarts += 1
-            self.log.warning("sglang_restart", reason=reason, wait_s=backoff, n=self.restarts)
+            self.log.warning("server_restart", reason=reason, wait_s=backoff, n=self.restarts)
             self._stop.wait(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
@@ -343,8 +350,8 @@ class SGLangServer:
         was ready (None: never)."""
         try:
             self._launch()
-        except OSError as e:  # e.g. no such program: sglang_launch is wrong
-            return f"cannot run {self.spec.sglang_launch}: {e}", None
+        except OSError as e:  # e.g. no such program: the launch setting is wrong
+            return f"cannot run {self.spec.launch}: {e}", None
         if not self._wait_healthy(self.spec.startup_timeout_s):
             proc = self._proc
             if proc is not None and proc.poll() is not None:
@@ -352,7 +359,7 @@ class SGLangServer:
             return f"not ready within {self.spec.startup_timeout_s:g}s", None
         up_since = time.monotonic()
         self._ready.set()
-        self.log.info("sglang_ready", url=self.url, pid=self.pid)
+        self.log.info("server_ready", url=self.url, pid=self.pid)
         reason = self._watch()
         self._ready.clear()
         return reason, time.monotonic() - up_since
@@ -378,7 +385,7 @@ class SGLangServer:
                 next_probe = time.monotonic() + interval
                 continue
             failures += 1
-            self.log.warning("sglang_probe_failed", url=self.url, failures=failures)
+            self.log.warning("server_probe_failed", url=self.url, failures=failures)
             if failures >= _PROBE_FAILURES:
                 return f"{failures} health probes failed"
             next_probe = time.monotonic() + 1.0  # look again soon, not a whole interval later
