@@ -10,18 +10,21 @@ text can shift boundaries and lose hits: runtime-facts).
 - Expansion: ``stop`` holds the step boundary strings, ``stop_token_ids`` the model's
   end-of-turn ids, ``max_new_tokens`` is always set (SGLang's default is 128), and each
   item's seed goes in ``sampling_seed`` (honoured only by a server started with
-  ``--enable-deterministic-inference``: an attached server's ``/server_info`` is read at
-  start and a warning logged when it is off). The text is decoded here from
-  ``output_ids`` and cut before the first stop string by the base, exactly as for `hf`;
-  a ``matched`` stop string is trusted only when it is one of ours.
+  ``--enable-deterministic-inference``: the server's ``/server_info`` is read at start
+  and a warning logged when it is off, or when its radix cache is off). The text is
+  decoded here from ``output_ids`` and cut before the first stop string by the base,
+  exactly as for `hf`, whichever stop string the server names in ``matched`` (SGLang
+  names the first of the ``stop`` list, not the first in the text). A ``matched``
+  string that is not one of ours is SGLang's own "NaN happened" (NaN in the logits,
+  the last id replaced by the eos id): a retryable error, never a step.
 - Scoring: ``max_new_tokens: 0``, ``return_logprob`` and ``logprob_start_len`` at the
   last context token, so the context stays cached and only the answer's log-probs come
   back (the first returned entry is None).
 - ``meta_info.prompt_tokens`` / ``cached_tokens`` feed the same counters as `hf`.
 
-Errors come back per item: a prompt longer than the model's context (the scheduler's
-"exceeds the maximum allowed length" too) is not retryable, and a batch holding one is
-split so the others still run; an aborted request (``finish_reason {"type": "abort"}``),
+Errors come back per item: a prompt the server refuses as too long (HTTP 400; SGLang
+fails the whole batch for it) is not retryable, and the batch is split in halves until
+the others run; an aborted request (HTTP 200 with ``finish_reason {"type": "abort"}``),
 a server that is down, restarting, times out or answers 5xx make the items retryable.
 """
 
@@ -40,14 +43,19 @@ _PROBE = {"input_ids": [0], "sampling_params": {"max_new_tokens": 1, "temperatur
 
 
 def _is_length_error(message: str) -> bool:
-    # SGLang: "The input (N tokens) is longer than the model's context length (M tokens).",
-    # "Requested token count exceeds the model's maximum context length of M ...", and
-    # the scheduler's "... exceeds the maximum allowed length (M tokens) ...".
+    # SGLang 0.5.23, each an HTTP 400 for the whole batch: the tokenizer manager's
+    # "The input (N tokens) is longer than the model's context length (C tokens)." (N >=
+    # C) and "Requested token count exceeds the model's maximum context length of C
+    # tokens. ..." (N + max_new_tokens > C); the scheduler's "Input length (N tokens)
+    # exceeds the maximum allowed length (M tokens). ..." (N >= its max_req_input_len,
+    # about C - 6, less when the KV pool is smaller) and "Request prompt exceeds the KV
+    # memory budget: ...".
     lowered = message.lower()
     return (
         "context length" in lowered
         or "context_length" in lowered
         or "maximum allowed length" in lowered
+        or "kv memory budget" in lowered
     )
 
 
@@ -91,15 +99,16 @@ class SGLangEngine(BaseEngine):
         self.server = SGLangServer(spec)
         self.server.start()
         atexit.register(self.close)
-        if not self.server.supervised:
-            self._check_attached()
+        self._check_server()
 
     def close(self) -> None:
         self.server.close()
 
-    def _check_attached(self) -> None:
-        """An attached server started without --enable-deterministic-inference ignores
-        `sampling_seed`: a re-sent item then writes other text. Say so once."""
+    def _check_server(self) -> None:
+        """A server started without --enable-deterministic-inference ignores
+        `sampling_seed` (a re-sent item then writes other text), and one whose radix
+        cache is off prefills every prefix again: read its /server_info (the resolved
+        server arguments) and say so once."""
         try:
             status, info = request_json(
                 "GET", self.server.url + "/server_info", timeout=self.spec.health_timeout_s
@@ -121,7 +130,10 @@ class SGLangEngine(BaseEngine):
             self.server.log.warning(
                 "sglang_radix_cache_off",
                 url=self.server.url,
-                why="the server's radix cache is off: every step prefills its whole prefix",
+                attention_backend=info.get("attention_backend"),
+                why="the server's radix cache is off: every step prefills its whole prefix "
+                "(deterministic inference on Blackwell defaults to flashinfer, which turns "
+                "it off; --attention-backend triton keeps it)",
             )
 
     # -- the wire -------------------------------------------------------------------
@@ -134,7 +146,8 @@ class SGLangEngine(BaseEngine):
         except RequestRejected as e:
             if _is_length_error(e.message):
                 if len(requests) > 1:  # SGLang refuses the whole batch: find the long ones
-                    return [out for r in requests for out in self._run([r])]
+                    half = len(requests) // 2
+                    return self._run(requests[:half]) + self._run(requests[half:])
                 return [EngineError(f"SGLang: {e.message}", retryable=False)]
             return [EngineError(f"SGLang refused the request: {e}", retryable=True)] * len(requests)
         except EngineError as e:
@@ -184,23 +197,35 @@ class SGLangEngine(BaseEngine):
             for r, out in zip(requests, self._run(bodies), strict=True)
         ]
 
-    def _output(self, r: IdRequest, out: dict[str, Any]) -> IdOutput:
+    def _output(self, r: IdRequest, out: dict[str, Any]) -> IdOutput | EngineError:
         meta = out.get("meta_info") or {}
         reason = meta.get("finish_reason") or {}
         kind, matched = reason.get("type"), reason.get("matched")
+        if kind == "stop" and isinstance(matched, str) and matched not in r.stops:
+            # SGLang's own stop: "NaN happened" (a token id out of the vocabulary, NaN in
+            # the logits; the id was replaced by the eos id). No step, no end of turn.
+            return EngineError(f"SGLang ended the generation with {matched!r}", retryable=True)
         ids = [int(t) for t in out.get("output_ids") or []]
         by_token = kind == "stop" and isinstance(matched, int) and not isinstance(matched, bool)
         if by_token and ids and ids[-1] == matched:
             ids.pop()  # hf neither counts nor decodes the end-of-turn token
-        # A `matched` string that is not one of ours ("NaN happened") is no step end.
-        ours = kind == "stop" and isinstance(matched, str) and matched in r.stops
+        text = None
+        if kind == "stop" and isinstance(matched, str):
+            # The server's cut, for when decoding here does not show the stop string. It
+            # names the first of our stop strings in list order; cut at the first in the
+            # text, as the base does.
+            text = str(out.get("text", ""))
+            found = [(text.find(s), s) for s in r.stops if s in text]
+            if found:
+                at, matched = min(found)
+                text = text[:at]
         return IdOutput(
             ids,
             int(meta.get("prompt_tokens", len(r.ids))),
             int(meta.get("cached_tokens") or 0),
             eos=by_token,
-            matched=matched if ours else None,
-            text=str(out.get("text", "")) if ours else None,
+            matched=matched if text is not None else None,
+            text=text,
         )
 
     # -- scoring --------------------------------------------------------------------

@@ -22,11 +22,26 @@ What it honours, as SGLang does:
   ``cached_tokens`` (the hf engine's prefix-cache hit), ``e2e_latency``; ``text`` cut
   at the stop string, ``output_ids`` still holding the token that completed it (and the
   stop token id).
-- Errors: HTTP 400 ``{"error": {"message": ...}}``, with SGLang's context-length wording.
+- Length limits, as 0.5.23 applies them (C = ``--context-length``, else the model's):
+  the tokenizer manager refuses an input of >= C tokens ("The input (N tokens) is
+  longer than the model's context length (C tokens).") and an input plus a given
+  ``max_new_tokens`` of > C ("Requested token count exceeds the model's maximum
+  context length of C tokens. ..."); the scheduler then refuses an input of >=
+  ``max_req_input_len`` = C - 6 tokens ("Input length (N tokens) exceeds the maximum
+  allowed length (C - 6 tokens). Use a shorter input or enable --allow-auto-truncate.")
+  and caps ``max_new_tokens`` at C - 2 - N. Any refusal answers the whole call with
+  HTTP 400 ``{"error": {"message": ...}}`` (SGLang gathers a batch's items and fails
+  it on the first error).
+- A stop string: when several are in the output, ``matched`` is the first of the
+  request's ``stop`` list that is (SGLang tries them in list order), and ``text`` is
+  cut at that string's first occurrence.
 - ``/health`` and ``/health_generate`` answer 503 while the model loads, then 200;
-  ``/get_model_info``. Launch flags: ``--model-path --host --port --tp-size
-  --mem-fraction-static --dtype --context-length --enable-deterministic-inference``;
-  others are ignored.
+  ``/get_model_info``; ``/server_info``: the server arguments by their field names
+  (those of the flags below, ``disable_radix_cache`` among them), ``launch_command``,
+  ``max_req_input_len``, ``status``, ``version``. Launch flags: ``--model-path --host
+  --port --tp-size --mem-fraction-static --dtype --context-length
+  --enable-deterministic-inference --disable-radix-cache`` (the hf engine's prefix
+  cache off); others are ignored.
 
 Not supported (400): ``n`` > 1, streaming, logprobs of generated tokens. When several
 stop token ids are given, the hf engine does not say which one ended a row; the smallest
@@ -36,7 +51,12 @@ Test hooks (not SGLang's), under ``/test/``: ``GET /test/requests`` lists every
 ``/generate`` body received; ``POST /test/stall {"seconds": s}`` holds each later
 ``/generate`` that long before computing; ``POST /test/hang`` makes every later
 ``/generate`` block for good while ``/health_generate`` keeps answering 200 (a dead
-scheduler behind a live HTTP server, sglang #6624).
+scheduler behind a live HTTP server, sglang #6624); ``POST /test/nan`` makes the next
+``/generate`` end each generation as SGLang does when the logits hold NaN (the last
+output id replaced by the eos id, ``finish_reason {"type": "stop", "matched": "NaN
+happened"}``, the text not cut); ``POST /test/abort`` makes every item of the next
+``/generate`` come back aborted, HTTP 200 with ``finish_reason {"type": "abort",
+"message": "Abort in waiting queue"}``, as an abort in SGLang's waiting queue does.
 """
 
 from __future__ import annotations
@@ -76,13 +96,48 @@ class State:
         self.requests: list[Any] = []
         self.stall_s = 0.0
         self.hang = threading.Event()
+        self.nan_next = False  # the next /generate: generations end in NaN
+        self.abort_next = False  # the next /generate: every item aborted
+        self.started = time.time()
 
     @property
     def context_len(self) -> int:
         return int(self.args.context_length or self.engine.max_context or 1 << 30)
 
+    @property
+    def max_req_len(self) -> int:
+        # The scheduler's: min(context - 1, KV pool - 1); the hf engine has no pool bound.
+        return self.context_len - 1
+
+    @property
+    def max_req_input_len(self) -> int:
+        return self.max_req_len - 5
+
+    def server_info(self) -> dict[str, Any]:
+        """/server_info's shape in 0.5.23: the resolved server arguments by field name,
+        the launch command, the scheduler's start-up info, the version."""
+        a = self.args
+        return {
+            "model_path": a.model_path,
+            "host": a.host,
+            "port": a.port,
+            "tp_size": a.tp_size,
+            "mem_fraction_static": a.mem_fraction_static,
+            "dtype": a.dtype,
+            "context_length": a.context_length,
+            "enable_deterministic_inference": a.enable_deterministic_inference,
+            "disable_radix_cache": a.disable_radix_cache,
+            "launch_command": " ".join(sys.argv),
+            "status": "ready",
+            "max_req_input_len": self.max_req_input_len,
+            "startup_time": self.started,
+            "internal_states": [],
+            "version": "0.5.23",
+            "frontend": "python",
+        }
+
     # -- /generate ---------------------------------------------------------------------
-    def generate(self, body: dict[str, Any]) -> Any:
+    def generate(self, body: dict[str, Any], nan: bool = False, abort: bool = False) -> Any:
         if body.get("stream"):
             raise Refused("the test server does not stream")
         input_ids = body.get("input_ids")
@@ -101,16 +156,24 @@ class State:
             p = dict(p or {})
             if p.get("n", 1) != 1:
                 raise Refused("the test server supports n = 1 only")
-            max_new = p.get("max_new_tokens")
-            max_new = 128 if max_new is None else int(max_new)  # SGLang's default
-            self._check_length(len(ids), max_new)
+            given = p.get("max_new_tokens")
+            self._check_context(len(ids), None if given is None else int(given))
+            max_new = 128 if given is None else int(given)  # SGLang's default
             start = -1 if start is None else int(start)
             if logprob and max_new > 0:
                 raise Refused("the test server returns logprobs for prefill-only requests")
             if logprob and start >= len(ids):
                 raise Refused(f"logprob_start_len ({start}) must be below the input length")
             items.append((ids, p, max_new, bool(logprob), start))
+        # The scheduler's checks come after the tokenizer manager's, item by item.
+        for k, (ids, p, max_new, logprob, start) in enumerate(items):
+            self._check_input(len(ids))
+            max_new = max(0, min(max_new, self.max_req_len - len(ids) - 1))
+            items[k] = (ids, p, max_new, logprob, start)
         began = time.perf_counter()
+        if abort:
+            aborted = [self._aborted(item[3], began) for item in items]
+            return aborted[0] if single else aborted
         results: list[dict[str, Any] | None] = [None] * n
         with self.lock:
             gen = [i for i, item in enumerate(items) if item[2] > 0]
@@ -119,7 +182,8 @@ class State:
                 stop_ids = frozenset(int(t) for t in items[i][1].get("stop_token_ids") or [])
                 groups.setdefault(stop_ids, []).append(i)
             for stop_ids, indices in groups.items():
-                for i, out in zip(indices, self._generate(items, indices, stop_ids), strict=True):
+                answers = self._generate(items, indices, stop_ids, nan)
+                for i, out in zip(indices, answers, strict=True):
                     results[i] = out
             for i, (ids, _, _, logprob, start) in enumerate(items):
                 if items[i][2] == 0:
@@ -137,15 +201,17 @@ class State:
             return value
         return [value] * n
 
-    def _check_length(self, prompt: int, max_new: int) -> None:
-        # SGLang's tokenizer manager, in its words.
+    def _check_context(self, prompt: int, max_new: int | None) -> None:
+        # SGLang's tokenizer manager (TokenizerManager._validate_one_request), in its words:
+        # the input alone may not reach the context, the input plus a given
+        # max_new_tokens may not pass it.
         limit = self.context_len
         if prompt >= limit:
             raise Refused(
                 f"The input ({prompt} tokens) is longer than the model's context length "
                 f"({limit} tokens)."
             )
-        if prompt + max_new >= limit:
+        if max_new is not None and prompt + max_new > limit:
             raise Refused(
                 f"Requested token count exceeds the model's maximum context length of {limit} "
                 f"tokens. You requested a total of {prompt + max_new} tokens: {prompt} tokens "
@@ -154,6 +220,30 @@ class State:
                 "within the limit."
             )
 
+    def _check_input(self, prompt: int) -> None:
+        # SGLang's scheduler (managers/utils.validate_input_length), in its words.
+        limit = self.max_req_input_len
+        if prompt >= limit:
+            raise Refused(
+                f"Input length ({prompt} tokens) exceeds the maximum allowed length "
+                f"({limit} tokens). Use a shorter input or enable --allow-auto-truncate."
+            )
+
+    @staticmethod
+    def _aborted(logprob: bool, began: float) -> dict[str, Any]:
+        # TokenizerManager._handle_abort_req's answer for a request aborted while waiting.
+        meta: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+            "weight_version": "default",
+            "e2e_latency": time.perf_counter() - began,
+            "completion_tokens": 0,
+        }
+        if logprob:
+            meta["input_token_logprobs"] = []
+            meta["output_token_logprobs"] = []
+        return {"text": "", "output_ids": [], "meta_info": meta}
+
     def _seed(self, p: dict[str, Any]) -> int:
         if not self.args.enable_deterministic_inference:
             return secrets.randbits(63)  # SGLang ignores sampling_seed without the flag
@@ -161,7 +251,7 @@ class State:
         return 42 if seed is None else int(seed)
 
     def _generate(
-        self, items: list[tuple], indices: list[int], stop_ids: frozenset[int]
+        self, items: list[tuple], indices: list[int], stop_ids: frozenset[int], nan: bool
     ) -> list[dict[str, Any]]:
         engine = self.engine
         chosen = [items[i] for i in indices]
@@ -188,10 +278,18 @@ class State:
             output_ids = list(out.ids)
             text = engine.tokenizer.decode(output_ids, skip_special_tokens=skip)
             raw = engine.decode(output_ids)
-            found = sorted((raw.find(s), s) for s in stop if s in raw)
+            # Req._check_str_based_finish tries the stop strings in list order.
+            found = [s for s in stop if s in raw]
             reason: dict[str, Any]
-            if found and not out.eos:
-                matched = found[0][1]
+            if nan:
+                # Req._check_vocab_boundary_finish: the NaN token becomes the eos id, the
+                # output ends there, and the detokenizer finds no "NaN happened" to cut.
+                at = len(output_ids) // 2
+                output_ids = [*output_ids[:at], min(engine.eos_ids or stop_ids or {0})]
+                text = engine.tokenizer.decode(output_ids, skip_special_tokens=skip)
+                reason = {"type": "stop", "matched": "NaN happened"}
+            elif found and not out.eos:
+                matched = found[0]
                 if not p.get("no_stop_trim"):
                     text = text[: text.find(matched)] if matched in text else text
                 reason = {"type": "stop", "matched": matched}
@@ -264,6 +362,11 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200 if state.engine is not None else 503)
         elif self.path == "/get_model_info":
             self._send(200, {"model_path": state.args.model_path, "is_generation": True})
+        elif self.path == "/server_info":
+            if state.engine is None:
+                self._send(503, {"error": {"message": "the server is starting"}})
+            else:
+                self._send(200, state.server_info())
         elif self.path == "/test/requests":
             self._send(200, {"requests": state.requests})
         else:
@@ -282,6 +385,12 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/test/hang":
             state.hang.set()
             self._send(200, {})
+        elif self.path == "/test/nan":
+            state.nan_next = True
+            self._send(200, {})
+        elif self.path == "/test/abort":
+            state.abort_next = True
+            self._send(200, {})
         elif self.path == "/generate":
             state.requests.append(body)
             if state.hang.is_set():
@@ -290,8 +399,10 @@ class Handler(BaseHTTPRequestHandler):
             if state.engine is None:
                 self._send(503, {"error": {"message": "the server is starting"}})
                 return
+            nan, state.nan_next = state.nan_next, False
+            abort, state.abort_next = state.abort_next, False
             try:
-                self._send(200, state.generate(body))
+                self._send(200, state.generate(body, nan=nan, abort=abort))
             except Refused as e:
                 self._send(400, {"error": {"message": str(e)}})
         else:
@@ -308,6 +419,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--context-length", type=int)
     parser.add_argument("--enable-deterministic-inference", action="store_true")
+    parser.add_argument("--disable-radix-cache", action="store_true")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"sglang_testserver: ignoring {unknown}", file=sys.stderr, flush=True)
@@ -329,6 +441,8 @@ def main(argv: list[str] | None = None) -> None:
 
         dtype = _DTYPES.get(args.dtype, "auto")
         spec = HFSpec(name="testserver", model=args.model_path, dtype=dtype)
+        if args.disable_radix_cache:
+            spec = spec.model_copy(update={"prefix_cache_tokens": 0})
         try:
             state.engine = HFEngine(spec)
         except Exception as e:  # a server that cannot load exits, as SGLang does

@@ -5,6 +5,7 @@ the text and scores it gets, the requests it sends, attach mode, and the supervi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,19 +14,22 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from cord.common import prompts
 from cord.common.config import model_spec
+from cord.common.log import get_logger
 from cord.common.messages import ExpandItem, ScoreItem
 from cord.workers.engines import load_engine
+from cord.workers.engines.base import IdOutput, IdRequest, expand_texts
 from cord.workers.engines.hf import HFEngine
 from cord.workers.engines.server import request_json
-from cord.workers.engines.sglang import SGLangEngine, SGLangServer
+from cord.workers.engines.sglang import SGLangEngine, SGLangServer, _is_length_error
 
 ROOT = Path(__file__).resolve().parents[3]
 MODEL = str(ROOT / "models" / "alpha")
@@ -67,6 +71,25 @@ def sampling_params(request: dict[str, Any]) -> list[dict[str, Any]]:
     return params if isinstance(params, list) else [params]
 
 
+def prompt_len(engine: Any, item: ExpandItem) -> int:
+    (ids,) = engine.encode_many(expand_texts(engine._prefix, [item])[0])
+    return len(ids)
+
+
+def sized_item(engine: Any, key: str, lo: int, hi: int, **kw: Any) -> tuple[ExpandItem, int]:
+    """An expansion whose prompt is `lo` to `hi` tokens long, and its length."""
+    for n in range(1, 80):
+        item = expand_item(key, ["### Step 1. " + " + ".join(["1"] * n)], **kw)
+        length = prompt_len(engine, item)
+        if lo <= length <= hi:
+            return item, length
+    raise AssertionError(f"no prompt of {lo} to {hi} tokens")
+
+
+def warnings_of(logs: list[MutableMapping[str, Any]]) -> set[str]:
+    return {e["event"] for e in logs if e.get("log_level") == "warning"}
+
+
 @pytest.fixture(scope="module")
 def launch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Servers launched by the supervisor find the test server module, and write their
@@ -79,21 +102,13 @@ def launch_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         yield
 
 
-@pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory, launch_env: None) -> Iterator[str]:
-    """A test server started by the test (for attach mode), seeds honoured."""
+@contextlib.contextmanager
+def running_server(log_path: Path, *flags: str) -> Iterator[str]:
+    """A test server started by the test (for attach mode) with `flags`; its URL."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("sglang") / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [
-                *SERVER,
-                "--model-path",
-                MODEL,
-                "--port",
-                str(port),
-                "--enable-deterministic-inference",
-            ],
+            [*SERVER, "--model-path", MODEL, "--port", str(port), *flags],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -113,6 +128,22 @@ def server_url(tmp_path_factory: pytest.TempPathFactory, launch_env: None) -> It
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory: pytest.TempPathFactory, launch_env: None) -> Iterator[str]:
+    """Seeds honoured."""
+    log_path = tmp_path_factory.mktemp("sglang") / "server.log"
+    with running_server(log_path, "--enable-deterministic-inference") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def plain_url(tmp_path_factory: pytest.TempPathFactory, launch_env: None) -> Iterator[str]:
+    """Started without --enable-deterministic-inference and with its radix cache off."""
+    log_path = tmp_path_factory.mktemp("sglang") / "plain.log"
+    with running_server(log_path, "--disable-radix-cache") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +296,130 @@ def test_context_overflow_is_not_retryable_and_not_sent(engine: SGLangEngine, se
     assert len(received(server_url)) == sent
 
 
+def test_aborted_requests_are_retryable(engine: SGLangEngine, server_url: str):
+    """SGLang answers a request aborted in its waiting queue with HTTP 200 and
+    finish_reason {"type": "abort"}: another try, not a model mismatch."""
+    scores = [ScoreItem(key="ab", prompt="What is 3 + 4 + 2?", steps=[STEP1], answer="9")]
+    assert request_json("POST", server_url + "/test/abort", {})[0] == 200
+    (score,) = engine.score(scores)
+    assert request_json("POST", server_url + "/test/abort", {})[0] == 200
+    (gen,) = engine.expand([expand_item("ab")])
+    for result in (score, gen):
+        assert result.error is not None and "aborted" in result.error, result.error
+        assert result.retryable
+    (again,) = engine.score(scores)  # the hook held one call only
+    assert again.error is None
+
+
+def test_nan_stop_is_a_retryable_error_not_a_step(engine: SGLangEngine, server_url: str):
+    """SGLang's own stop {"type": "stop", "matched": "NaN happened"} (NaN in the logits)
+    is no step end, no end of turn and no text to keep."""
+    assert request_json("POST", server_url + "/test/nan", {})[0] == 200
+    items = [expand_item("nan0"), expand_item("nan1", [STEP1])]
+    got = engine.expand(items)
+    answer = received(server_url)[-1]
+    assert len(answer["input_ids"]) == 2  # both went, in one call
+    for g in got:
+        assert g.error is not None and "NaN happened" in g.error and g.retryable, g
+    again = engine.expand(items)
+    assert all(g.error is None and g.finish == "step" for g in again)
+
+
+def test_server_cut_is_read_at_the_first_stop_in_the_text(engine: SGLangEngine):
+    """When decoding here shows no stop string, the server's cut is used; SGLang names
+    the first of the stop list in `matched` and cuts its text there, so an earlier stop
+    string of ours in that text is the real end."""
+    r = IdRequest([1, 2, 3], 16, 0.0, 1.0, 0, prompts.STEP_STOPS)
+    reason = {"type": "stop", "matched": prompts.STEP_PREFIX}
+    for text, want in [("x = 1</think> y", ("x = 1", "think_end")), ("x = 1 ", ("x = 1 ", "step"))]:
+        out = {
+            "text": text,
+            "output_ids": encode(engine, " x"),
+            "meta_info": {"finish_reason": reason},
+        }
+        got = engine._output(r, out)
+        assert isinstance(got, IdOutput)
+        gen = engine._generation("k", r, got)
+        assert (gen.text, gen.finish) == want
+
+
+def test_matched_is_the_first_of_the_stop_list(engine: SGLangEngine, server_url: str):
+    """0.5.23 tries the stop strings in list order (Req._check_str_based_finish): when
+    the token that ends the output completes two of them, `matched` is the first listed,
+    even where the other starts earlier in the text; `text` is cut at it."""
+    prompt = encode(engine, engine._chat_prefix("What is 2 + 5 + 1?"))
+    greedy: dict[str, Any] = {"max_new_tokens": 12, "temperature": 0}
+    body = {"input_ids": prompt, "sampling_params": greedy}
+    status, free = request_json("POST", server_url + "/generate", body)
+    assert status == 200
+    tokens = free["output_ids"]
+    for k in range(1, len(tokens)):
+        prev, cur = engine.decode(tokens[:k]), engine.decode(tokens[: k + 1])
+        # Strings the last token completes (none of them in the output before it).
+        fresh = {
+            cur[i:j]
+            for j in range(len(prev) + 1, len(cur) + 1)
+            for i in range(max(0, len(prev) - 3), j)
+            if cur[i:j] not in prev
+        }
+        pairs = [(a, b) for a in fresh for b in fresh if cur.find(b) < cur.find(a)]
+        if pairs:
+            later, earlier = min(pairs, key=lambda p: (len(p[0]) + len(p[1]), p))
+            break
+    else:
+        pytest.skip("no token completes two stop strings here")
+    params = {**greedy, "stop": [later, earlier], "skip_special_tokens": False}
+    status, answer = request_json(
+        "POST", server_url + "/generate", {"input_ids": prompt, "sampling_params": params}
+    )
+    assert status == 200
+    assert answer["output_ids"] == tokens[: k + 1]
+    assert answer["meta_info"]["finish_reason"] == {"type": "stop", "matched": later}
+    assert answer["text"] == cur[: cur.find(later)]
+
+
+def test_server_info_and_the_warnings_read_from_it(server_url: str, plain_url: str):
+    """/server_info holds the resolved server arguments by field name; the engine warns
+    when seeds are ignored (no --enable-deterministic-inference) or the radix cache is
+    off, and stays quiet when neither."""
+    status, info = request_json("GET", plain_url + "/server_info")
+    assert status == 200
+    assert info["enable_deterministic_inference"] is False
+    assert info["disable_radix_cache"] is True
+    assert info["max_req_input_len"] == 1024 - 6  # the model's context, no --context-length
+    assert info["context_length"] is None and info["version"] == "0.5.23"
+    assert request_json("GET", server_url + "/server_info")[1]["enable_deterministic_inference"]
+    get_logger("cord.test")  # structlog configured before it is captured
+    for url, want in [
+        (plain_url, {"sglang_seeds_ignored", "sglang_radix_cache_off"}),
+        (server_url, set()),
+    ]:
+        spec = model_spec(name="alpha", model=MODEL, engine="sglang", sglang_url=url)
+        with capture_logs() as logs:
+            eng = SGLangEngine(spec)
+        eng.close()
+        assert warnings_of(logs) & {"sglang_seeds_ignored", "sglang_radix_cache_off"} == want
+        assert "sglang_server_info_unread" not in warnings_of(logs)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [  # SGLang 0.5.23's refusals of a prompt too long, each an HTTP 400
+        "The input (120 tokens) is longer than the model's context length (100 tokens).",
+        "Requested token count exceeds the model's maximum context length of 100 tokens. "
+        "You requested a total of 130 tokens: 90 tokens from the input messages and 40 "
+        "tokens for the completion. Please reduce the number of tokens in the input "
+        "messages or the completion to fit within the limit.",
+        "Input length (95 tokens) exceeds the maximum allowed length (94 tokens). Use a "
+        "shorter input or enable --allow-auto-truncate.",
+        "Request prompt exceeds the KV memory budget: input_len=4000.",
+    ],
+)
+def test_length_refusals_are_known(message: str):
+    assert _is_length_error(message)
+    assert not _is_length_error("stop has 2 entries for 1 inputs")
+
+
 def test_every_request_bounds_max_new_tokens(engine: SGLangEngine, server_url: str):
     requests = received(server_url)
     assert len(requests) >= 6
@@ -323,6 +478,35 @@ def test_server_context_refusal_fails_only_the_long_item(supervised: SGLangEngin
     ok, long = supervised.expand(items)
     assert ok.error is None and ok.finish == "step"
     assert long.error is not None and "context length" in long.error and not long.retryable
+
+
+def test_scheduler_length_refusal_fails_only_that_item(supervised: SGLangEngine):
+    """The scheduler refuses an input of max_req_input_len (context - 6 = 94) tokens or
+    more, though it and its max_new_tokens fit the context: HTTP 400 "... exceeds the
+    maximum allowed length ..." for the whole batch. That item fails, not retryable;
+    the others run."""
+    long, length = sized_item(supervised, "long", 94, 96)
+    long = long.model_copy(update={"max_new_tokens": 100 - length})
+    items = [expand_item("ok0"), long, expand_item("ok1", [STEP1])]
+    ok0, refused, ok1 = supervised.expand(items)
+    assert refused.error is not None and not refused.retryable
+    assert "exceeds the maximum allowed length (94 tokens)" in refused.error
+    for ok in (ok0, ok1):
+        assert ok.error is None and ok.finish == "step", ok
+
+
+def test_prompt_and_budget_may_fill_the_context(supervised: SGLangEngine):
+    """0.5.23 refuses an input plus max_new_tokens above the context, not one equal to
+    it, and its scheduler caps max_new_tokens at context - 2 - input."""
+    item, length = sized_item(supervised, "full", 60, 80, whole=True)
+    item = item.model_copy(update={"max_new_tokens": 100 - length})
+    (got,) = supervised.expand([item])
+    assert got.error is None, got.error
+    assert got.tokens <= 100 - 2 - length
+    over = item.model_copy(update={"key": "over", "max_new_tokens": 101 - length})
+    (refused,) = supervised.expand([over])
+    assert refused.error is not None and "maximum context length of 100" in refused.error
+    assert not refused.retryable
 
 
 def test_killed_server_fails_its_request_retryable_and_comes_back(supervised: SGLangEngine):
