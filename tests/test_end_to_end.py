@@ -12,7 +12,7 @@ from cord.common import prompts
 from cord.common.lab.arith import make_problems
 from cord.common.scoring import predictive_score
 from cord.coordinator.cli import main
-from tests.conftest import fleet_config
+from tests.conftest import MODELS, VLLM_TEST, Fleet, base_config, fleet_config, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -133,3 +133,49 @@ def test_engine_failure_becomes_a_failure_record(fleet, tmp_path):
     assert "exceed the context" in failed[0]["reason"]
     traces = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
     assert [t["id"] for t in traces] == ["fine-1"]
+
+
+def test_fleet_with_vllm_pools(vllm_urls, tmp_path, redis_url, redis_client, namespace):
+    """A teacher (alpha) and the meta-prover on vLLM servers, beta and gamma on `hf`:
+    every problem comes out once, rows valid, S as the meta-prover computes it, and the
+    servers' cache hits counted in the rows' stats."""
+    data = base_config(redis_url, namespace)
+    server = {k: v for k, v in VLLM_TEST.items() if k not in ("startup_timeout_s",)}
+    for pool in [*data["teachers"], data["meta_prover"]]:
+        if pool["name"] in vllm_urls:
+            pool.update(server, vllm_url=vllm_urls[pool["name"]])
+    config = write_config(tmp_path / "vllm.yaml", data)
+    workers = Fleet(config, tmp_path)
+    try:
+        for model in ("alpha", "beta", "gamma", "meta"):
+            workers.start(model)
+        workers.wait_ready(redis_client, namespace, 4)
+        problems = make_problems(6, seed=616161)
+        path = tmp_path / "problems.jsonl"
+        path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))
+        assert "enqueued 6 new problem(s)" in cli("enqueue", "--config", config, path).output
+        out = tmp_path / "out"
+        result = cli("run", "--config", config, "--out", out, "--no-progress")
+        assert result.exit_code == 0, result.output
+    finally:
+        workers.stop()
+    rows = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(p.id for p in problems)
+    assert not (out / "failed.jsonl").exists() or (out / "failed.jsonl").read_text() == ""
+    meta_path = str(MODELS / "meta")
+    meta = AutoModelForCausalLM.from_pretrained(meta_path)
+    meta_tok = AutoTokenizer.from_pretrained(meta_path)
+    teachers: set[str] = set()
+    for row in rows:
+        source = next(p for p in problems if p.id == row["id"])
+        steps = row["steps"]
+        assert steps and [s["index"] for s in steps] == list(range(1, len(steps) + 1))
+        assert all(s["text"].startswith(f"### Step {s['index']}.") for s in steps)
+        teachers.update(s["teacher"] for s in steps)
+        expected = direct_score(
+            meta, meta_tok, source.question, [s["text"] for s in steps], source.answer
+        )
+        assert row["score"] == pytest.approx(expected, abs=1e-3)
+        assert row["final_answer"] and row["strategy"] == "cord"
+        assert 0 < row["stats"]["cached_prompt_tokens"] <= row["stats"]["prompt_tokens"]
+    assert "alpha" in teachers  # the vLLM teacher wrote chosen steps

@@ -133,6 +133,8 @@ class BaseEngine:
     """The shared half of every engine; subclasses implement `generate_ids` and
     `answer_logprobs` (and may add to `runtime_stats`)."""
 
+    max_context: int | None  # tokens a request may hold (prompt + new); None: unknown
+
     def __init__(self, spec: AnyModelSpec) -> None:
         assert spec.model is not None  # RunConfig guarantees it
         self.name = spec.name
@@ -140,9 +142,12 @@ class BaseEngine:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(spec.model)
         config = AutoConfig.from_pretrained(spec.model)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.max_context: int | None = getattr(text, "max_position_embeddings", None) or getattr(
+        self.max_context = getattr(text, "max_position_embeddings", None) or getattr(
             text, "n_positions", None
         )
+        limit = getattr(spec, "max_model_len", None)  # a server's own context (vllm)
+        if limit is not None:
+            self.max_context = min(self.max_context or limit, limit)
         try:
             gen_eos = GenerationConfig.from_pretrained(spec.model).eos_token_id
         except OSError:  # no generation_config.json: the model config's own

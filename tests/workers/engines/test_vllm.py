@@ -1,0 +1,205 @@
+"""The `vllm` engine against real vLLM servers (vLLM's CPU build) on the bundled models:
+greedy steps as the `hf` engine writes them, S as `hf` computes it, the server's own
+prefix-cache counters, seeds, and a supervised server killed with SIGKILL mid-task."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from cord.common import prompts
+from cord.common.config import model_spec
+from cord.common.lab.arith import make_problems, solution_steps
+from cord.common.messages import ExpandItem, ScoreItem
+from cord.workers.engines.base import IdRequest, expand_texts
+from cord.workers.engines.hf import HFEngine
+from cord.workers.engines.server import request_json
+from cord.workers.engines.vllm import VLLMEngine
+from tests.conftest import MODELS, VLLM_TEST
+
+pytestmark = pytest.mark.slow
+
+PROBLEMS = make_problems(6, seed=515151)
+
+
+def expand_items(n_steps: int = 1, **kw: Any) -> list[ExpandItem]:
+    """One item per lab problem, continuing its first `n_steps - 1` correct steps."""
+    items = []
+    for i, p in enumerate(PROBLEMS):
+        steps = solution_steps(p.terms)[: n_steps - 1]
+        fields: dict[str, Any] = {"max_new_tokens": 48, "temperature": 0.0, "seed": i, **kw}
+        items.append(
+            ExpandItem(
+                key=f"{p.id}:{n_steps}", prompt=p.question, steps=steps, next_step=n_steps, **fields
+            )
+        )
+    return items
+
+
+def score_items() -> list[ScoreItem]:
+    items = []
+    for p in PROBLEMS:
+        steps = solution_steps(p.terms)
+        for k in (1, len(steps)):  # a partial and a whole trajectory
+            items.append(
+                ScoreItem(key=f"{p.id}:{k}", prompt=p.question, steps=steps[:k], answer=p.answer)
+            )
+    return items
+
+
+def attached(name: str, url: str) -> VLLMEngine:
+    spec = model_spec(name=name, model=str(MODELS / name), vllm_url=url, **VLLM_TEST)
+    return VLLMEngine(spec)
+
+
+@pytest.fixture(scope="module")
+def alpha(vllm_urls: dict[str, str]) -> Iterator[VLLMEngine]:
+    engine = attached("alpha", vllm_urls["alpha"])
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def meta(vllm_urls: dict[str, str]) -> Iterator[VLLMEngine]:
+    engine = attached("meta", vllm_urls["meta"])
+    yield engine
+    engine.close()
+
+
+def hf(name: str) -> HFEngine:
+    return HFEngine(model_spec(name=name, model=str(MODELS / name)))
+
+
+def near_tie(engine: HFEngine, prompt: list[int], a: int, b: int) -> float:
+    """How far apart the log-probs of tokens a and b are after `prompt` (hf, float32)."""
+    with torch.no_grad():
+        logits = engine.model(input_ids=torch.tensor([prompt])).logits[0, -1].float()
+    logp = torch.log_softmax(logits, -1)
+    return abs(float(logp[a] - logp[b]))
+
+
+def test_greedy_steps_equal_hf(alpha: VLLMEngine):
+    """The same ids from both engines, or a near-tie of two tokens where they part."""
+    ref = hf("alpha")
+    items = expand_items(1) + expand_items(2)
+    texts, stops = expand_texts(ref._prefix, items)
+    requests = [
+        IdRequest(ids, 48, 0.0, 1.0, 0, stop)
+        for ids, stop in zip(ref.encode_many(texts), stops, strict=True)
+    ]
+    got = alpha.generate_ids(requests)
+    want = ref.generate_ids(requests)
+    same = 0
+    for request, g, w in zip(requests, got, want, strict=True):
+        assert not isinstance(g, Exception) and not isinstance(w, Exception), g
+        if g.ids == w.ids:
+            same += 1
+            continue
+        k = next(i for i, (x, y) in enumerate(zip(g.ids, w.ids, strict=False)) if x != y)
+        gap = near_tie(ref, request.ids + w.ids[:k], g.ids[k], w.ids[k])
+        assert gap < 1e-2, (k, gap, ref.decode(g.ids), ref.decode(w.ids))
+    assert same >= len(requests) - 2, f"only {same} of {len(requests)} identical"
+    # Through the engine interface: the step cut and finish as hf gives them.
+    for g, w in zip(alpha.expand(items), ref.expand(items), strict=True):
+        assert g.error is None, g.error
+        assert g.finish == "step" and prompts.STEP_PREFIX not in g.text
+        if g.tokens == w.tokens:
+            assert (g.text, g.finish, g.prompt_tokens) == (w.text, w.finish, w.prompt_tokens)
+
+
+def test_scores_equal_hf(meta: VLLMEngine):
+    ref = hf("meta")
+    items = score_items()
+    got, want = meta.score(items), ref.score(items)
+    for g, w in zip(got, want, strict=True):
+        assert g.error is None, g.error
+        assert g.answer_tokens == w.answer_tokens > 0
+        assert abs(g.score - w.score) < 1e-3, (g.key, g.score, w.score)
+    assert max(s.score for s in got) - min(s.score for s in got) > 0.01  # not all alike
+
+
+def test_scoring_and_expansion_hit_the_server_prefix_cache(alpha: VLLMEngine, meta: VLLMEngine):
+    """The server's own counters (vllm:prefix_cache_hits_total) grow, and so do the
+    cached tokens the engine reports per item: the context is not prefilled again."""
+    items = score_items()
+    meta.score(items)  # the contexts are in the cache after this
+    before = meta.server_cache()
+    again = meta.score(items)
+    after = meta.server_cache()
+    assert after["hits"] - before["hits"] >= 0.5 * sum(s.prompt_tokens for s in again)
+    assert all(s.cached_tokens > 0 for s in again)
+    # Expansion: step 2 of each problem extends the prompt of step 1.
+    alpha.expand(expand_items(1))
+    before = alpha.server_cache()
+    second = alpha.expand(expand_items(2))
+    after = alpha.server_cache()
+    assert after["hits"] > before["hits"] and all(g.cached_tokens > 0 for g in second)
+    stats = alpha.stats()
+    assert stats["cached_tokens"] > 0 and stats["server_cache_hit_tokens"] >= after["hits"] > 0
+
+
+def test_a_seed_samples_the_same_step_again(alpha: VLLMEngine):
+    """A re-sent item (same seed) writes the same step at T = 0.6; other seeds differ."""
+    first = alpha.expand(expand_items(1, temperature=0.6))
+    again = alpha.expand(expand_items(1, temperature=0.6))
+    assert [g.text for g in first] == [g.text for g in again]
+    other = alpha.expand(expand_items(1, temperature=0.6, seed=12345))
+    assert [g.text for g in other] != [g.text for g in first]
+
+
+def test_killed_server_fails_retryable_restarts_and_serves(vllm_urls: dict[str, str]):
+    """A supervised server killed with SIGKILL while it holds a task: its items fail
+    retryable, the supervisor starts a new server, the same items then succeed."""
+    spec = model_spec(
+        name="alpha", model=str(MODELS / "alpha"), **{**VLLM_TEST, "health_interval_s": 5}
+    )
+    engine = VLLMEngine(spec)
+    try:
+        server = engine.server
+        items = expand_items(1, max_new_tokens=200, whole=True)
+        assert all(g.error is None for g in engine.expand(items[:1]))
+        pid, restarts = server.pid, server.restarts
+        assert pid is not None
+        held: list[Any] = []
+        task = threading.Thread(target=lambda: held.extend(engine.expand(items)))
+        task.start()
+        deadline = time.monotonic() + 60
+        while not running(server.url):  # the server holds the task's requests now
+            assert task.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        task.join(60)
+        # What the dead server held failed retryable; an item sent after it died waited
+        # for the new server instead (nothing was lost, nothing hangs).
+        assert len(held) == len(items) and any(g.error for g in held), held
+        assert all(g.retryable for g in held if g.error), held
+        deadline = time.monotonic() + 600
+        while server.restarts == restarts or server.pid is None:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.5)
+        after = engine.expand(items)
+        assert all(g.error is None and g.tokens > 0 for g in after), after
+        assert server.pid != pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        engine.close()
+
+
+def running(url: str) -> bool:
+    """The server reports a request running (its vllm:num_requests_running gauge)."""
+    try:
+        _, text = request_json("GET", url + "/metrics", timeout=5)
+    except OSError:
+        return False
+    for line in str(text).splitlines():
+        if line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0:
+            return True
+    return False
