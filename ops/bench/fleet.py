@@ -62,6 +62,13 @@ DEMO_CONFIG = ROOT / "examples" / "demo.yaml"
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 # Seeds of the problem sets: none of them is a training, evaluation or demo seed.
 SEED = 4242
+# A vLLM CPU server per pool, as examples/vllm.yaml sets it up (blocks of 32 tokens: the
+# CPU build's 128 would cache none of the lab's short prompts).
+VLLM_CPU: dict[str, Any] = {
+    "max_model_len": 1024,
+    "vllm_args": ["--block-size", "32"],
+    "startup_timeout_s": 900,
+}
 WARMUP_SEED = 4243
 
 
@@ -145,7 +152,10 @@ def fleet_dict(
             if model is not None:
                 entry["model"] = model
             entry["device"] = device
-            entry["cpu_threads"] = cpu_threads
+            if engine == "hf":
+                entry["cpu_threads"] = cpu_threads
+            elif engine == "vllm":
+                entry.update(VLLM_CPU)
     if max_in_flight is not None:
         data["max_in_flight"] = max_in_flight
     # A loaded 2-core machine can starve a worker's heartbeat: don't call it lost.

@@ -53,6 +53,11 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("coordinator_rss_mib_10k", 1024, "<=", ""),
     ("redis_used_mib_peak", None, "", ""),
     ("memory_steps_per_s", None, "", ""),
+    ("hf_tokens_per_s", None, "", ""),
+    ("vllm_tokens_per_s", None, "", ""),
+    ("vllm_prefix_cache_hit", None, "", ""),
+    ("vllm_server_prefix_cache_hit", None, "", ""),
+    ("vllm_vs_hf_wall_ratio", None, "", ""),
 ]
 HEADLINE = [name for name, *_ in TARGETS]
 
@@ -65,11 +70,17 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
+# Benchmarks of their own script (the rest are subcommands of fleet.py).
+SCRIPTS = {"vllm": HERE / "servers.py"}
+
+
 def run_one(name: str, args: list[str], redis_url: str | None) -> dict[str, Any] | None:
     """One benchmark in its own process; its figures, or None when it failed."""
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp:
         out = Path(tmp) / "figures.json"
-        cmd = [sys.executable, str(FLEET), name, *args, "--json", str(out)]
+        script = SCRIPTS.get(name)
+        cmd = [sys.executable, str(script or FLEET), *([] if script else [name])]
+        cmd += [*args, "--json", str(out)]
         if redis_url:
             cmd += ["--redis-url", redis_url]
         click.echo(f"\n== {name}: {shlex.join(cmd[1:])}", err=True)
@@ -142,7 +153,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--redis-url", default=None, help="Default: CORD_REDIS_URL or the local one.")
 @click.option(
     "--only",
-    default="dispatch,overhead,cache,memory",
+    default="dispatch,overhead,cache,vllm,memory",
     show_default=True,
     help="Comma-separated benchmarks to run.",
 )
@@ -150,6 +161,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--dispatch-in-flight", default=1000, show_default=True)
 @click.option("--overhead-problems", default=48, show_default=True)
 @click.option("--cache-problems", default=24, show_default=True)
+@click.option("--vllm-problems", default=12, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option(
     "--doc",
@@ -167,6 +179,7 @@ def main(
     dispatch_in_flight: int,
     overhead_problems: int,
     cache_problems: int,
+    vllm_problems: int,
     memory_problems: int,
     doc_path: str,
     no_doc: bool,
@@ -188,6 +201,8 @@ def main(
         ],
         "overhead": ["--problems", str(overhead_problems)],
         "cache": ["--problems", str(cache_problems)],
+        # The fleet on vLLM servers against hf, the same problems (servers.py).
+        "vllm": ["--problems", str(vllm_problems)],
         # Last: 10,000 problems leave the most behind in Redis until they are dropped.
         "memory": ["--problems", str(memory_problems)],
     }
