@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import ConfigError, config_from_dict, load_config, redact_url
+from cord.common.config import ConfigError, VLLMSpec, config_from_dict, load_config, redact_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +89,28 @@ def test_redact_url_hides_password():
     assert redact_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact_url("rediss://user:pw@h/1") == "rediss://user:***@h/1"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_each_engine_has_its_own_fields():
+    with pytest.raises(ConfigError, match=r"teachers\.0\.vllm_url: unknown field of engine hf"):
+        config_from_dict(minimal(teachers=[{"name": "a", "model": "x", "vllm_url": "http://h:1"}]))
+    with pytest.raises(ConfigError, match=r"meta_prover: unknown engine; use one of hf, sglang"):
+        config_from_dict(minimal(meta_prover={"name": "j", "model": "m", "engine": "tgi"}))
+    pool = {"name": "a", "model": "x", "engine": "vllm", "vllm_url": "http://h:1"}
+    cfg = config_from_dict(minimal(teachers=[{**pool, "max_model_len": 2048}]))
+    spec = cfg.pool("a")
+    assert isinstance(spec, VLLMSpec) and spec.server_url == "http://h:1"
+    assert (spec.max_model_len, spec.launch[-1]) == (2048, "vllm.entrypoints.openai.api_server")
+    with pytest.raises(
+        ConfigError, match=r"teachers\.0\.sglang_args: unknown field of engine vllm"
+    ):
+        config_from_dict(minimal(teachers=[{**pool, "sglang_args": []}]))
+
+
+def test_meta_prover_scores_32_items_a_task_unless_told():
+    cfg = config_from_dict(minimal())
+    assert (cfg.pool("a").max_batch, cfg.pool("judge").max_batch) == (16, 32)
+    told = config_from_dict(minimal(meta_prover={"name": "judge", "model": "m", "max_batch": 8}))
+    assert told.pool("judge").max_batch == 8
+    with pytest.raises(ConfigError, match=r"teachers\.0\.model: required field is missing"):
+        config_from_dict(minimal(teachers=[{"name": "a"}]))

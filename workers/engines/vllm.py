@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import re
 from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPException
 from typing import Any
 
 from cord.common.config import VLLMSpec
@@ -261,12 +262,12 @@ class VLLMEngine(BaseEngine):
 
     # -- the server's own counters ----------------------------------------------------
     def server_cache(self) -> dict[str, float]:
-        """The server's prefix-cache counters (tokens), from its /metrics; {} if unread."""
+        """The server's prefix-cache counters (tokens), from its /metrics; {} if unread.
+        Read with every heartbeat: a short timeout, so a restarting server never holds
+        the heartbeat up until the worker looks lost."""
         try:
-            status, text = request_json(
-                "GET", self.server.url + "/metrics", timeout=self.spec.health_timeout_s
-            )
-        except OSError:
+            status, text = request_json("GET", self.server.url + "/metrics", timeout=2.0)
+        except (OSError, HTTPException):
             return {}
         if status != 200 or not isinstance(text, str):
             return {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from cord.common.messages import ExpandItem, ScoreItem
 from cord.workers.engines.base import IdRequest, expand_texts
 from cord.workers.engines.hf import HFEngine
 from cord.workers.engines.server import request_json
-from cord.workers.engines.vllm import VLLMEngine
+from cord.workers.engines.vllm import VLLMEngine, VLLMServer
 from tests.conftest import MODELS, VLLM_TEST
 
 pytestmark = pytest.mark.slow
@@ -203,3 +204,29 @@ def running(url: str) -> bool:
         if line.startswith("vllm:num_requests_running") and float(line.split()[-1]) > 0:
             return True
     return False
+
+
+def test_launch_command_and_environment():
+    spec = model_spec(
+        name="m",
+        model="/models/R1",
+        engine="vllm",
+        max_model_len=32768,
+        gpu_memory_utilization=0.9,
+        tensor_parallel_size=2,
+        vllm_args=["--block-size", "32"],
+    )
+    server = VLLMServer(spec)  # type: ignore[arg-type]
+    assert server.launch_command(31000) == [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", "/models/R1", "--host", "127.0.0.1", "--port", "31000",
+        "--dtype", "float32", "--tensor-parallel-size", "2",
+        "--enable-prefix-caching", "--enable-prompt-tokens-details",
+        "--max-model-len", "32768", "--gpu-memory-utilization", "0.9",
+        "--enforce-eager", "--no-enable-chunked-prefill", "--block-size", "32",
+    ]  # fmt: skip
+    assert server.launch_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    gpu = VLLMServer(spec.model_copy(update={"device": "cuda", "dtype": "bfloat16"}))  # type: ignore[arg-type]
+    cmd = gpu.launch_command(31000)
+    assert "--enforce-eager" not in cmd and cmd[cmd.index("--dtype") + 1] == "bfloat16"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in gpu.launch_env()
