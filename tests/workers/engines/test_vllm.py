@@ -216,7 +216,7 @@ def test_launch_command_and_environment():
         tensor_parallel_size=2,
         vllm_args=["--block-size", "32"],
     )
-    server = VLLMServer(spec)  # type: ignore[arg-type]
+    server = VLLMServer(spec)
     assert server.launch_command(31000) == [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", "/models/R1", "--host", "127.0.0.1", "--port", "31000",
@@ -226,7 +226,7 @@ def test_launch_command_and_environment():
         "--enforce-eager", "--no-enable-chunked-prefill", "--block-size", "32",
     ]  # fmt: skip
     assert server.launch_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    gpu = VLLMServer(spec.model_copy(update={"device": "cuda", "dtype": "bfloat16"}))  # type: ignore[arg-type]
+    gpu = VLLMServer(spec.model_copy(update={"device": "cuda", "dtype": "bfloat16"}))
     cmd = gpu.launch_command(31000)
     assert "--enforce-eager" not in cmd and cmd[cmd.index("--dtype") + 1] == "bfloat16"
     assert "VLLM_CPU_KVCACHE_SPACE" not in gpu.launch_env()
