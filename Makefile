@@ -45,7 +45,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy common workers coordinator tests ops
 
-# Train the lab's tiny models again (deterministic, about 27 minutes on 2 cores).
+# Train the lab's tiny models again (deterministic, about 40 minutes on 2 cores).
 lab-models: venv
 	$(BIN)/python -m cord.common.lab.train --out models
 
