@@ -216,7 +216,6 @@ class VLLMSpec(_ServerSpec):
 
 META_PROVER_MAX_BATCH = 32  # scoring items per task unless meta_prover.max_batch says
 
-EngineName = Literal["hf", "sglang", "vllm", "bench"]
 ENGINES: tuple[str, ...] = ("hf", "sglang", "vllm", "bench")
 
 
