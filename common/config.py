@@ -58,6 +58,15 @@ class _PoolSpec(_Strict):
     max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
 
 
+# Threads of a pool's compute on a CPU: the hf engine's torch threads, a CPU vLLM
+# server's OpenMP threads. Several workers or servers share a host here, and threads that
+# outnumber the cores spin against each other: four CPU vLLM servers with vLLM's default
+# (a thread per core) ran the 12-problem bench 5x slower than with one thread each.
+CpuThreads = Annotated[
+    int, Field(ge=1, description="threads per worker (or CPU server) on CPU; 1 unless it has the host")
+]
+
+
 class HFSpec(_PoolSpec):
     """`engine: hf`: transformers + torch inside the worker (workers/engines/hf.py)."""
 
@@ -65,9 +74,7 @@ class HFSpec(_PoolSpec):
     prefix_cache_tokens: int = Field(
         default=65536, ge=0, description="LRU prefix KV cache size in tokens; 0 = off"
     )
-    cpu_threads: int = Field(
-        default=1, ge=1, description="torch threads per worker on CPU (oversubscribing hurts)"
-    )
+    cpu_threads: CpuThreads = 1
 
 
 class BenchSpec(_PoolSpec):
@@ -196,6 +203,7 @@ class VLLMSpec(_ServerSpec):
         description="VLLM_CPU_KVCACHE_SPACE of a launched server on device cpu (GiB of KV "
         "cache; vLLM's own default takes far more)",
     )
+    cpu_threads: CpuThreads = 1
 
     @property
     def server_url(self) -> str | None:

@@ -102,10 +102,12 @@ class VLLMServer(ServerSupervisor):
         # No usage reports from a worker's server (and no reach for the network).
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if self.on_cpu:
-            # vLLM's CPU build takes a large KV cache and pins OpenMP threads to cores
-            # by default; both would starve the other processes of a shared host.
+            # vLLM's CPU build takes a large KV cache, pins OpenMP threads to cores and
+            # runs one per core by default; all three starve the other processes (and
+            # servers) of a shared host.
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.vllm.cpu_kvcache_gib:g}"
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+            env["OMP_NUM_THREADS"] = str(self.vllm.cpu_threads)
         return env
 
     def probe_request(self) -> tuple[str, dict[str, Any], str]:

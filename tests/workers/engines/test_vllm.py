@@ -215,8 +215,12 @@ def test_launch_command_and_environment():
         "--max-model-len", "32768", "--gpu-memory-utilization", "0.9",
         "--enforce-eager", "--no-enable-chunked-prefill", "--block-size", "32",
     ]  # fmt: skip
-    assert server.launch_env()["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    env = server.launch_env()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["OMP_NUM_THREADS"] == "1"
+    threads = VLLMServer(spec.model_copy(update={"cpu_threads": 8})).launch_env()
+    assert threads["OMP_NUM_THREADS"] == "8"
     gpu = VLLMServer(spec.model_copy(update={"device": "cuda", "dtype": "bfloat16"}))
     cmd = gpu.launch_command(31000)
     assert "--enforce-eager" not in cmd and cmd[cmd.index("--dtype") + 1] == "bfloat16"
     assert "VLLM_CPU_KVCACHE_SPACE" not in gpu.launch_env()
+    assert "OMP_NUM_THREADS" not in gpu.launch_env()
