@@ -63,7 +63,8 @@ class _PoolSpec(_Strict):
 # outnumber the cores spin against each other: four CPU vLLM servers with vLLM's default
 # (a thread per core) ran the 12-problem bench 5x slower than with one thread each.
 CpuThreads = Annotated[
-    int, Field(ge=1, description="threads per worker (or CPU server) on CPU; 1 unless it has the host")
+    int,
+    Field(ge=1, description="threads per worker (or CPU server) on CPU; 1 unless it has the host"),
 ]
 
 
