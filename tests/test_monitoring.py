@@ -282,15 +282,22 @@ def fleet_workers() -> set[str]:
     return {f"{model}-{i}@test" for i, model in enumerate(POOLS)}
 
 
-def test_flower_api_lists_every_pool_and_its_queues(flower, fleet):
-    _, cfg = fleet
+def inspected_workers(flower: str) -> dict[str, Any]:
+    """Flower's /api/workers once it has inspected every fleet worker: a worker is listed
+    as soon as its first event comes, its queues only after an inspection."""
     deadline = time.monotonic() + 60
-    workers: dict[str, Any] = {}
-    while not fleet_workers() <= set(workers) and time.monotonic() < deadline:
+    while True:
         code, workers = _get(f"{flower}/api/workers")
         assert code == 200
-        time.sleep(1)
-    assert fleet_workers() <= set(workers), sorted(workers)
+        if all("active_queues" in workers.get(w, {}) for w in fleet_workers()):
+            return workers
+        assert time.monotonic() < deadline, {w: sorted(workers.get(w, {})) for w in fleet_workers()}
+        time.sleep(0.5)
+
+
+def test_flower_api_lists_every_pool_and_its_queues(flower, fleet):
+    _, cfg = fleet
+    workers = inspected_workers(flower)
     for name in fleet_workers():
         queues = {q["name"] for q in workers[name]["active_queues"]}
         model = name.split("-")[0]
@@ -308,13 +315,7 @@ def test_flower_inspects_again_and_sees_a_new_queue(flower, fleet):
     """Flower alone inspects once, at start; `cord-coord flower` inspects every few
     seconds, so a queue a worker starts consuming later shows up with its length."""
     _, cfg = fleet
-    deadline = time.monotonic() + 60
-    while True:  # Flower's own inspection at start is over
-        workers = _get(f"{flower}/api/workers")[1]
-        if all("active_queues" in workers.get(w, {}) for w in fleet_workers()):
-            break
-        assert time.monotonic() < deadline, sorted(workers)
-        time.sleep(0.5)
+    inspected_workers(flower)  # Flower's own inspection at start is over
     probe = f"{cfg.namespace}.monitor-probe-{uuid.uuid4().hex[:6]}"
     control = make_celery(cfg).control
     assert control.add_consumer(probe, destination=["alpha-0@test"], reply=True, timeout=10)
