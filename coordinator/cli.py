@@ -17,6 +17,7 @@ import click
 
 from cord.common.config import ConfigError, RunConfig, load_config, redact_url
 from cord.common.log import configure, get_logger
+from cord.coordinator.search import lookup, strategy_names
 
 config_option = click.option(
     "--config",
@@ -225,7 +226,7 @@ def demo(
     "--strategies",
     default="cord,curation",
     show_default=True,
-    help="Comma-separated: cord, greedy, random, curation, single:<teacher>.",
+    help="Comma-separated, of: " + ", ".join(strategy_names()) + ".",
 )
 @click.option(
     "--out",
@@ -261,8 +262,11 @@ def eval_cmd(
         sys.exit(2)
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     for name in names:
-        if name.partition(":")[0] not in ("cord", "greedy", "random", "curation", "single"):
-            raise click.BadParameter(f"unknown strategy {name!r}", param_hint="--strategies")
+        if lookup(name) is None:
+            raise click.BadParameter(
+                f"unknown strategy {name!r}; use one of {', '.join(strategy_names())}",
+                param_hint="--strategies",
+            )
     out = Path(out_dir)
     for name in names:
         for f in (out / name.replace(":", "-")).glob("*.jsonl"):
@@ -388,7 +392,7 @@ def ops_render(config_path: str, out_dir: str) -> None:
     Kubernetes: per pool a worker Deployment and a KEDA ScaledObject on its queues, the
     coordinator, Redis with AOF, Flower behind basic auth. SkyPilot: per pool a managed
     spot job task. Queue names, models and the config itself come from the config."""
-    from cord.coordinator.deploy import render_config, write_rendered
+    from cord.ops.deploy.render import render_config, write_rendered
 
     try:
         rendered = render_config(config_path)

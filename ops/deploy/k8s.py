@@ -1,4 +1,4 @@
-"""Kubernetes manifests of a cord fleet, as Python data (rendered by coordinator/deploy.py).
+"""Kubernetes manifests of a cord fleet, as Python data (rendered by ops/deploy/render.py).
 
 Per pool a worker Deployment (GPU requests, spot node selector and tolerations, a grace
 period longer than the worker's drain, a preStop hook) and a KEDA ScaledObject on the

@@ -6,7 +6,7 @@ writes ``k8s/`` (``kubectl apply -f``: namespace, the config as a ConfigMap, Red
 AOF, the coordinator, Flower behind basic auth, and per pool a worker Deployment with a
 KEDA ScaledObject on its queue) and ``skypilot/`` (per pool a managed spot job task,
 ``launch.sh`` that starts them, and the config they mount). Manifests are Python data
-(Kubernetes ones in ``coordinator/k8s.py``) dumped by PyYAML's safe dumper; queue names
+(Kubernetes ones in ``ops/deploy/k8s.py``) dumped by PyYAML's safe dumper; queue names
 come from ``cord.common.keys.queue_name``, never spelled here. Secrets are never
 written: containers read ``CORD_REDIS_URL`` and ``FLOWER_BASIC_AUTH`` from Secrets the
 user creates (docs/deploy.md).
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from cord.common.config import ConfigError, RunConfig, load_config
-from cord.coordinator.k8s import k8s_files, termination_grace_s
+from cord.ops.deploy.k8s import k8s_files, termination_grace_s
 
 HEADER = "# Rendered by `cord-coord ops render`"
 # cord-spot-watch exits with this (EX_TEMPFAIL) when a notice stopped the worker; the

@@ -15,7 +15,7 @@ from cord.common.celery_app import make_celery
 from cord.common.config import config_from_dict, load_config
 from cord.common.keys import queue_name
 from cord.coordinator.cli import main
-from cord.coordinator.deploy import NOTICE_EXIT_CODE, render_config
+from cord.ops.deploy.render import NOTICE_EXIT_CODE, render_config
 from tests.conftest import ROOT, write_config
 
 DEMO = ROOT / "examples" / "demo.yaml"
@@ -313,3 +313,32 @@ def test_keda_list_is_the_list_celery_fills(
     finally:
         redis_client.delete(list_name)
         app.close()
+
+
+# The Kubernetes version the rendered manifests are checked against (kubernetes-validate
+# ships the schemas of every release, offline); KEDA's kinds are custom resources it has
+# no schema for.
+K8S_VERSION = "1.32"
+CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication"}
+
+
+@pytest.mark.parametrize("config", [DEMO, ROOT / "examples" / "vllm.yaml"])
+def test_rendered_kubernetes_kinds_match_the_real_schemas(tmp_path: Path, config: Path) -> None:
+    import kubernetes_validate
+
+    out = tmp_path / "out"
+    _render(config, out)
+    docs = _docs(out)
+    checked = set()
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        # strict: a field the schema does not know (a typo, a wrong level) is an error too
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        checked.add(doc["kind"])
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "Namespace"} <= checked
+    # The check bites: a misplaced field fails it.
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["gpus"] = 1
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
