@@ -1,4 +1,5 @@
-"""Every message that crosses the coordinator/worker boundary, and nothing else.
+"""Every message that crosses the coordinator/worker boundary, and nothing else: tasks,
+results, and the workers' heartbeat records.
 
 Tasks travel through Celery (JSON only); results come back on a Redis Stream named by
 the request's ``reply_to``. One task carries a batch of items; every item has a
@@ -108,3 +109,51 @@ class TaskResult(_Msg):
     # The worker is shutting down (a spot notice) and gave the task back unfinished:
     # send it elsewhere now, without counting an attempt.
     handed_back: bool = False
+
+
+# -- the worker registry: what a worker's heartbeat writes, what status and routing read --
+class _Record(BaseModel):
+    # Read by coordinators and `cord-coord status` of other versions during a rolling
+    # update: a field they do not know is skipped, not an error.
+    model_config = ConfigDict(extra="ignore")
+
+
+class EngineStats(_Record):
+    """An engine's counters since it started, and its runtime's own figures."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache
+    generated_tokens: int = 0
+    scored_tokens: int = 0
+    busy_s: float = 0.0
+    engine: str | None = None  # set by the `bench` engine, whose figures are not data
+    cache_entries: int | None = None  # hf: its prefix KV cache
+    cache_tokens: int | None = None
+    server_url: str | None = None  # sglang, vllm: the server behind the worker
+    server_restarts: int | None = None
+    server_cache_hit_tokens: int | None = None  # vllm: the server's own prefix-cache counters
+    server_cache_query_tokens: int | None = None
+
+
+class TokenCounts(_Record):
+    generated: int = 0
+    scored: int = 0
+    prompt: int = 0
+    cached: int = 0
+
+
+class Heartbeat(_Record):
+    """A worker's record in the registry (`Keys.workers`), rewritten every
+    ``reliability.heartbeat_s``; its liveness key beside it says whether it is alive."""
+
+    model: str
+    queues: list[str] = []
+    host: str = ""
+    ts: float = 0.0
+    tasks_done: int = 0
+    engine: EngineStats = EngineStats()
+    tokens: TokenCounts = TokenCounts()  # totals since the worker started
+    tokens_per_s_1m: float = 0.0  # generated, over the last minute
+    scored_tokens_per_s_1m: float = 0.0
+    metrics_port: int | None = None

@@ -10,7 +10,6 @@ liveness key exists, so no clocks are compared across hosts.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ import redis
 
 from cord.common.config import RunConfig, redact_url
 from cord.common.keys import Keys
+from cord.common.messages import Heartbeat
 from cord.common.metrics import hit_share
 from cord.coordinator.store import Store
 
@@ -46,31 +46,28 @@ def queue_depths(r: redis.Redis, cfg: RunConfig) -> dict[str, dict[str, int]]:
 def live_workers(r: redis.Redis, cfg: RunConfig) -> dict[str, list[dict[str, Any]]]:
     """Per pool, the workers whose liveness key exists, with their heartbeat figures."""
     keys = Keys(cfg.namespace)
-    records = [(n.decode(), json.loads(raw)) for n, raw in r.hgetall(keys.workers).items()]
+    records = [
+        (n.decode(), Heartbeat.model_validate_json(raw))
+        for n, raw in r.hgetall(keys.workers).items()
+    ]
     pipe = r.pipeline(transaction=False)
     for name, _ in records:
         pipe.exists(keys.alive(name))
     alive = pipe.execute()
     workers: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.model_names}
-    for (name, info), is_alive in zip(records, alive, strict=True):
+    for (name, beat), is_alive in zip(records, alive, strict=True):
         if not is_alive:
             continue
-        # Workers older than the token window report their engine's counters only.
-        engine = info.get("engine", {})
-        tokens = info.get("tokens") or {
-            "prompt": engine.get("prompt_tokens", 0),
-            "cached": engine.get("cached_tokens", 0),
-        }
-        workers.setdefault(info["model"], []).append(
+        workers.setdefault(beat.model, []).append(
             {
                 "name": name,
-                "host": info.get("host"),
-                "tasks_done": info.get("tasks_done", 0),
-                "tokens_per_s_1m": info.get("tokens_per_s_1m", 0.0),
-                "scored_tokens_per_s_1m": info.get("scored_tokens_per_s_1m", 0.0),
-                "prompt_tokens": tokens.get("prompt", 0),
-                "cached_tokens": tokens.get("cached", 0),
-                "metrics_port": info.get("metrics_port"),
+                "host": beat.host,
+                "tasks_done": beat.tasks_done,
+                "tokens_per_s_1m": beat.tokens_per_s_1m,
+                "scored_tokens_per_s_1m": beat.scored_tokens_per_s_1m,
+                "prompt_tokens": beat.tokens.prompt,
+                "cached_tokens": beat.tokens.cached,
+                "metrics_port": beat.metrics_port,
             }
         )
     return workers

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cord.common.messages import TaskKind, TaskResult
+from cord.common.messages import TaskKind, TaskResult, TokenCounts
 from cord.common.metrics import PORT_TRIES, MetricsServer, hit_share, serve
 
 if TYPE_CHECKING:
@@ -108,10 +108,11 @@ class WorkerMetrics:
         self.window.add(task_tokens(result))
 
     def heartbeat_fields(self) -> dict[str, Any]:
-        """Fields of the heartbeat record: `cord-coord status` sums them per pool."""
+        """Fields of the heartbeat record (`messages.Heartbeat`): `cord-coord status`
+        sums them per pool."""
         rates = self.window.per_s()
         return {
-            "tokens": dict(self.window.totals),
+            "tokens": TokenCounts(**self.window.totals),
             "tokens_per_s_1m": round(rates["generated"], 3),
             "scored_tokens_per_s_1m": round(rates["scored"], 3),
             "metrics_port": self.server.port if self.server else None,

@@ -10,7 +10,6 @@ A task delivered twice computes twice and reports twice; the coordinator keeps t
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -22,7 +21,7 @@ from pydantic import ValidationError
 
 from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
-from cord.common.messages import TaskKind, TaskRequest, TaskResult
+from cord.common.messages import Heartbeat, TaskKind, TaskRequest, TaskResult
 from cord.workers.engines import Engine, EngineError
 from cord.workers.metrics import WorkerMetrics
 
@@ -177,17 +176,17 @@ class WorkerRuntime:
 
     # -- registry -------------------------------------------------------------------
     def heartbeat(self) -> None:
-        record = {
-            "model": self.engine.name,
-            "queues": self.queues,
-            "host": socket.gethostname(),
-            "ts": time.time(),
-            "tasks_done": self.tasks_done,
-            "engine": self.engine.stats(),
+        record = Heartbeat(
+            model=self.engine.name,
+            queues=self.queues,
+            host=socket.gethostname(),
+            ts=time.time(),
+            tasks_done=self.tasks_done,
+            engine=self.engine.stats(),
             **self.metrics.heartbeat_fields(),
-        }
+        )
         pipe = self.redis.pipeline()
-        pipe.hset(self.keys.workers, self.worker_name, json.dumps(record))
+        pipe.hset(self.keys.workers, self.worker_name, record.model_dump_json())
         pipe.set(self.keys.alive(self.worker_name), 1, px=int(self.lost_after_s * 1000))
         pipe.execute()
 

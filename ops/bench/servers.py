@@ -38,11 +38,12 @@ from fleet import (
 
 from cord.common.config import allow_bench_engine
 from cord.common.log import configure
+from cord.common.messages import EngineStats
 
 
-def server_share(stats: dict[str, dict[str, Any]]) -> float | None:
-    hits = sum(s.get("server_cache_hit_tokens", 0) for s in stats.values())
-    queries = sum(s.get("server_cache_query_tokens", 0) for s in stats.values())
+def server_share(stats: dict[str, EngineStats]) -> float | None:
+    hits = sum(s.server_cache_hit_tokens or 0 for s in stats.values())
+    queries = sum(s.server_cache_query_tokens or 0 for s in stats.values())
     return round(hits / queries, 4) if queries else None
 
 

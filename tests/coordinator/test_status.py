@@ -4,11 +4,10 @@ liveness by key. (The whole status after a real run: tests/test_monitoring.py.)"
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from cord.common.keys import Keys
+from cord.common.messages import Heartbeat, TokenCounts
 from cord.common.problems import Problem
 from cord.coordinator.status import completion_eta, fleet_status, format_status
 from cord.coordinator.store import Store
@@ -48,16 +47,13 @@ def test_queues_and_liveness(redis_client, namespace, make_config):
     redis_client.rpush(f"{namespace}.expand.alpha", "t1", "t2")
     redis_client.rpush(f"{namespace}.expand.alpha.w.alpha-1@h", "t3")
     redis_client.rpush(f"{namespace}.expand.alphabet", "not alpha's")
-    record = {
-        "model": "alpha",
-        "tokens_per_s_1m": 12.5,
-        "scored_tokens_per_s_1m": 0.0,
-        "tokens": {"prompt": 100, "cached": 40},
-    }
-    redis_client.hset(keys.workers, "alpha-1@h", json.dumps(record))
+    record = Heartbeat(
+        model="alpha", tokens_per_s_1m=12.5, tokens=TokenCounts(prompt=100, cached=40)
+    ).model_dump_json()
+    redis_client.hset(keys.workers, "alpha-1@h", record)
     redis_client.set(keys.alive("alpha-1@h"), 1, px=10_000)
     # A heartbeat record whose liveness key is gone is a dead worker.
-    redis_client.hset(keys.workers, "alpha-2@h", json.dumps(record))
+    redis_client.hset(keys.workers, "alpha-2@h", record)
     st = fleet_status(cfg, redis_client)
     assert st["queue_depth"] == {"alpha": 3, "beta": 0, "gamma": 0, "meta": 0}
     assert st["queues"][f"{namespace}.expand.alpha.w.alpha-1@h"] == 1

@@ -1,13 +1,12 @@
 """The task body a worker runs, on a real engine and a real Redis stream."""
 
-import json
 from pathlib import Path
 
 import pytest
 
 from cord.common.config import HFSpec
 from cord.common.keys import Keys
-from cord.common.messages import TaskRequest, TaskResult
+from cord.common.messages import Heartbeat, TaskRequest, TaskResult
 from cord.workers.engines.hf import HFEngine
 from cord.workers.tasks import WorkerRuntime
 
@@ -78,8 +77,9 @@ def test_malformed_message_is_dropped(engine, redis_client, namespace):
 def test_heartbeat_registers_the_worker(engine, redis_client, namespace):
     runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q1", "q2"])
     runtime.heartbeat()
-    record = json.loads(redis_client.hget(f"{namespace}:workers", "w1"))
-    assert record["model"] == "alpha" and record["queues"] == ["q1", "q2"]
-    assert "cached_tokens" in record["engine"]
+    record = Heartbeat.model_validate_json(redis_client.hget(f"{namespace}:workers", "w1"))
+    assert record.model == "alpha" and record.queues == ["q1", "q2"]
+    assert record.engine.requests == engine.stats().requests
+    assert record.engine.cache_entries is not None  # the hf engine's prefix cache
     runtime.deregister()
     assert redis_client.hget(f"{namespace}:workers", "w1") is None

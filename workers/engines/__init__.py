@@ -4,10 +4,10 @@ never beams."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from cord.common.config import AnyModelSpec
-from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem
+from cord.common.messages import AnswerItem, EngineStats, ExpandItem, Generation, Score, ScoreItem
 from cord.workers.engines.base import EngineError
 
 __all__ = ["Engine", "EngineError", "load_engine"]
@@ -22,7 +22,7 @@ class Engine(Protocol):
 
     def score(self, items: list[ScoreItem]) -> list[Score]: ...
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> EngineStats: ...
 
 
 def load_engine(spec: AnyModelSpec) -> Engine:

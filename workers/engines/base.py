@@ -28,7 +28,15 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from cord.common import prompts
 from cord.common.config import AnyModelSpec
-from cord.common.messages import AnswerItem, ExpandItem, FinishReason, Generation, Score, ScoreItem
+from cord.common.messages import (
+    AnswerItem,
+    EngineStats,
+    ExpandItem,
+    FinishReason,
+    Generation,
+    Score,
+    ScoreItem,
+)
 from cord.common.scoring import predictive_score
 
 
@@ -301,7 +309,6 @@ class BaseEngine:
         self.counters.busy_s += time.perf_counter() - start
         return [r for r in results if r is not None]
 
-    def stats(self) -> dict[str, Any]:
-        stats = asdict(self.counters)
-        stats["busy_s"] = round(stats["busy_s"], 3)
-        return {**stats, **self.runtime_stats()}
+    def stats(self) -> EngineStats:
+        counters = {**asdict(self.counters), "busy_s": round(self.counters.busy_s, 3)}
+        return EngineStats(**counters, **self.runtime_stats())

@@ -27,6 +27,7 @@ from cord.common import prompts
 from cord.common.config import BenchSpec
 from cord.common.messages import (
     AnswerItem,
+    EngineStats,
     ExpandItem,
     FinishReason,
     Generation,
@@ -128,5 +129,5 @@ class BenchEngine:
         self.requests += len(items)
         self.busy_s += time.perf_counter() - start
 
-    def stats(self) -> dict[str, Any]:
-        return {"requests": self.requests, "busy_s": round(self.busy_s, 3), "engine": "bench"}
+    def stats(self) -> EngineStats:
+        return EngineStats(requests=self.requests, busy_s=round(self.busy_s, 3), engine="bench")

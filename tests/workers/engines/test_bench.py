@@ -62,7 +62,7 @@ def test_scores_are_deterministic_and_answers_fixed():
         [AnswerItem(key="a", prompt="q", steps=[], max_new_tokens=4, temperature=0.0, seed=0)]
     )
     assert answer.finish == "eos" and answer.tokens == 4
-    assert engine.stats()["requests"] == 11
+    assert engine.stats().requests == 11
 
 
 def test_bad_options_are_refused():
