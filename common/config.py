@@ -274,10 +274,6 @@ class PromptSpec(_Strict):
         return prompts.user_prompt(question, self.template)
 
 
-# The search strategies (coordinator/search/); single:<teacher> names one teacher.
-STRATEGIES = ("cord", "greedy", "random", "curation", "single:<teacher>")
-
-
 class SearchSpec(_Strict):
     strategy: str = "cord"
     beam_width: int = Field(default=4, ge=1)
@@ -294,13 +290,24 @@ class SearchSpec(_Strict):
         description="trajectories per teacher for curation; "
         "default beam_width x samples_per_beam (CoRD's generated tokens)",
     )
+    mcts_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="generated tokens per problem for mcts; default beam_width x "
+        "samples_per_beam x teachers x thinking_budget (eval matches it to CoRD's)",
+    )
+    mcts_c: float = Field(default=1.0, ge=0.0, description="mcts: UCB's exploration weight")
     seed: int = 0
 
     @model_validator(mode="after")
     def _known_strategy(self) -> SearchSpec:
-        if self.strategy not in STRATEGIES and not self.strategy.startswith("single:"):
+        # The registry of strategies lives with them (coordinator/search/); it imports
+        # this module, so it is read here when a config is checked, not at import.
+        from cord.coordinator.search import lookup, strategy_names
+
+        if lookup(self.strategy) is None:
             raise ValueError(
-                f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
+                f"unknown strategy {self.strategy!r}; use one of {', '.join(strategy_names())}"
             )
         return self
 
@@ -496,7 +503,7 @@ class RunConfig(_Strict):
     teachers: list[ModelSpec] = Field(min_length=1)
     meta_prover: ModelSpec
     prompt: PromptSpec = PromptSpec()
-    search: SearchSpec = SearchSpec()
+    search: SearchSpec = Field(default_factory=SearchSpec)
     max_in_flight: int = Field(
         default=64, ge=1, description="problems the coordinator drives at once"
     )

@@ -2,8 +2,9 @@
 
 Each strategy runs with its own problem state (a namespace of its own under the run's)
 and its own output folder, against the same workers and queues, one after the other, so
-wall times compare. Curation's N (trajectories per teacher) is matched to the tokens
-CoRD generated on the same problems unless the config sets `search.curation_samples`.
+wall times compare. Curation's N (trajectories per teacher) and MCTS's token budget are
+matched to the tokens CoRD generated on the same problems unless the config sets
+`search.curation_samples` / `search.mcts_tokens`.
 Reported per strategy: answer accuracy of the produced traces (a failure counts as
 wrong), mean S, mean generated tokens per problem (every token any teacher generated for
 it: kept, discarded and the final answers), wall seconds; and how well S separates right
@@ -28,6 +29,7 @@ from cord.common.keys import Keys
 from cord.common.lab.arith import extract_answer
 from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.search import lookup
 from cord.coordinator.store import Store
 
 _NUMERIC = re.compile(r"-?\d+(\.\d+)?")
@@ -127,23 +129,43 @@ def matched_curation_samples(cfg: RunConfig, cord: StrategyResult) -> int:
     return max(1, math.ceil(tokens / (len(cfg.teachers) * trace) - 1e-9))
 
 
+def matched_mcts_tokens(cord: StrategyResult) -> int | None:
+    """MCTS's budget: CoRD's mean generated tokens per problem."""
+    per_problem = [sum(r["stats"]["tokens_by_teacher"].values()) for r in cord.rows]
+    return math.ceil(sum(per_problem) / len(per_problem)) if per_problem else None
+
+
+def _matched(cfg: RunConfig, strategy: str, cord: StrategyResult) -> dict[str, int]:
+    """The search settings that give `strategy` CoRD's budget, unless the config fixes
+    them."""
+    if strategy == "curation" and cfg.search.curation_samples is None:
+        return {"curation_samples": matched_curation_samples(cfg, cord)}
+    if strategy == "mcts" and cfg.search.mcts_tokens is None:
+        tokens = matched_mcts_tokens(cord)
+        return {"mcts_tokens": tokens} if tokens else {}
+    return {}
+
+
 def evaluate(
     cfg: RunConfig, problems: list[Problem], strategies: list[str], out_dir: Path
 ) -> dict[str, Any]:
-    """Run each strategy in turn. Unless the config fixes `search.curation_samples`,
-    curation runs after CoRD with N matched to CoRD's generated tokens."""
+    """Run each strategy in turn: CoRD first, then those whose budget is matched to
+    CoRD's generated tokens (curation's N, MCTS's tokens) unless the config fixes it."""
     tag = uuid.uuid4().hex[:8]
-    order = sorted(strategies, key=lambda s: (s != "cord", s == "curation"))
+
+    def matched(name: str) -> bool:
+        found = lookup(name)
+        return found is not None and found[0].matched_to_cord
+
+    order = sorted(strategies, key=lambda s: (s != "cord", matched(s)))
     results: dict[str, StrategyResult] = {}
     report: dict[str, Any] = {}
     for strategy in order:
         run_cfg = cfg
-        if strategy == "curation" and cfg.search.curation_samples is None and "cord" in results:
-            n = matched_curation_samples(cfg, results["cord"])
-            report["curation_samples"] = n
-            run_cfg = cfg.model_copy(
-                update={"search": cfg.search.model_copy(update={"curation_samples": n})}
-            )
+        if matched(strategy) and "cord" in results:
+            update = _matched(cfg, strategy, results["cord"])
+            report.update(update)
+            run_cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=update)})
         results[strategy] = run_strategy(run_cfg, strategy, problems, out_dir, tag)
     report["strategies"] = {s: results[s].metrics() for s in strategies}
     pooled_right: list[float] = []
@@ -177,6 +199,8 @@ def format_table(report: dict[str, Any]) -> str:
             f"curation: {report['curation_samples']} trajectories per teacher "
             "(matched to CoRD's generated tokens)"
         )
+    if "mcts_tokens" in report:
+        lines.append(f"mcts: {report['mcts_tokens']} generated tokens per problem (CoRD's mean)")
     return "\n".join(lines)
 
 

@@ -1,7 +1,7 @@
 """The coordinator's Prometheus metrics (``metrics.coordinator_port`` in the run config).
 
 A custom collector reads, at scrape time, what the coordinator already keeps (its
-`Counters`, its searches and pending items, the store's step count) and the run's
+`Counters`, its searches, work in flight and step count) and the run's
 Redis keys (problems by state, queue depth per pool), so the driver loop does no work
 for being watched. `serve_coordinator` starts the endpoint beside `Coordinator.run`.
 """
@@ -49,9 +49,9 @@ class CoordinatorCollector(Collector):
         yield problems
         yield _counter(
             "cord_coord_steps",
-            "Search steps committed to Redis (CoRD: beam steps advanced; curation: one "
-            "per commit).",
-            self.coord.store.steps_committed,
+            "Search steps committed to Redis (CoRD: beam steps; MCTS: tree expansions; "
+            "curation: whole trajectories written).",
+            self.coord.counters.steps,
         )
         yield _counter("cord_coord_tasks_sent", "Celery tasks sent.", c.tasks_sent)
         items = CounterMetricFamily(
@@ -77,7 +77,7 @@ class CoordinatorCollector(Collector):
         yield _gauge(
             "cord_coord_items_pending",
             "Work items sent or waiting to be sent, not yet answered.",
-            len(self.coord.pending),
+            self.coord.inflight.sizes()["pending"],
         )
 
     def _from_redis(self) -> Iterator[Metric]:

@@ -18,14 +18,13 @@ driver re-sends what was waiting in its private queue (`orphaned`).
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 
 import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, private_queue, queue_name
-from cord.common.messages import TaskKind
+from cord.common.messages import Heartbeat, TaskKind
 
 
 class Router:
@@ -53,7 +52,7 @@ class Router:
         for name in records:
             pipe.exists(self.keys.alive(name))
         model_of = {
-            name: json.loads(raw)["model"]
+            name: Heartbeat.model_validate_json(raw).model
             for (name, raw), alive in zip(records.items(), pipe.execute(), strict=True)
             if alive and name not in self._leaving
         }
@@ -118,6 +117,10 @@ class Router:
             worker = self._sticky.pop((pid, model), None)
             if worker is not None and self._held.get(worker, 0) > 0:
                 self._held[worker] -= 1
+
+    def sizes(self) -> dict[str, int]:
+        """Problems routed to a worker and their count per worker: 0 when none is open."""
+        return {"sticky": len(self._sticky), "held": sum(self._held.values())}
 
     # -- cleanup --------------------------------------------------------------------
     def drop_dead_queues(self) -> int:

@@ -96,10 +96,6 @@ class Store:
         self._takeover = client.register_script(_TAKEOVER)
         self._finish = client.register_script(_FINISH)
         self._renew = client.register_script(_RENEW)
-        # Search steps committed by this process (the coordinator's metrics): the step of
-        # each problem's last restored or committed state, to count only steps advanced.
-        self.steps_committed = 0
-        self._step_of: dict[str, int] = {}
 
     def enqueue(self, problems: Iterable[Problem], chunk: int = 500) -> int:
         k = self.keys
@@ -149,11 +145,7 @@ class Store:
         if not ids:
             return []
         raw = self.r.hmget(self.keys.state, ids)
-        states = [json.loads(r) if r else None for r in raw]
-        for pid, st in zip(ids, states, strict=True):
-            if st is not None and isinstance(st.get("step"), int):
-                self._step_of[pid] = st["step"]
-        return states
+        return [json.loads(r) if r else None for r in raw]
 
     def commit(self, states: dict[str, dict[str, Any]]) -> None:
         if states:
@@ -161,18 +153,6 @@ class Store:
                 k: json.dumps(v) for k, v in states.items()
             }
             self.r.hset(self.keys.state, mapping=mapping)
-            for pid, st in states.items():
-                self._count_steps(pid, st)
-
-    def _count_steps(self, pid: str, state: dict[str, Any]) -> None:
-        """CoRD-like states number their steps (the next one to expand); a strategy
-        without steps (curation) counts one per commit."""
-        step = state.get("step")
-        if not isinstance(step, int):
-            self.steps_committed += 1
-            return
-        self.steps_committed += max(0, step - self._step_of.get(pid, 1))
-        self._step_of[pid] = step
 
     def is_finished(self, pid: str) -> bool:
         pipe = self.r.pipeline()
@@ -193,7 +173,6 @@ class Store:
     def finish(self, pid: str, failed: bool = False) -> bool:
         k = self.keys
         target = k.failed if failed else k.done
-        self._step_of.pop(pid, None)
         now = time.time()
         return bool(
             self._finish(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -20,14 +20,42 @@ from cord.common.problems import Problem
 
 
 @dataclass(frozen=True)
+class WorkKey:
+    """The stable name of one item of work, ``<problem>:<kind>:<part>:...`` on the wire
+    (an item's `key`). A strategy names its kinds (CoRD: ``x`` a step's expansion, ``s``
+    its score, ``a`` an answer) and gets its own keys back, typed, with every result:
+    nothing takes a key string apart."""
+
+    problem: str
+    kind: str
+    parts: tuple[str | int, ...] = ()
+
+    def __str__(self) -> str:
+        return ":".join([self.problem, self.kind, *map(str, self.parts)])
+
+    def as_kind(self, kind: str) -> WorkKey:
+        """The same parts under another kind (the score of an expansion, say)."""
+        return WorkKey(self.problem, kind, self.parts)
+
+
+@dataclass(frozen=True)
 class Work:
     kind: TaskKind
     model: str
+    key: WorkKey
     item: ExpandItem | AnswerItem | ScoreItem
 
 
-class Failed(Exception):
-    """The problem cannot be finished; the message is its failure reason."""
+@dataclass
+class Outcome:
+    """What one event changed in a search: the work it asks for now, whether its
+    committed state changed (the driver persists a snapshot then), how many search steps
+    that commit completed, and, once the search has finished, its output row."""
+
+    work: list[Work] = field(default_factory=list)
+    commit: bool = False
+    steps: int = 0
+    row: dict[str, Any] | None = None
 
 
 class Step(BaseModel):
@@ -87,34 +115,56 @@ def item_seed(run_seed: int, key: str) -> int:
 
 
 class Search(ABC):
-    """One problem's search. Subclasses keep their state in pydantic models so that
-    `snapshot()` is JSON and a restarted coordinator resumes from it."""
+    """One problem's search. Subclasses keep their committed state in `self.state`, a
+    pydantic model with `stats`, so that `snapshot()` is JSON and a restarted
+    coordinator resumes from it; they implement `begin`, `generated` and `scored`, each
+    returning an `Outcome`. The driver calls `start`, `on_generation` and `on_score`,
+    which add the row once the search has finished."""
 
     name: str
+    state: Any
 
     def __init__(self, problem: Problem, cfg: RunConfig) -> None:
         self.problem = problem
         self.cfg = cfg
         self.user = cfg.prompt.render(problem.question)
-        self.committed = False  # set when a step was committed; the driver persists then
         self._t0 = time.monotonic()
 
-    @abstractmethod
-    def start(self) -> list[Work]:
+    # -- what the driver calls --------------------------------------------------------
+    def start(self) -> Outcome:
         """The first work (or, after a restart, the work of the committed state)."""
+        return self._ended(self.begin())
+
+    def on_generation(self, key: WorkKey, result: Generation) -> Outcome:
+        return self._ended(self.generated(key, result))
+
+    def on_score(self, key: WorkKey, result: Score) -> Outcome:
+        return self._ended(self.scored(key, result))
+
+    def _ended(self, outcome: Outcome) -> Outcome:
+        if self.finished and outcome.row is None:
+            outcome.row = self.row()
+        return outcome
+
+    # -- what a strategy implements ---------------------------------------------------
+    @abstractmethod
+    def begin(self) -> Outcome: ...
 
     @abstractmethod
-    def on_generation(self, key: str, result: Generation) -> list[Work]: ...
+    def generated(self, key: WorkKey, result: Generation) -> Outcome:
+        """A generation for one of this search's keys (never an errored item: the driver
+        retries or fails those)."""
 
     @abstractmethod
-    def on_score(self, key: str, result: Score) -> list[Work]: ...
+    def scored(self, key: WorkKey, result: Score) -> Outcome: ...
 
     @property
     @abstractmethod
     def finished(self) -> bool: ...
 
-    # Subclasses keep their committed state in `self.state`, a pydantic model with `stats`.
-    state: Any
+    @abstractmethod
+    def row(self) -> dict[str, Any]:
+        """The output row of a finished search."""
 
     def snapshot(self) -> dict[str, Any]:
         """The committed state as JSON, wall time so far included."""
@@ -130,65 +180,95 @@ class Search(ABC):
         stats.wall_s = round(stats.wall_s + self.elapsed(), 3)
         return stats
 
-    @abstractmethod
-    def row(self) -> dict[str, Any]:
-        """The output row of a finished search."""
+    def key(self, kind: str, *parts: str | int) -> WorkKey:
+        return WorkKey(self.problem.id, kind, parts)
 
     # -- helpers shared by strategies -------------------------------------------------
     def expand_work(
-        self, teacher: str, key: str, steps: list[str], max_new: int, whole: bool = False
+        self, teacher: str, key: WorkKey, steps: list[str], max_new: int, whole: bool = False
     ) -> Work:
         return Work(
             "expand",
             teacher,
+            key,
             ExpandItem(
-                key=key,
+                key=str(key),
                 prompt=self.user,
                 steps=steps,
                 next_step=len(steps) + 1,
                 max_new_tokens=max_new,
                 temperature=self.cfg.temperature(teacher),
                 top_p=self.cfg.teacher(teacher).top_p,
-                seed=item_seed(self.cfg.search.seed, key),
+                seed=item_seed(self.cfg.search.seed, str(key)),
                 whole=whole,
             ),
         )
 
-    def answer_work(self, teacher: str, key: str, steps: list[str]) -> Work:
+    def answer_work(self, teacher: str, key: WorkKey, steps: list[str]) -> Work:
         return Work(
             "answer",
             teacher,
+            key,
             AnswerItem(
-                key=key,
+                key=str(key),
                 prompt=self.user,
                 steps=steps,
                 max_new_tokens=self.cfg.search.answer_budget,
                 temperature=self.cfg.temperature(teacher),
                 top_p=self.cfg.teacher(teacher).top_p,
-                seed=item_seed(self.cfg.search.seed, key),
+                seed=item_seed(self.cfg.search.seed, str(key)),
             ),
         )
 
-    def score_work(self, key: str, steps: list[str]) -> Work:
+    def score_work(self, key: WorkKey, steps: list[str]) -> Work:
         return Work(
             "score",
             self.cfg.meta_prover.name,
-            ScoreItem(key=key, prompt=self.user, steps=steps, answer=self.problem.answer),
+            key,
+            ScoreItem(key=str(key), prompt=self.user, steps=steps, answer=self.problem.answer),
         )
+
+    def take_answer(self, traj: Trajectory, result: Generation) -> Outcome:
+        """`result` is the final answer of `traj`, written by the teacher of its last
+        step; a second one for the same trajectory is a duplicate."""
+        if traj.final_answer is not None:
+            return Outcome()
+        traj.final_answer = result.text.strip()
+        traj.answer_teacher = traj.last_teacher
+        traj.answer_tokens = result.tokens
+        self.state.stats.answers += 1
+        self.state.stats.add_generation(traj.last_teacher or "?", result)
+        return Outcome(commit=True)
 
     def elapsed(self) -> float:
         return time.monotonic() - self._t0
 
+    # -- rows: traces and failures, from one place ----------------------------------
+    def _row_head(self) -> dict[str, Any]:
+        p = self.problem
+        return {
+            **p.meta,
+            "id": p.id,
+            "question": p.question,
+            "reference_answer": p.answer,
+            "strategy": self.cfg.search.strategy,
+        }
+
+    def failure_row(self, reason: str) -> dict[str, Any]:
+        """The row of a problem that could not be finished, with its committed state."""
+        return {
+            **self._row_head(),
+            "reason": reason,
+            "state": self.snapshot(),
+            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
     def trace_row(self, best: Trajectory, others: list[Trajectory], stats: Stats) -> dict[str, Any]:
         cfg = self.cfg
-        p = self.problem
         final = best.final_answer or ""
-        row: dict[str, Any] = dict(p.meta)
+        row = self._row_head()
         row.update(
             {
-                "id": p.id,
-                "question": p.question,
-                "reference_answer": p.answer,
                 "steps": [s.model_dump() for s in best.steps],
                 "final_answer": final,
                 "answer_teacher": best.answer_teacher,
@@ -204,7 +284,6 @@ class Search(ABC):
                     "thinking_tokens": best.tokens,
                     "answer_tokens": best.answer_tokens,
                 },
-                "strategy": self.cfg.search.strategy,
                 "models": {
                     "teachers": {t.name: t.model for t in cfg.teachers},
                     "meta_prover": {cfg.meta_prover.name: cfg.pool(cfg.meta_prover.name).model},

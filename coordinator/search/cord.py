@@ -14,19 +14,23 @@ answer; the best complete trajectory by S is the trace, the others are alternati
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from cord.common import prompts
+from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
+from cord.common.problems import Problem
 from cord.coordinator.search.base import (
-    Failed,
+    Outcome,
     Search,
     Stats,
     Step,
     Trajectory,
     Work,
+    WorkKey,
     item_seed,
 )
 
@@ -52,30 +56,72 @@ class CordState(BaseModel):
     stats: Stats = Stats()
 
 
+# A selection rule ranks one step's candidates, best first; the top `beam_width -
+# completed` distinct trajectories survive. A new rule (an ablation) is one function.
+Rule = Callable[["CordSearch", list[Candidate]], list[Candidate]]
+
+
+def by_score(search: CordSearch, cands: list[Candidate]) -> list[Candidate]:
+    """CoRD's rule: by S (ties by key). Candidates that make the same trajectory (two
+    teachers wrote the same step) were scored once and rank together, smallest key
+    first: which copy arrived first must not decide the order of the beams, since the
+    next step's keys and seeds follow it (a re-run would otherwise differ)."""
+    best: dict[tuple[str, ...], tuple[float, str]] = {}
+    for c in cands:
+        text = search.text(c)
+        score, key = best.get(text, (float("-inf"), c.key))
+        best[text] = (max(score, c.score or 0.0), min(key, c.key))
+
+    def rank(c: Candidate) -> tuple[float, str, str]:
+        score, first = best[search.text(c)]
+        return (-score, first, c.key)
+
+    return sorted(cands, key=rank)
+
+
+def random_order(search: CordSearch, cands: list[Candidate]) -> list[Candidate]:
+    """The selection ablated: a random (seeded) order. Every candidate is still scored,
+    so S is reported."""
+    order = sorted(cands, key=lambda c: c.key)
+    seed = item_seed(search.cfg.search.seed, f"{search.problem.id}:{search.state.step}")
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def longest(search: CordSearch, cands: list[Candidate]) -> list[Candidate]:
+    """The paper's length ablation: the longest steps (most tokens) first, ties by S,
+    then by key."""
+    return sorted(cands, key=lambda c: (-c.tokens, -(c.score or 0.0), c.key))
+
+
 class CordSearch(Search):
     name = "cord"
 
-    def __init__(self, problem: Any, cfg: Any) -> None:
+    def __init__(
+        self,
+        problem: Problem,
+        cfg: RunConfig,
+        select: Rule = by_score,
+        beam_width: int | None = None,
+    ) -> None:
         super().__init__(problem, cfg)
+        self.select = select
+        self.beam_width = beam_width or cfg.search.beam_width
         self.state = CordState()
         self._cands: dict[str, Candidate] = {}  # current step, by expand key
-        self._by_score_key: dict[str, str] = {}  # score key -> expand key
+        self._by_score_key: dict[WorkKey, str] = {}  # score key -> expand key
         # A trajectory two teachers wrote alike this step is scored once: its text ->
         # the expand key whose score answers for it.
         self._scored_as: dict[tuple[str, ...], str] = {}
-        self._answer_keys: dict[str, int] = {}  # answer key -> index into completed
-
-    # -- keys -----------------------------------------------------------------------
-    def _key(self, kind: str, *parts: object) -> str:
-        return ":".join([self.problem.id, kind, *map(str, parts)])
+        self._answer_keys: dict[WorkKey, int] = {}  # answer key -> index into completed
 
     # -- lifecycle ------------------------------------------------------------------
-    def start(self) -> list[Work]:
+    def begin(self) -> Outcome:
         work = self._expansions()
         for index, traj in enumerate(self.state.completed):
             if traj.final_answer is None:
                 work.append(self._answer(index))
-        return work
+        return Outcome(work)
 
     def _expansions(self) -> list[Work]:
         st, search = self.state, self.cfg.search
@@ -88,96 +134,66 @@ class CordSearch(Search):
             max_new = max(1, min(search.max_step_tokens, budget_left))
             for teacher in self.cfg.teacher_names:
                 for sample in range(search.samples_per_beam):
-                    key = self._key("x", st.step, b, teacher, sample)
-                    self._cands[key] = Candidate(key=key, beam=b, teacher=teacher)
+                    key = self.key("x", st.step, b, teacher, sample)
+                    self._cands[str(key)] = Candidate(key=str(key), beam=b, teacher=teacher)
                     work.append(self.expand_work(teacher, key, beam.texts, max_new))
         return work
 
     def _answer(self, index: int) -> Work:
         traj = self.state.completed[index]
-        key = self._key("a", index)
+        key = self.key("a", index)
         self._answer_keys[key] = index
         assert traj.last_teacher is not None
         return self.answer_work(traj.last_teacher, key, traj.texts)
 
-    def on_generation(self, key: str, result: Generation) -> list[Work]:
-        if result.error:
-            raise Failed(result.error)
+    def generated(self, key: WorkKey, result: Generation) -> Outcome:
         if key in self._answer_keys:
-            traj = self.state.completed[self._answer_keys.pop(key)]
-            traj.final_answer = result.text.strip()
-            traj.answer_teacher = traj.last_teacher
-            traj.answer_tokens = result.tokens
-            self.state.stats.answers += 1
-            self.state.stats.add_generation(traj.last_teacher or "?", result)
-            self.committed = True
-            return []
-        cand = self._cands.get(key)
+            return self.take_answer(self.state.completed[self._answer_keys.pop(key)], result)
+        cand = self._cands.get(str(key))
         if cand is None or cand.text is not None:
-            return []  # late or duplicate
+            return Outcome()  # late or duplicate
         cand.text = prompts.clean_step(prompts.step_header(self.state.step), result.text)
         cand.finish, cand.tokens = result.finish, max(1, result.tokens)
         self.state.stats.expansions += 1
         self.state.stats.add_generation(cand.teacher, result)
-        text = self._text(cand)
-        first = self._scored_as.setdefault(text, key)
-        if first != key:  # the same trajectory as another candidate: share its score
-            cand.score = self._cands[first].score  # None until it comes (`on_score`)
+        text = self.text(cand)
+        first = self._scored_as.setdefault(text, cand.key)
+        if first != cand.key:  # the same trajectory as another candidate: share its score
+            cand.score = self._cands[first].score  # None until it comes (`scored`)
             return self._select_when_scored()
-        score_key = self._key("s", *key.split(":")[-4:])
-        self._by_score_key[score_key] = key
-        return [self.score_work(score_key, list(text))]
+        score_key = key.as_kind("s")
+        self._by_score_key[score_key] = cand.key
+        return Outcome([self.score_work(score_key, list(text))])
 
-    def on_score(self, key: str, result: Score) -> list[Work]:
-        if result.error:
-            raise Failed(result.error)
+    def scored(self, key: WorkKey, result: Score) -> Outcome:
         cand = self._cands.get(self._by_score_key.get(key, ""))
         if cand is None or cand.score is not None:
-            return []
+            return Outcome()
         cand.score = result.score
         self.state.stats.add_score(result)
         for twin in self._cands.values():  # copies that arrived before this score
-            if twin.score is None and self._scored_as.get(self._text(twin)) == cand.key:
+            if twin.score is None and self._scored_as.get(self.text(twin)) == cand.key:
                 twin.score = result.score
         return self._select_when_scored()
 
-    def _select_when_scored(self) -> list[Work]:
+    def _select_when_scored(self) -> Outcome:
         if any(c.score is None for c in self._cands.values()):
-            return []
+            return Outcome()
         return self._select()
 
-    beam_width_override: int | None = None
-
-    def _ranked(self) -> list[Candidate]:
-        """All candidates of the step, best first: by S (ties by key). Candidates that
-        make the same trajectory (two teachers wrote the same step) were scored once and
-        rank together, smallest key first: which copy arrived first must not decide the
-        order of the beams, since the next step's keys and seeds follow it (a re-run
-        would otherwise differ)."""
-        best: dict[tuple[str, ...], tuple[float, str]] = {}
-        for c in self._cands.values():
-            text = self._text(c)
-            score, key = best.get(text, (float("-inf"), c.key))
-            best[text] = (max(score, c.score or 0.0), min(key, c.key))
-
-        def rank(c: Candidate) -> tuple[float, str, str]:
-            score, first = best[self._text(c)]
-            return (-score, first, c.key)
-
-        return sorted(self._cands.values(), key=rank)
-
-    def _text(self, c: Candidate) -> tuple[str, ...]:
+    def text(self, c: Candidate) -> tuple[str, ...]:
+        """The trajectory candidate `c` makes: its beam's steps and its own."""
         return (*self.state.beams[c.beam].texts, c.text or "")
 
-    def _select(self) -> list[Work]:
+    def _select(self) -> Outcome:
         st, search = self.state, self.cfg.search
-        keep = (self.beam_width_override or search.beam_width) - len(st.completed)
-        ranked = self._ranked()
+        keep = self.beam_width - len(st.completed)
+        ranked = self.select(self, list(self._cands.values()))
         chosen: list[Candidate] = []
         seen: set[tuple[str, ...]] = set()
         for c in ranked:
             assert c.text is not None
-            text = self._text(c)
+            text = self.text(c)
             if text not in seen:
                 seen.add(text)
                 chosen.append(c)
@@ -208,12 +224,11 @@ class CordSearch(Search):
                 live.append(traj)
         st.beams = live
         st.step += 1
-        self.committed = True
         if live:
             work.extend(self._expansions())
         else:
             self._cands.clear()
-        return work
+        return Outcome(work, commit=True, steps=1)
 
     @property
     def finished(self) -> bool:
@@ -225,20 +240,3 @@ class CordSearch(Search):
         ranked = sorted(st.completed, key=lambda t: -t.score)
         stats = self.stats_now()
         return self.trace_row(ranked[0], ranked[1:], stats)
-
-
-class GreedySearch(CordSearch):
-    """CoRD with a beam of one (the paper's greedy ablation)."""
-
-    beam_width_override = 1
-
-
-class RandomSelectSearch(CordSearch):
-    """CoRD with the selection ablated: candidates are kept in a random (seeded) order
-    instead of by S. Every candidate is still scored, so S is reported."""
-
-    def _ranked(self) -> list[Candidate]:
-        order = sorted(self._cands.values(), key=lambda c: c.key)
-        rng = random.Random(item_seed(self.cfg.search.seed, f"{self.problem.id}:{self.state.step}"))
-        rng.shuffle(order)
-        return order

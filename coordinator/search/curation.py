@@ -19,8 +19,18 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from cord.common import prompts
+from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
-from cord.coordinator.search.base import Failed, Search, Stats, Step, Trajectory, Work
+from cord.common.problems import Problem
+from cord.coordinator.search.base import (
+    Outcome,
+    Search,
+    Stats,
+    Step,
+    Trajectory,
+    Work,
+    WorkKey,
+)
 
 _HEADER = re.compile(r"\n(?=" + re.escape(prompts.STEP_PREFIX) + r" \d+\.)")
 
@@ -39,76 +49,68 @@ class CurationState(BaseModel):
     stats: Stats = Stats()
 
 
-def split_steps(text: str, teacher: str, tokens: int) -> list[Step]:
-    """Steps of a whole trajectory, tokens shared out by length (exact in total)."""
-    parts = [p.rstrip() for p in _HEADER.split(prompts.step_header(1) + text) if p.strip()]
+def split_steps(text: str, teacher: str, tokens: int, first: int = 1) -> list[Step]:
+    """Steps of a trajectory written in one go from step `first` on (the headers the
+    teacher wrote split it), tokens shared out by length (exact in total)."""
+    parts = [p.rstrip() for p in _HEADER.split(prompts.step_header(first) + text) if p.strip()]
     sizes = [len(p) for p in parts]
     counts = [tokens * s // sum(sizes) for s in sizes]
     counts[-1] += tokens - sum(counts)
     return [
         Step(index=i, text=p, teacher=teacher, score=None, tokens=n)
-        for i, (p, n) in enumerate(zip(parts, counts, strict=True), start=1)
+        for i, (p, n) in enumerate(zip(parts, counts, strict=True), start=first)
     ]
 
 
 class CurationSearch(Search):
+    """N whole trajectories by each of `teachers` (every teacher of the run by default),
+    the best by S kept."""
+
     name = "curation"
 
-    def __init__(self, problem: Any, cfg: Any) -> None:
+    def __init__(
+        self,
+        problem: Problem,
+        cfg: RunConfig,
+        teachers: list[str] | None = None,
+        samples: int | None = None,
+    ) -> None:
         super().__init__(problem, cfg)
         self.state = CurationState()
-        strategy = cfg.search.strategy
-        if strategy.startswith("single:"):
-            self.teachers, self.samples = [strategy.split(":", 1)[1]], 1
-        else:
-            self.teachers = cfg.teacher_names
-            self.samples = cfg.search.curation_samples or (
-                cfg.search.beam_width * cfg.search.samples_per_beam
-            )
+        self.teachers = teachers or cfg.teacher_names
+        self.samples = (
+            samples
+            or cfg.search.curation_samples
+            or (cfg.search.beam_width * cfg.search.samples_per_beam)
+        )
 
-    def _key(self, kind: str, *parts: object) -> str:
-        return ":".join([self.problem.id, kind, *map(str, parts)])
+    def _keys(self) -> list[WorkKey]:
+        """The whole-trajectory keys, one per teacher and sample (``w``; ``ws`` scores)."""
+        return [self.key("w", t, i) for t in self.teachers for i in range(self.samples)]
 
-    def start(self) -> list[Work]:
+    def begin(self) -> Outcome:
         st = self.state
         if not st.written:
-            for teacher in self.teachers:
-                for i in range(self.samples):
-                    st.written[self._key("w", teacher, i)] = Written(teacher=teacher)
+            st.written = {str(k): Written(teacher=str(k.parts[0])) for k in self._keys()}
         work: list[Work] = []
-        for key, w in st.written.items():
+        for key in self._keys():
+            w = st.written[str(key)]
             if w.trajectory is None:
-                work.append(
-                    self.expand_work(
-                        w.teacher, key, [], self.cfg.search.thinking_budget, whole=True
-                    )
-                )
+                budget = self.cfg.search.thinking_budget
+                work.append(self.expand_work(w.teacher, key, [], budget, whole=True))
             elif not w.scored:
-                work.append(self.score_work(self._score_key(key), w.trajectory.texts))
+                work.append(self.score_work(key.as_kind("ws"), w.trajectory.texts))
         if st.chosen is not None and self._best().final_answer is None:
             work.append(self._answer())
-        return work
+        return Outcome(work)
 
-    def _score_key(self, key: str) -> str:
-        return key.replace(":w:", ":ws:", 1)
-
-    def on_generation(self, key: str, result: Generation) -> list[Work]:
-        if result.error:
-            raise Failed(result.error)
+    def generated(self, key: WorkKey, result: Generation) -> Outcome:
         st = self.state
-        if key == self._key("a"):
-            best = self._best()
-            if best.final_answer is None:
-                best.final_answer = result.text.strip()
-                best.answer_teacher = best.last_teacher
-                best.answer_tokens = result.tokens
-                st.stats.answers += 1
-                st.stats.add_generation(best.last_teacher or "?", result)
-                self.committed = True
-            return []
-        written = st.written.get(key)
+        if key.kind == "a":
+            return self.take_answer(self._best(), result)
+        written = st.written.get(str(key))
         if written is None or written.trajectory is not None:
-            return []
+            return Outcome()
         steps = split_steps(result.text, written.teacher, max(1, result.tokens))
         finish = result.finish if result.finish in ("think_end", "eos") else "budget"
         written.trajectory = Trajectory(
@@ -116,21 +118,18 @@ class CurationSearch(Search):
         )
         st.stats.expansions += 1
         st.stats.add_generation(written.teacher, result)
-        self.committed = True
-        return [self.score_work(self._score_key(key), written.trajectory.texts)]
+        work = [self.score_work(key.as_kind("ws"), written.trajectory.texts)]
+        return Outcome(work, commit=True, steps=1)
 
-    def on_score(self, key: str, result: Score) -> list[Work]:
-        if result.error:
-            raise Failed(result.error)
+    def scored(self, key: WorkKey, result: Score) -> Outcome:
         st = self.state
-        written = st.written.get(key.replace(":ws:", ":w:", 1))
+        written = st.written.get(str(key.as_kind("w")))
         if written is None or written.scored or written.trajectory is None:
-            return []
+            return Outcome()
         written.trajectory.score, written.scored = result.score, True
         st.stats.add_score(result)
-        self.committed = True
         if not all(w.scored for w in st.written.values()):
-            return []
+            return Outcome(commit=True)
         st.chosen = max(
             st.written,
             key=lambda k: (
@@ -139,7 +138,7 @@ class CurationSearch(Search):
                 else (-1.0, k)
             ),
         )
-        return [self._answer()]
+        return Outcome([self._answer()], commit=True)
 
     def _best(self) -> Trajectory:
         assert self.state.chosen is not None
@@ -150,7 +149,7 @@ class CurationSearch(Search):
     def _answer(self) -> Work:
         best = self._best()
         assert best.last_teacher is not None
-        return self.answer_work(best.last_teacher, self._key("a"), best.texts)
+        return self.answer_work(best.last_teacher, self.key("a"), best.texts)
 
     @property
     def finished(self) -> bool:

@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections import defaultdict, deque
@@ -51,10 +52,11 @@ from cord.common.config import RunConfig, allow_bench_engine, config_from_dict
 from cord.common.keys import Keys
 from cord.common.lab.arith import make_problems
 from cord.common.log import configure
+from cord.common.messages import EngineStats, Heartbeat, Score
 from cord.common.problems import Problem
 from cord.common.redis_server import ping, start_redis
-from cord.coordinator.driver import Coordinator
-from cord.coordinator.search import Failed, Search, Work, make_search
+from cord.coordinator.driver import Coordinator, Observer
+from cord.coordinator.search import Outcome, Search, Work, make_search
 from cord.coordinator.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,15 +214,7 @@ class Fleet:
         start = time.monotonic()
         for model in self.cfg.model_names:
             for slot in range(self.workers_per_pool):
-                name = f"{model}-{slot}"
-                args = [sys.executable, __file__, "worker", "--config", str(self.path)]
-                args += ["--teacher", model, "--name", f"{name}@bench"]
-                with open(self.logs / f"{name}.log", "wb") as log:
-                    self.procs.append(
-                        subprocess.Popen(
-                            args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                        )
-                    )
+                self.procs.append(self._spawn(model, f"{model}-{slot}"))
         want = len(self.procs)
         workers_key = Keys(self.cfg.namespace).workers
         while self.client.hlen(workers_key) < want:
@@ -230,6 +224,24 @@ class Fleet:
                 raise click.ClickException(f"workers did not start; logs in {self.logs}")
             time.sleep(0.2)
         return time.monotonic() - start
+
+    def _spawn(self, model: str, name: str) -> subprocess.Popen[bytes]:
+        args = [sys.executable, __file__, "worker", "--config", str(self.path)]
+        args += ["--teacher", model, "--name", f"{name}@bench"]
+        with open(self.logs / f"{name}.log", "ab") as log:
+            return subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def replace(self, index: int, sig: signal.Signals) -> None:
+        """Stop worker `index` with `sig` (SIGKILL: a vanished spot GPU; SIGTERM: a
+        notice, its task handed back) and start a new worker of its pool in its place,
+        under a new name (as a new spot machine comes up)."""
+        old = self.procs[index]
+        os.killpg(old.pid, sig)
+        old.wait(60)
+        model = self.cfg.model_names[index // self.workers_per_pool]
+        self.procs[index] = self._spawn(model, f"{model}-r{uuid.uuid4().hex[:6]}")
 
     def stop(self) -> None:
         for p in self.procs:
@@ -258,58 +270,59 @@ class Fleet:
                 out[name] = 0.0
         return out
 
-    def engine_stats(self) -> dict[str, dict[str, Any]]:
-        """The workers' last heartbeats (engine counters), by worker name."""
+    def engine_stats(self) -> dict[str, EngineStats]:
+        """The workers' engine counters from their last heartbeats, by worker name."""
         raw = self.client.hgetall(Keys(self.cfg.namespace).workers)
-        return {k.decode(): json.loads(v).get("engine", {}) for k, v in raw.items()}
+        return {k.decode(): Heartbeat.model_validate_json(v).engine for k, v in raw.items()}
 
 
 # -- the coordinator, timed ------------------------------------------------------------
-def _step_label(pid: str, works: list[Work]) -> str | None:
+def _step_label(works: list[Work]) -> str | None:
     """The phase a batch of new work opens for a problem: ``x<step>`` (a CoRD step's
     expansions), ``a`` (final answers only), ``w`` (curation's whole trajectories).
     Scoring work opens nothing: it belongs to the step whose candidates it scores."""
     labels = set()
     for w in works:
-        parts = w.item.key[len(pid) + 1 :].split(":")
-        if parts[0] == "x":
-            labels.add(f"x{parts[1]}")
-        elif parts[0] in ("a", "w"):
-            labels.add(parts[0])
+        if w.key.kind == "x":
+            labels.add(f"x{w.key.parts[0]}")
+        elif w.key.kind in ("a", "w"):
+            labels.add(w.key.kind)
     xs = sorted((lab for lab in labels if lab.startswith("x")), key=lambda s: int(s[1:]))
     if xs:
         return xs[-1]
     return "a" if "a" in labels else ("w" if "w" in labels else None)
 
 
-class TimedCoordinator(Coordinator):
-    """The driver's loop with a stopwatch per problem step: a step's latency is the time
-    from queueing its expansions to queueing the next step's (or the final answers):
-    dispatch, generation, scoring, selection and the commit of its state. It only
-    observes `_queue` (every new work of a problem passes there)."""
+class StepTimer(Observer):
+    """A stopwatch per problem step, watching the driver's loop: a step's latency is the
+    time from queueing its expansions to queueing the next step's (or the final
+    answers): dispatch, generation, scoring, selection and the commit of its state."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, max_in_flight: int) -> None:
+        self.coordinator: Coordinator | None = None
+        self.max_in_flight = max_in_flight
         self._open: dict[str, tuple[str, float]] = {}
         self.step_latencies: list[float] = []
         self.steps = 0
         self.peak_in_flight = 0
         self.rss_at_peak_mib = 0.0
 
-    def _queue(self, pid: str, works: list[Work]) -> None:
-        label = _step_label(pid, works)
+    def queued(self, pid: str, works: list[Work]) -> None:
+        label = _step_label(works)
         if label is not None:
             now = time.perf_counter()
             opened = self._open.get(pid)
             if opened is not None and opened[0] != label and opened[0].startswith("x"):
                 self.step_latencies.append(now - opened[1])
                 self.steps += 1
-            if opened is None or opened[0] != label:
+            if label == "a":
+                self._open.pop(pid, None)  # its last phase: nothing more to time
+            elif opened is None or opened[0] != label:
                 self._open[pid] = (label, now)
-        super()._queue(pid, works)
-        if len(self.searches) > self.peak_in_flight:
-            self.peak_in_flight = len(self.searches)
-            if self.peak_in_flight % 1000 == 0 or self.peak_in_flight == self.cfg.max_in_flight:
+        in_flight = len(self.coordinator.searches) if self.coordinator else 0
+        if in_flight > self.peak_in_flight:
+            self.peak_in_flight = in_flight
+            if in_flight % 1000 == 0 or in_flight == self.max_in_flight:
                 self.rss_at_peak_mib = rss_mib()[0]
 
 
@@ -350,7 +363,7 @@ def run_fleet(
     strategy: str | None = None,
     fleet: Fleet | None = None,
 ) -> FleetRun:
-    """`problems` through the live fleet with a `TimedCoordinator`, in a problem-state
+    """`problems` through the live fleet, timed by a `StepTimer`, in a problem-state
     namespace of their own (as `cord-coord eval` does); rows to a temporary folder.
     With `fleet`, the CPU time of its workers during the run is recorded too."""
     if strategy is not None:
@@ -359,7 +372,9 @@ def run_fleet(
         )
     state_ns = f"{cfg.namespace}:run:{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as out:
-        coord = TimedCoordinator(cfg, out, state_namespace=state_ns)
+        timer = StepTimer(cfg.max_in_flight)
+        coord = Coordinator(cfg, out, state_namespace=state_ns, observer=timer)
+        timer.coordinator = coord
         try:
             Store(coord.redis, Keys(state_ns)).enqueue(problems)
             workers_before = fleet.cpu_s() if fleet else {}
@@ -378,10 +393,10 @@ def run_fleet(
         rows,
         failed,
         summary,
-        coord.step_latencies,
-        coord.steps,
-        coord.peak_in_flight,
-        coord.rss_at_peak_mib,
+        timer.step_latencies,
+        timer.steps,
+        timer.peak_in_flight,
+        timer.rss_at_peak_mib,
         coordinator_cpu,
         {k: round(v - workers_before.get(k, 0.0), 2) for k, v in workers_after.items()},
     )
@@ -436,18 +451,21 @@ def run_in_process(
     searches: dict[str, Search] = {}
     outbox: dict[tuple[str, str], list[tuple[str, Work]]] = defaultdict(list)
     rows: list[dict[str, Any]] = []
-    failed = calls = 0
+    calls = 0
 
-    def queue(pid: str, works: list[Work]) -> None:
-        for w in works:
+    def apply(pid: str, outcome: Outcome) -> None:
+        for w in outcome.work:
             outbox[(w.kind, w.model)].append((pid, w))
+        if outcome.row is not None:
+            rows.append(outcome.row)
+            del searches[pid]
 
     start, cpu = time.perf_counter(), process_cpu_s()
     while waiting or searches:
         while waiting and len(searches) < cfg.max_in_flight:
             p = waiting.popleft()
             searches[p.id] = make_search(p, cfg)
-            queue(p.id, searches[p.id].start())
+            apply(p.id, searches[p.id].start())
         if not outbox:
             raise RuntimeError(f"in-process run stalled with {len(searches)} open problems")
         current = dict(outbox)
@@ -465,28 +483,21 @@ def run_in_process(
                     results = engine.answer(items)
                 else:
                     results = engine.score(items)
-                owner = {w.item.key: pid for pid, w in chunk}
+                owner = {w.item.key: (pid, w) for pid, w in chunk}
                 for r in results:
-                    pid = owner[r.key]
+                    pid, w = owner[r.key]
                     search = searches.get(pid)
                     if search is None:
                         continue
-                    try:
-                        if kind == "score":
-                            new = search.on_score(r.key, r)
-                        else:
-                            new = search.on_generation(r.key, r)
-                    except Failed:
-                        failed += 1
-                        del searches[pid]
-                        continue
-                    queue(pid, new)
-                    if search.finished:
-                        rows.append(search.row())
-                        del searches[pid]
+                    if r.error:
+                        raise RuntimeError(f"in-process {kind} of {r.key} failed: {r.error}")
+                    if isinstance(r, Score):
+                        apply(pid, search.on_score(w.key, r))
+                    else:
+                        apply(pid, search.on_generation(w.key, r))
         for key in [k for k, v in outbox.items() if not v]:
             del outbox[key]
-    return InProcessRun(time.perf_counter() - start, rows, failed, calls, process_cpu_s() - cpu)
+    return InProcessRun(time.perf_counter() - start, rows, 0, calls, process_cpu_s() - cpu)
 
 
 # -- figures ------------------------------------------------------------------------------
@@ -690,6 +701,79 @@ def memory(
         f"{problems} problems in flight at once on the bench engine: coordinator peak RSS "
         f"{peak:.0f} MiB (at start {base_rss:.0f}), Redis +{figures['redis_used_mib_peak']} MiB, "
         f"{figures['memory_steps_per_s']} steps/s, {run.wall_s:.1f}s"
+    )
+    emit(figures, json_path)
+
+
+@main.command()
+@url_option
+@click.option("--waves", default=8, show_default=True)
+@click.option("--problems", default=40, show_default=True, help="Problems per wave.")
+@click.option("--steps", default=4, show_default=True, help="Steps per trajectory.")
+@json_option
+def soak(redis_url: str, waves: int, problems: int, steps: int, json_path: str | None) -> None:
+    """One `--follow` coordinator (this process) while waves of problems come in and a
+    worker is stopped in every wave, SIGKILL and SIGTERM in turn, and replaced: how much
+    of its in-flight bookkeeping is left once each wave has drained (0 is right), and
+    its RSS after the first wave and after the last, on the bench engine."""
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        data = fleet_dict(redis_url, ns, engine="bench", bench_steps=steps)
+        # Lost workers are found within seconds, so each wave drains quickly.
+        data["reliability"].update(heartbeat_s=0.5, worker_lost_s=3.0, shutdown_grace_s=0.5)
+        fleet = Fleet(data, Path(tmp))
+        store = Store(fleet.client, Keys(ns))
+        left: list[int] = []
+        rss: list[float] = []
+        try:
+            fleet.start()
+            with tempfile.TemporaryDirectory(prefix="cord-bench-") as out:
+                coord = Coordinator(fleet.cfg, out, follow=True)
+                thread = threading.Thread(target=coord.run, daemon=True)
+                thread.start()
+                start = time.perf_counter()
+                for wave in range(waves):
+                    store.enqueue(synthetic_problems(problems, f"w{wave}"))
+                    time.sleep(0.3)  # work is out: the stop lands mid-wave
+                    sig = signal.SIGKILL if wave % 2 == 0 else signal.SIGTERM
+                    fleet.replace(wave % len(fleet.procs), sig)
+                    want = (wave + 1) * problems
+                    deadline = time.monotonic() + 300
+                    while sum(store.counts()[k] for k in ("done", "failed")) < want:
+                        if time.monotonic() > deadline or not thread.is_alive():
+                            raise click.ClickException(f"wave {wave} did not drain")
+                        time.sleep(0.1)
+                    time.sleep(0.5)  # the last rows' bookkeeping closes on the next pass
+                    left.append(sum(coord.sizes().values()))
+                    rss.append(rss_mib()[0])
+                wall = time.perf_counter() - start
+                coord.stop()
+                thread.join(30)
+                counts = store.counts()
+                counters = coord.counters
+        finally:
+            fleet.stop()
+    figures = {
+        "follow_waves": waves,
+        "follow_problems": waves * problems,
+        "follow_done": counts["done"],
+        "follow_failed": counts["failed"],
+        "follow_workers_stopped": waves,
+        "follow_redispatched": counters.redispatched,
+        "follow_rerouted": counters.rerouted,
+        "follow_wall_s": r3(wall),
+        "follow_inflight_after_drain_max": max(left),
+        "follow_coordinator_rss_mib_first_wave": round(rss[0], 1),
+        "follow_coordinator_rss_mib_last_wave": round(rss[-1], 1),
+        "follow_inflight_after_drain": left[-1],
+        "machine": info,
+    }
+    click.echo(
+        f"{waves} waves of {problems} problems under --follow, a worker stopped in each: "
+        f"{counts['done']} done, {counts['failed']} failed, {counters.redispatched} items "
+        f"re-sent; left in flight after each drain {left}; RSS {rss[0]:.0f} -> "
+        f"{rss[-1]:.0f} MiB; {wall:.1f}s"
     )
     emit(figures, json_path)
 

@@ -44,7 +44,11 @@ def test_meta_prover_without_model_must_name_a_teacher():
     ("patch", "field", "words"),
     [
         ({"search": {"beam_width": 0}}, "search.beam_width", "greater than or equal to 1"),
-        ({"search": {"strategy": "mcts"}}, "search", "unknown strategy 'mcts'"),
+        (
+            {"search": {"strategy": "beam"}},
+            "search",
+            "unknown strategy 'beam'; use one of cord, greedy, random, longest, mcts",
+        ),
         ({"search": {"beem_width": 2}}, "search.beem_width", "unknown field"),
         ({"teachers": []}, "teachers", "at least 1"),
         (

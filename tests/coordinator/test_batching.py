@@ -1,75 +1,99 @@
-"""How the driver cuts pending work into tasks (`Coordinator._flush`), against a real
-Redis broker with no workers: what reaches each pool's queue, and what waits."""
-
-import base64
-import json
+"""How work in flight is cut into tasks (`InFlight.batches`), with the real router on a
+real Redis and no workers (so every batch goes to its pool's shared queue): what goes,
+what waits, and that the bookkeeping empties as the work is answered."""
 
 import pytest
-import redis
 
-from cord.common.keys import queue_name
+from cord.common.keys import Keys, queue_name
 from cord.common.lab.arith import make_problems
 from cord.common.problems import Problem
-from cord.coordinator.driver import HOLD_S, Coordinator
+from cord.coordinator.inflight import HOLD_S, Batch, InFlight
+from cord.coordinator.routing import Router
 from cord.coordinator.search import make_search
 
 pytestmark = [pytest.mark.redis]
 
 
-def queued_items(client: redis.Redis, queue: str) -> list[int]:
-    """Items per task message waiting in `queue` (Celery's JSON body: [args, kwargs, ...])."""
-    out = []
-    for raw in client.lrange(queue, 0, -1):
-        body = json.loads(raw)["body"]
-        (request,), _, _ = json.loads(base64.b64decode(body))
-        out.append(len(request[request["kind"]]))
+def start_problems(inflight: InFlight, cfg, n: int, seed: int, now: float) -> None:
+    for p in make_problems(n, seed=seed):
+        problem = Problem(**p.to_json())
+        inflight.add(problem.id, make_search(problem, cfg).start().work, now)
+
+
+def per_queue(batches: list[Batch]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for b in batches:
+        out.setdefault(b.queue, []).append(len(b.keys))
     return out
 
 
-def start_problems(coord: Coordinator, n: int, seed: int) -> None:
-    for p in make_problems(n, seed=seed):
-        problem = Problem(**p.to_json())
-        search = make_search(problem, coord.cfg)
-        coord.searches[problem.id] = search
-        coord._queue(problem.id, search.start())
+def send(inflight: InFlight, batches: list[Batch], now: float) -> list[str]:
+    ids = [f"task-{now}-{i}" for i in range(len(batches))]
+    for b, task_id in zip(batches, ids, strict=True):
+        inflight.sent(b, task_id, now)
+    return ids
 
 
-def test_partial_batches_wait_only_while_other_tasks_are_out(make_config, redis_client, tmp_path):
+def test_partial_batches_wait_only_while_other_tasks_are_out(make_config, redis_client):
     _, cfg = make_config()  # a problem's first step: one item per teacher
-    coord = Coordinator(cfg, str(tmp_path / "out"))
+    router = Router(cfg, redis_client, Keys(cfg.namespace))
+    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
     teachers = [queue_name(cfg.namespace, "expand", t) for t in cfg.teacher_names]
-    meta = queue_name(cfg.namespace, "score", "meta")
-    try:
-        # Nothing is out: a partial batch goes at once (nothing more could come).
-        start_problems(coord, 1, seed=1)
-        coord._flush(now=0.0)
-        assert len(teachers) == 3
-        assert [queued_items(redis_client, q) for q in teachers] == [[1]] * 3
-        assert not coord.outbox
+    assert len(teachers) == 3
 
-        # Those three tasks are out (no worker answers them). More work for the teachers
-        # waits for more of its kind, up to HOLD_S, then goes.
-        redis_client.delete(*teachers)
-        coord._open_tasks.clear()  # the pools themselves are free: only others are out
-        start_problems(coord, 3, seed=2)
-        queued_at = min(p.queued_at for p in coord.pending.values() if p.sent_at is None)
-        coord._flush(now=queued_at)
-        assert [redis_client.llen(q) for q in teachers] == [0] * 3
-        assert sum(len(v) for v in coord.outbox.values()) == 9  # 3 problems x 3 teachers
-        coord._flush(now=queued_at + HOLD_S + 0.01)
-        assert [queued_items(redis_client, q) for q in teachers] == [[3]] * 3
-        assert not coord.outbox
+    # Nothing is out: a partial batch goes at once (nothing more could come).
+    start_problems(inflight, cfg, 1, seed=1, now=0.0)
+    first = inflight.batches(0.0, router.route)
+    assert per_queue(first) == {q: [1] for q in teachers}
+    assert inflight.waiting() == 0
+    first_ids = send(inflight, first, 0.0)
 
-        # A full batch never waits, and its remainder waits as a partial one does.
-        batch = cfg.pool("alpha").max_batch
-        redis_client.delete(*teachers)
-        coord._open_tasks.clear()
-        start_problems(coord, batch + 2, seed=3)  # batch + 2 items for each pool
-        now = min(p.queued_at for p in coord.pending.values() if p.sent_at is None)
-        coord._flush(now=now)
-        assert [queued_items(redis_client, q) for q in teachers] == [[batch]] * 3
-        assert [len(v) for v in coord.outbox.values()] == [2] * 3
-        assert redis_client.llen(meta) == 0
-    finally:
-        redis_client.delete(*teachers, meta)
-        coord.stop()
+    # Those three tasks are out. More work for the same pools waits for more of its
+    # kind (each pool has a task out and one worker's worth of room), up to HOLD_S.
+    start_problems(inflight, cfg, 3, seed=2, now=1.0)
+    assert inflight.batches(1.0, router.route) == []
+    assert inflight.waiting() == 9  # 3 problems x 3 teachers
+    held = inflight.batches(1.0 + HOLD_S + 0.01, router.route)
+    assert per_queue(held) == {q: [3] for q in teachers}
+    held_ids = send(inflight, held, 1.3)
+
+    # A full batch never waits, and its remainder waits as a partial one does.
+    size = cfg.pool("alpha").max_batch
+    start_problems(inflight, cfg, size + 2, seed=3, now=2.0)
+    full = inflight.batches(2.0, router.route)
+    assert per_queue(full) == {q: [size] for q in teachers}
+    assert inflight.waiting() == 3 * 2
+    full_ids = send(inflight, full, 2.0)
+    assert inflight.sizes()["tasks"] == 9
+
+    # Answered tasks leave; once every item is settled or forgotten, nothing is left.
+    for task_id in first_ids + held_ids + full_ids:
+        for key in inflight.task_keys(task_id):
+            assert inflight.settle(key) is not None
+        assert inflight.task_keys(task_id) == [] and inflight.close(task_id) == []
+    assert inflight.sizes()["tasks"] == 0 and inflight.waiting() == 6
+    for pid in {p.pid for p in list(inflight.pending.values())}:
+        inflight.forget(pid)
+    assert inflight.empty, inflight.sizes()
+
+
+def test_a_requeued_item_leaves_its_task_and_a_late_result_still_counts(make_config, redis_client):
+    _, cfg = make_config()
+    router = Router(cfg, redis_client, Keys(cfg.namespace))
+    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    start_problems(inflight, cfg, 1, seed=4, now=0.0)
+    (task_id, *_) = send(inflight, inflight.batches(0.0, router.route), 0.0)
+    (key,) = inflight.task_keys(task_id)
+    p = inflight.requeue(key, 5.0)  # its worker was lost: sent again, an attempt counted
+    assert p.attempt == 2 and p.task is None and inflight.waiting() == 1
+    assert task_id not in inflight.tasks  # the lost task carries nothing: it is gone
+    assert inflight.batches(5.0, router.route) == []  # others are out: it waits HOLD_S
+    (again,) = inflight.batches(5.0 + HOLD_S, router.route)
+    assert again.keys == [key]
+    assert again.attempt == 2
+    send(inflight, [again], 5.0)
+    # The lost task's worker answers late after all: the first result wins ...
+    assert inflight.settle(key) is not None
+    # ... and the re-sent task's answer is then a duplicate.
+    assert inflight.settle(key) is None
+    assert inflight.sizes()["tasks"] == 2  # the other two teachers' tasks

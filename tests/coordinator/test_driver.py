@@ -143,3 +143,5 @@ def test_lost_tasks_are_found_and_a_poison_task_is_not_retried_for_ever(
     assert "worker ghost@test was lost while running the task" in row["reason"]
     assert coordinator.counters.redispatched == 1
     assert not (tmp_path / "out" / "traces.jsonl").exists()
+    # The lost and the poison task left nothing behind in the coordinator.
+    assert not any(coordinator.sizes().values()), coordinator.sizes()

@@ -100,3 +100,35 @@ def test_curation_samples_match_cord_tokens():
         {"stats": {**r["stats"], "tokens_by_teacher": {"a": 210, "b": 200, "c": 200}}} for r in rows
     ]
     assert matched_curation_samples(cfg, StrategyResult("cord", more, 0, 1.0, 3)) == 3
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_mcts_and_longest_through_the_fleet(fleet, tmp_path):
+    """The paper's two missing comparisons as `eval` runs them: MCTS with its token
+    budget matched to CoRD's on the same problems, and the longest-step ablation. Every
+    problem comes out once per strategy, as a valid trace naming its strategy."""
+    config, _ = fleet_config(fleet, tmp_path / "run.yaml")
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps(p.to_json()) + "\n" for p in make_problems(4, 8080)))
+    args = ["eval", "--config", str(config), "--problems", str(problems), "--json"]
+    args += ["--strategies", "cord,mcts,longest", "--out", str(tmp_path / "ev")]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    cord_tokens = report["strategies"]["cord"]["tokens"]
+    assert report["mcts_tokens"] == pytest.approx(cord_tokens, abs=1)  # matched budget
+    for name in ("mcts", "longest"):
+        m = report["strategies"][name]
+        assert m["problems"] == 4 and m["failed"] == 0
+        rows = [json.loads(x) for x in (tmp_path / "ev" / name / "traces.jsonl").open()]
+        assert sorted(r["id"] for r in rows) == sorted(p.id for p in make_problems(4, 8080))
+        for r in rows:
+            assert r["strategy"] == name and r["final_answer"] and r["steps"]
+            assert [s["index"] for s in r["steps"]] == list(range(1, len(r["steps"]) + 1))
+            assert r["messages"][1]["content"].startswith("<think>\n### Step 1.")
+    mcts_rows = [json.loads(x) for x in (tmp_path / "ev" / "mcts" / "traces.jsonl").open()]
+    # MCTS spends about CoRD's budget: never more than one expansion round beyond it
+    for r in mcts_rows:
+        expansions = sum(r["stats"]["tokens_by_teacher"].values()) - r["stats"]["answer_tokens"]
+        assert expansions <= report["mcts_tokens"] + 3 * 48 + 400

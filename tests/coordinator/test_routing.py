@@ -5,7 +5,6 @@ leaves before taking its queued work costs nothing but a re-route)."""
 import json
 import threading
 import time
-from typing import Any
 
 import pytest
 import redis
@@ -13,9 +12,9 @@ import redis
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, private_queue, queue_name
 from cord.common.lab.arith import make_problems
-from cord.common.messages import TaskResult
+from cord.common.messages import Heartbeat
 from cord.common.problems import Problem
-from cord.coordinator.driver import Coordinator
+from cord.coordinator.driver import Coordinator, Observer
 from cord.coordinator.routing import Router
 from cord.coordinator.store import Store
 from tests.conftest import Fleet, fleet_config
@@ -26,7 +25,7 @@ pytestmark = [pytest.mark.redis]
 def register(client: redis.Redis, ns: str, worker: str, model: str, ttl_s: int = 60) -> None:
     """What a worker's heartbeat writes (workers/tasks.py): its record and liveness key."""
     keys = Keys(ns)
-    client.hset(keys.workers, worker, json.dumps({"model": model, "ts": time.time()}))
+    client.hset(keys.workers, worker, Heartbeat(model=model, ts=time.time()).model_dump_json())
     client.set(keys.alive(worker), 1, ex=ttl_s)
 
 
@@ -90,19 +89,14 @@ def test_affinity_off_sends_everything_to_the_shared_queue(make_config, redis_cl
     assert router.route("p1", "expand", "alpha") == (queue_name(namespace, "expand", "alpha"), None)
 
 
-class Recording(Coordinator):
-    """The real coordinator, noting which worker served each problem's items."""
+class Recording(Observer):
+    """Notes which worker served each problem's items."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.served: list[tuple[str, str, str]] = []  # (problem, model, worker)
+    def __init__(self) -> None:
+        self.served_by: list[tuple[str, str, str]] = []  # (problem, model, worker)
 
-    def _on_result(self, result: TaskResult) -> None:
-        for item in [*result.generations, *result.scores]:
-            p = self.pending.get(item.key)
-            if p is not None and not item.error:
-                self.served.append((p.pid, result.model, result.worker))
-        super()._on_result(result)
+    def served(self, pid: str, model: str, worker: str) -> None:
+        self.served_by.append((pid, model, worker))
 
 
 @pytest.mark.slow
@@ -115,13 +109,13 @@ def test_each_problem_stays_on_one_worker_per_pool(fleet, tmp_path, redis_client
         extra.wait_ready(redis_client, cfg.namespace, 5)
         problems = [Problem(**p.to_json()) for p in make_problems(2, seed=5150)]
         Store(redis_client, Keys(cfg.namespace)).enqueue(problems)
-        coord = Recording(cfg, str(tmp_path / "out"))
-        summary = coord.run()
+        recording = Recording()
+        summary = Coordinator(cfg, str(tmp_path / "out"), observer=recording).run()
     finally:
         extra.stop()
     assert summary["done"] == 2 and summary["failed"] == 0
     by_problem: dict[tuple[str, str], set[str]] = {}
-    for pid, model, worker in coord.served:
+    for pid, model, worker in recording.served_by:
         by_problem.setdefault((pid, model), set()).add(worker)
     alpha = [by_problem[(p.id, "alpha")] for p in problems]
     assert all(len(w) == 1 for w in alpha), alpha  # sticky

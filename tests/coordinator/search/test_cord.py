@@ -7,13 +7,13 @@ from cord.common import prompts
 from cord.common.config import config_from_dict
 from cord.common.messages import Generation, Score
 from cord.common.problems import Problem
-from cord.coordinator.search import Failed
+from cord.coordinator.search import lookup, make_search, strategy_names
 from cord.coordinator.search.cord import CordSearch
 
 PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6", meta={"source": "lab"})
 
 
-def make(beam_width=2, samples=1, budget=1000):
+def make(beam_width=2, samples=1, budget=1000, strategy="cord"):
     cfg = config_from_dict(
         {
             "teachers": [{"name": "alpha", "model": "a"}, {"name": "beta", "model": "b"}],
@@ -23,10 +23,13 @@ def make(beam_width=2, samples=1, budget=1000):
                 "samples_per_beam": samples,
                 "thinking_budget": budget,
                 "max_step_tokens": 50,
+                "strategy": strategy,
             },
         }
     )
-    return CordSearch(PROBLEM, cfg)
+    search = make_search(PROBLEM, cfg)
+    assert isinstance(search, CordSearch)
+    return search
 
 
 def expand_all(search, work, texts):
@@ -39,8 +42,8 @@ def expand_all(search, work, texts):
         assert w.kind == "expand"
         text, finish, tokens = texts[w.model][i % len(texts[w.model])]
         out = search.on_generation(
-            w.item.key, Generation(key=w.item.key, text=text, finish=finish, tokens=tokens)
-        )
+            w.key, Generation(key=w.item.key, text=text, finish=finish, tokens=tokens)
+        ).work
         step = prompts.clean_step(prompts.step_header(w.item.next_step), text)
         trajectory = (*w.item.steps, step)
         if trajectory in made:
@@ -55,7 +58,7 @@ def expand_all(search, work, texts):
 
 def test_first_step_asks_every_teacher_for_every_beam_and_sample():
     search = make(samples=2)
-    work = search.start()
+    work = search.start().work
     assert (
         sorted((w.kind, w.model) for w in work)
         == [("expand", "alpha")] * 2 + [("expand", "beta")] * 2
@@ -67,17 +70,20 @@ def test_first_step_asks_every_teacher_for_every_beam_and_sample():
 
 def test_keeps_top_b_by_score_across_teachers_and_beams():
     search = make(beam_width=2)
-    work = search.start()
+    work = search.start().work
     scores = expand_all(
         search, work, {"alpha": [(" 3 + 3", "step", 4)], "beta": [(" 6", "step", 2)]}
     )
     by_text = {s.item.steps[-1]: s for s in scores}
     assert set(by_text) == {"### Step 1. 3 + 3", "### Step 1. 6"}
     next_work = []
+    commits = []
     for text, value in (("### Step 1. 3 + 3", 0.4), ("### Step 1. 6", 0.7)):
-        key = by_text[text].item.key
-        next_work += search.on_score(key, Score(key=key, score=value))
-    assert search.committed
+        w = by_text[text]
+        outcome = search.on_score(w.key, Score(key=w.item.key, score=value))
+        next_work += outcome.work
+        commits.append((outcome.commit, outcome.steps))
+    assert commits == [(False, 0), (True, 1)]  # the step is committed once it is chosen
     beams = search.state.beams
     assert [b.texts for b in beams] == [["### Step 1. 6"], ["### Step 1. 3 + 3"]]
     assert [b.score for b in beams] == [0.7, 0.4]
@@ -94,10 +100,10 @@ def test_keeps_top_b_by_score_across_teachers_and_beams():
     )
     values = {}
     for i, s in enumerate(scores):
-        values[s.item.key] = [0.2, 0.9, 0.5, 0.8][i]
+        values[s.key] = [0.2, 0.9, 0.5, 0.8][i]
     out = []
     for key, value in values.items():
-        out += search.on_score(key, Score(key=key, score=value))
+        out += search.on_score(key, Score(key=str(key), score=value)).work
     ranked = sorted(
         ((v, tuple(s.item.steps)) for s, v in zip(scores, values.values(), strict=True)),
         reverse=True,
@@ -109,24 +115,24 @@ def test_keeps_top_b_by_score_across_teachers_and_beams():
 
 def test_completion_answer_by_last_teacher_and_row():
     search = make(beam_width=1)
-    work = search.start()
+    work = search.start().work
     scores = expand_all(
         search, work, {"alpha": [(" 6\n", "think_end", 3)], "beta": [(" 5", "step", 2)]}
     )
     out = []
     for s, value in zip(scores, (0.9, 0.1), strict=True):
         out += search.on_score(
-            s.item.key, Score(key=s.item.key, score=value, prompt_tokens=10, cached_tokens=4)
-        )
+            s.key, Score(key=s.item.key, score=value, prompt_tokens=10, cached_tokens=4)
+        ).work
     assert [(w.kind, w.model) for w in out] == [("answer", "alpha")]
     assert not search.finished
     answer = out[0]
     assert answer.item.steps == ["### Step 1. 6"]
-    search.on_generation(
-        answer.item.key,
+    done = search.on_generation(
+        answer.key,
         Generation(key=answer.item.key, text="The final answer is 6.", finish="eos", tokens=7),
     )
-    assert search.finished
+    assert search.finished and done.commit and done.row is not None
     row = search.row()
     assert row["id"] == "p1" and row["source"] == "lab" and row["strategy"] == "cord"
     assert row["final_answer"] == "The final answer is 6." and row["answer_teacher"] == "alpha"
@@ -145,23 +151,23 @@ def test_completion_answer_by_last_teacher_and_row():
 
 def test_thinking_budget_completes_a_beam():
     search = make(beam_width=1, budget=5)
-    work = search.start()
+    work = search.start().work
     scores = expand_all(
         search, work, {"alpha": [(" 1 + 1", "length", 5)], "beta": [(" 2", "length", 5)]}
     )
     out = []
     for s, value in zip(scores, (0.3, 0.6), strict=True):
-        out += search.on_score(s.item.key, Score(key=s.item.key, score=value))
+        out += search.on_score(s.key, Score(key=s.item.key, score=value)).work
     assert [(w.kind, w.model) for w in out] == [("answer", "beta")]
     assert search.state.completed[0].finish == "budget"
 
 
 def test_identical_trajectories_are_kept_once():
     search = make(beam_width=2)
-    work = search.start()
+    work = search.start().work
     scores = expand_all(search, work, {"alpha": [(" 6", "step", 2)], "beta": [(" 6", "step", 2)]})
     for s in scores:
-        search.on_score(s.item.key, Score(key=s.item.key, score=0.5))
+        search.on_score(s.key, Score(key=s.item.key, score=0.5))
     assert [b.texts for b in search.state.beams] == [["### Step 1. 6"]]
 
 
@@ -177,17 +183,18 @@ def test_a_trajectory_two_teachers_wrote_alike_is_scored_once():
             }
         ),
     )
-    work = {w.model: w for w in search.start()}
+    work = {w.model: w for w in search.start().work}
 
     def gen(teacher, text):
-        key = work[teacher].item.key
-        return search.on_generation(key, Generation(key=key, text=text, finish="step", tokens=2))
+        w = work[teacher]
+        result = Generation(key=w.item.key, text=text, finish="step", tokens=2)
+        return search.on_generation(w.key, result).work
 
     (alpha_score,) = gen("alpha", " 1 + 2 = 3")
     assert gen("gamma", " 1 + 2 = 3") == []  # waits for alpha's score
     (beta_score,) = gen("beta", " 3 + 3 = 6")
-    assert search.on_score(beta_score.item.key, Score(key=beta_score.item.key, score=0.2)) == []
-    nxt = search.on_score(alpha_score.item.key, Score(key=alpha_score.item.key, score=0.7))
+    assert search.on_score(beta_score.key, Score(key=beta_score.item.key, score=0.2)).work == []
+    nxt = search.on_score(alpha_score.key, Score(key=alpha_score.item.key, score=0.7)).work
     # Both copies got S = 0.7; the step was selected once every candidate had a score.
     assert [b.texts for b in search.state.beams] == [["### Step 1. 1 + 2 = 3"]]
     assert search.state.beams[0].score == 0.7 and search.state.beams[0].steps[0].teacher == "alpha"
@@ -197,8 +204,8 @@ def test_a_trajectory_two_teachers_wrote_alike_is_scored_once():
     work = {w.model: w for w in nxt}
     (beta_score,) = gen("beta", " 6")
     (alpha_score,) = gen("alpha", " 3 + 3 = 6")
-    assert search.on_score(alpha_score.item.key, Score(key=alpha_score.item.key, score=0.9)) == []
-    assert search.on_score(beta_score.item.key, Score(key=beta_score.item.key, score=0.4)) == []
+    assert search.on_score(alpha_score.key, Score(key=alpha_score.item.key, score=0.9)).work == []
+    assert search.on_score(beta_score.key, Score(key=beta_score.item.key, score=0.4)).work == []
     nxt = gen("gamma", " 3 + 3 = 6")  # already scored: selects at once
     assert [b.texts for b in search.state.beams] == [
         ["### Step 1. 1 + 2 = 3", "### Step 2. 3 + 3 = 6"]
@@ -207,28 +214,62 @@ def test_a_trajectory_two_teachers_wrote_alike_is_scored_once():
     assert search.state.stats.scorings == 4
 
 
-def test_duplicates_are_ignored_and_errors_fail():
+def test_duplicates_are_ignored():
     search = make()
-    work = search.start()
-    key = work[0].item.key
-    assert search.on_generation(key, Generation(key=key, text=" 6", finish="step", tokens=1))
-    assert search.on_generation(key, Generation(key=key, text=" 7", finish="step", tokens=1)) == []
-    with pytest.raises(Failed, match="boom"):
-        search.on_generation(work[1].item.key, Generation(key=work[1].item.key, error="boom"))
+    work = search.start().work
+    w = work[0]
+    assert search.on_generation(w.key, Generation(key=w.item.key, text=" 6", tokens=1)).work
+    again = search.on_generation(w.key, Generation(key=w.item.key, text=" 7", tokens=1))
+    assert again.work == [] and not again.commit
 
 
 def test_snapshot_restores_and_resumes_the_same_work():
     search = make(beam_width=2)
-    work = search.start()
+    work = search.start().work
     scores = expand_all(
         search, work, {"alpha": [(" 3 + 3", "step", 4)], "beta": [(" 6", "step", 2)]}
     )
     nxt = []
     for s, v in zip(scores, (0.4, 0.7), strict=True):
-        nxt += search.on_score(s.item.key, Score(key=s.item.key, score=v))
+        nxt += search.on_score(s.key, Score(key=s.item.key, score=v)).work
     resumed = make(beam_width=2)
     resumed.restore(search.snapshot())
-    again = resumed.start()
+    again = resumed.start().work
     assert [(w.item.key, w.item.steps, w.item.seed) for w in again] == [
         (w.item.key, w.item.steps, w.item.seed) for w in nxt
     ]
+
+
+def first_step(search, scores):
+    """Alpha writes a long step, beta a short one; S as given per teacher."""
+    written = {"alpha": [(" 1 + 2 = 3, and 3 + 3 = 6", "step", 9)], "beta": [(" 6", "step", 2)]}
+    for s in expand_all(search, search.start().work, written):
+        teacher = "alpha" if "3 + 3" in s.item.steps[-1] else "beta"
+        search.on_score(s.key, Score(key=s.item.key, score=scores[teacher]))
+    return [b.steps[0].teacher for b in search.state.beams]
+
+
+def test_selection_rules_are_parameters():
+    scores = {"alpha": 0.2, "beta": 0.9}
+    assert first_step(make(beam_width=1), scores) == ["beta"]  # by S
+    assert first_step(make(beam_width=1, strategy="longest"), scores) == ["alpha"]
+    assert first_step(make(beam_width=2, strategy="greedy"), scores) == ["beta"]  # a beam of 1
+    kept = {first_step(make(beam_width=1, strategy="random"), scores)[0] for _ in range(3)}
+    assert len(kept) == 1  # seeded: the same choice on every run
+
+
+def test_the_registry_is_the_one_list_of_strategies():
+    assert strategy_names() == [
+        "cord", "greedy", "random", "longest", "mcts", "curation", "single:<teacher>"
+    ]  # fmt: skip
+    assert lookup("single:alpha")[1] == "alpha"
+    assert lookup("single") is None and lookup("cord:x") is None and lookup("beam") is None
+    with pytest.raises(ValueError, match="unknown strategy 'beam'; use one of cord, greedy"):
+        make(strategy="beam")
+
+
+def test_failure_rows_name_the_configured_strategy():
+    search = make(strategy="greedy")
+    row = search.failure_row("expand on alpha failed after 3 attempt(s): boom")
+    assert row["strategy"] == "greedy" and row["id"] == "p1" and row["source"] == "lab"
+    assert row["reason"].endswith("boom") and row["state"]["step"] == 1
