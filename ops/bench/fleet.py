@@ -136,6 +136,7 @@ def fleet_dict(
     *,
     engine: str = "hf",
     bench_steps: int = 4,
+    bench_ms: int = 0,
     model: str | None = None,
     device: str = "cpu",
     cpu_threads: int = 1,
@@ -149,7 +150,7 @@ def fleet_dict(
     for entry in [*data["teachers"], data["meta_prover"]]:
         entry["engine"] = engine
         if engine == "bench":
-            entry["model"] = f"steps={bench_steps}"
+            entry["model"] = f"steps={bench_steps},ms={bench_ms}"
         else:
             if model is not None:
                 entry["model"] = model
@@ -719,7 +720,8 @@ def soak(redis_url: str, waves: int, problems: int, steps: int, json_path: str |
     info = machine()
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
         ns = f"bench-{uuid.uuid4().hex[:8]}"
-        data = fleet_dict(redis_url, ns, engine="bench", bench_steps=steps)
+        # Tasks of 50 ms: a stop lands while its worker runs one.
+        data = fleet_dict(redis_url, ns, engine="bench", bench_steps=steps, bench_ms=50)
         # Lost workers are found within seconds, so each wave drains quickly.
         data["reliability"].update(heartbeat_s=0.5, worker_lost_s=3.0, shutdown_grace_s=0.5)
         fleet = Fleet(data, Path(tmp))

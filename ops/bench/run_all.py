@@ -58,6 +58,9 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("vllm_prefix_cache_hit", None, "", ""),
     ("vllm_server_prefix_cache_hit", None, "", ""),
     ("vllm_vs_hf_wall_ratio", None, "", ""),
+    ("follow_inflight_after_drain", 0, "<=", ""),
+    ("follow_coordinator_rss_mib_first_wave", None, "", ""),
+    ("follow_coordinator_rss_mib_last_wave", None, "", ""),
 ]
 HEADLINE = [name for name, *_ in TARGETS]
 
@@ -153,7 +156,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--redis-url", default=None, help="Default: CORD_REDIS_URL or the local one.")
 @click.option(
     "--only",
-    default="dispatch,overhead,cache,vllm,memory",
+    default="dispatch,overhead,cache,vllm,soak,memory",
     show_default=True,
     help="Comma-separated benchmarks to run.",
 )
@@ -162,6 +165,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--overhead-problems", default=48, show_default=True)
 @click.option("--cache-problems", default=24, show_default=True)
 @click.option("--vllm-problems", default=12, show_default=True)
+@click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option(
     "--doc",
@@ -180,6 +184,7 @@ def main(
     overhead_problems: int,
     cache_problems: int,
     vllm_problems: int,
+    soak_waves: int,
     memory_problems: int,
     doc_path: str,
     no_doc: bool,
@@ -203,6 +208,8 @@ def main(
         "cache": ["--problems", str(cache_problems)],
         # The fleet on vLLM servers against hf, the same problems (servers.py).
         "vllm": ["--problems", str(vllm_problems)],
+        # A --follow coordinator while workers are stopped wave after wave.
+        "soak": ["--waves", str(soak_waves)],
         # Last: 10,000 problems leave the most behind in Redis until they are dropped.
         "memory": ["--problems", str(memory_problems)],
     }

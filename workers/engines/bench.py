@@ -11,7 +11,9 @@ Options ride in the pool's ``model`` field, ``key=value`` pairs separated by com
 
 - ``steps`` (default 4): a trajectory ends with ``</think>`` at this step, so searches
   finish after a known number of steps;
-- ``tokens`` (default 8): tokens reported per generated step (and per answer).
+- ``tokens`` (default 8): tokens reported per generated step (and per answer);
+- ``ms`` (default 0): milliseconds each call takes, so a worker can be stopped while it
+  runs a task (the soak benchmark).
 
 Each step's text is ``### Step k. <digest of the key>``: distinct per candidate, so a
 beam search keeps its full width (identical texts would collapse the beams).
@@ -37,17 +39,18 @@ from cord.common.messages import (
 
 
 def parse_options(model: str) -> dict[str, int]:
-    """``"steps=6,tokens=8"`` (an empty string or ``"bench"`` gives the defaults)."""
-    options = {"steps": 4, "tokens": 8}
+    """``"steps=6,tokens=8,ms=0"`` (an empty string or ``"bench"`` gives the defaults)."""
+    options = {"steps": 4, "tokens": 8, "ms": 0}
     for part in model.split(","):
         part = part.strip()
         if not part or part == "bench":
             continue
         name, sep, value = part.partition("=")
-        if not sep or name not in options or not value.isdigit() or int(value) < 1:
+        low = 0 if name == "ms" else 1
+        if not sep or name not in options or not value.isdigit() or int(value) < low:
             raise ValueError(
                 f"bench engine: bad option {part!r} in model {model!r}; "
-                "use e.g. 'steps=4,tokens=8' (positive integers)"
+                "use e.g. 'steps=4,tokens=8,ms=0' (positive integers; ms may be 0)"
             )
         options[name] = int(value)
     return options
@@ -63,6 +66,7 @@ class BenchEngine:
         options = parse_options(spec.model)
         self.steps = options["steps"]
         self.tokens = options["tokens"]
+        self.call_s = options["ms"] / 1000
         self.requests = 0
         self.busy_s = 0.0
 
@@ -126,6 +130,8 @@ class BenchEngine:
         return out
 
     def _count(self, items: list[Any], start: float) -> None:
+        if self.call_s:
+            time.sleep(self.call_s)
         self.requests += len(items)
         self.busy_s += time.perf_counter() - start
 

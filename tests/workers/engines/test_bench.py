@@ -66,8 +66,9 @@ def test_scores_are_deterministic_and_answers_fixed():
 
 
 def test_bad_options_are_refused():
-    assert parse_options("bench") == {"steps": 4, "tokens": 8}
-    for bad in ("steps=0", "steps=x", "depth=3", "steps"):
+    assert parse_options("bench") == {"steps": 4, "tokens": 8, "ms": 0}
+    assert parse_options("steps=2,ms=0")["ms"] == 0
+    for bad in ("steps=0", "steps=x", "depth=3", "steps", "ms=-1"):
         with pytest.raises(ValueError, match="bench engine"):
             parse_options(bad)
 
