@@ -50,7 +50,7 @@ lab-models: venv
 	$(BIN)/python -m cord.common.lab.train --out models
 
 # The lab's comparison of strategies on 300 held-out problems (docs/lab.md).
-LAB_STRATEGIES ?= cord,curation,single:alpha,single:beta,single:gamma,greedy,random
+LAB_STRATEGIES ?= cord,curation,mcts,single:alpha,single:beta,single:gamma,greedy,random,longest
 lab-eval: venv
 	mkdir -p data
 	$(BIN)/cord-coord lab-problems --n 300 --seed 7 > data/lab-eval-300.jsonl
