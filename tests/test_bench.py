@@ -72,21 +72,25 @@ def test_name_value_lines_end_with_the_headline_figures():
 def test_step_labels_follow_the_keys():
     fleet = load("fleet")
     from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
-    from cord.coordinator.search import Work
+    from cord.coordinator.search import Work, WorkKey
 
-    def expand(key: str) -> Work:
+    def expand(step: int, beam: int) -> Work:
+        key = WorkKey("p-1", "x", (step, beam, "a", 0))
         item = ExpandItem(
-            key=key, prompt="q", steps=[], next_step=1, max_new_tokens=1, temperature=0, seed=0
+            key=str(key), prompt="q", steps=[], next_step=1, max_new_tokens=1, temperature=0, seed=0
         )
-        return Work("expand", "a", item)
+        return Work("expand", "a", key, item)
 
-    score = Work("score", "m", ScoreItem(key="p-1:s:2:0:a:0", prompt="q", steps=[], answer="1"))
+    skey = WorkKey("p-1", "s", (2, 0, "a", 0))
+    score = Work("score", "m", skey, ScoreItem(key=str(skey), prompt="q", steps=[], answer="1"))
+    akey = WorkKey("p-1", "a", (0,))
     answer = Work(
         "answer",
         "a",
-        AnswerItem(key="p-1:a:0", prompt="q", steps=[], max_new_tokens=1, temperature=0, seed=0),
+        akey,
+        AnswerItem(key=str(akey), prompt="q", steps=[], max_new_tokens=1, temperature=0, seed=0),
     )
-    assert fleet._step_label("p-1", [expand("p-1:x:3:0:a:0"), expand("p-1:x:3:1:b:0")]) == "x3"
-    assert fleet._step_label("p-1", [answer, expand("p-1:x:4:0:a:0")]) == "x4"
-    assert fleet._step_label("p-1", [answer]) == "a"
-    assert fleet._step_label("p-1", [score]) is None
+    assert fleet._step_label([expand(3, 0), expand(3, 1)]) == "x3"
+    assert fleet._step_label([answer, expand(4, 0)]) == "x4"
+    assert fleet._step_label([answer]) == "a"
+    assert fleet._step_label([score]) is None
