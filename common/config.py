@@ -296,7 +296,11 @@ class SearchSpec(_Strict):
         description="generated tokens per problem for mcts; default beam_width x "
         "samples_per_beam x teachers x thinking_budget (eval matches it to CoRD's)",
     )
-    mcts_c: float = Field(default=1.0, ge=0.0, description="mcts: UCB's exploration weight")
+    mcts_c: float = Field(
+        default=0.1,
+        ge=0.0,
+        description="mcts: UCB's exploration weight (S differs by tenths between steps)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")

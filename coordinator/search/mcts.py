@@ -3,7 +3,8 @@
 
 The tree's nodes are partial trajectories, the root the empty one. Each iteration
 selects a leaf by UCB from the root (mean S of a subtree plus
-``mcts_c * sqrt(ln N(parent) / N(child))``, unvisited children first), expands it by one
+``mcts_c * sqrt(ln N(parent) / N(child))``, unvisited children first; c = 0.1 by
+default, since S of sibling steps differs by tenths), expands it by one
 step from every teacher (the same expansion CoRD makes per beam, so the fleet runs the
 teachers side by side), scores each child with the meta-prover (S, exactly as CoRD
 does) and backs each child's S up its path. A child whose step ends thinking (or
