@@ -281,6 +281,7 @@ class InFlight:
         self.router.refresh(now)
         tasks = [t for t in self.tasks.values() if now - t.sent_at >= 1.0]
         if not tasks:
+            self.router.drop_dead_queues()
             return []
         raw = self.redis.hmget(self.wkeys.running, [t.id for t in tasks])
         workers = [w.decode() if w else None for w in raw]
