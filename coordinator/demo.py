@@ -62,10 +62,20 @@ class ProcessGroup:
 
 
 def clear_namespace(client: redis.Redis, ns: str) -> None:
+    """What an earlier run left in `ns` (problems, state, queues), but not the worker
+    registry: the workers of this run have registered already, and a task they run
+    before their next heartbeat would look lost (the vLLM demo re-sent a first task of
+    24 items that way)."""
+    keys = Keys(ns)
+    live = keys.alive("")
     for pattern in (f"{ns}:*", f"{ns}.*"):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        if keys:
-            client.delete(*keys)
+        found = [
+            k
+            for k in client.scan_iter(match=pattern, count=1000)
+            if k.decode() != keys.workers and not k.decode().startswith(live)
+        ]
+        if found:
+            client.delete(*found)
 
 
 def wait_for_workers(
