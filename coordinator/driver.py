@@ -322,10 +322,10 @@ class Coordinator:
         now = time.monotonic()
         if result.handed_back:
             self.router.leaving(result.worker, now)
-        carried = set(self.inflight.task_keys(result.task_id))  # not re-sent since
+        carried = self.inflight.task_keys(result.task_id)  # not re-sent since
         if result.error:
             self.inflight.close(result.task_id)
-            for key in sorted(carried):
+            for key in carried:
                 if result.handed_back:
                     self._resend(key, result.error, now, attempt=False)
                 else:

@@ -109,7 +109,7 @@ class InFlight:
         return {
             "pending": len(self.pending),
             "tasks": len(self.tasks),
-            "outbox": sum(len(keys) for keys in self._outbox.values()),
+            "outbox": self.waiting(),
             "outbox_pools": len(self._outbox),
             "problems": len(self._of_problem),
         }
@@ -200,11 +200,11 @@ class InFlight:
         task = self.tasks.get(task_id)
         return sorted(task.keys) if task else []
 
-    def settle(self, key: str, task_id: str | None = None) -> Pending | None:
-        """`key` has its result: it is owed no more. None when it was not owed (late or
-        a duplicate), or, given `task_id`, when it was re-sent in another task since."""
+    def settle(self, key: str) -> Pending | None:
+        """`key` has its result, from whichever task brought it first: it is owed no
+        more. None when it was not owed (late or a duplicate)."""
         p = self.pending.get(key)
-        if p is None or (task_id is not None and p.task not in (task_id, None)):
+        if p is None:
             return None
         self._detach(p)
         del self.pending[key]
@@ -279,9 +279,11 @@ class InFlight:
         self._next_check = now + CHECK_EVERY_S
         rel = self.cfg.reliability
         self.router.refresh(now)
+        # What waited in a gone worker's own queue is re-routed below from our own
+        # records, so its queue can go first.
+        self.router.drop_dead_queues()
         tasks = [t for t in self.tasks.values() if now - t.sent_at >= 1.0]
         if not tasks:
-            self.router.drop_dead_queues()
             return []
         raw = self.redis.hmget(self.wkeys.running, [t.id for t in tasks])
         workers = [w.decode() if w else None for w in raw]
@@ -318,5 +320,4 @@ class InFlight:
                         reason = "the task vanished: not queued and not running anywhere"
             if reason:
                 lost.append(Lost(task.id, sorted(task.keys), reason, reroute))
-        self.router.drop_dead_queues()
         return lost

@@ -124,9 +124,9 @@ class Router:
 
     # -- cleanup --------------------------------------------------------------------
     def drop_dead_queues(self) -> int:
-        """Delete the private queues of workers we used that are gone. What waited
-        there has been re-sent (`InFlight.check`); a message the broker
-        restores there later (an unacked task of the dead worker) is a duplicate."""
+        """Delete the private queues of workers we used that are gone. What waited there
+        is re-sent from the coordinator's own records (`InFlight.check`); a message the
+        broker restores there later (an unacked task of the dead worker) is a duplicate."""
         dead = [w for w in self._used if w not in self._model_of]
         if not dead:
             return 0
