@@ -414,7 +414,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 class InProcessRun:
     wall_s: float
     rows: list[dict[str, Any]]
-    failed: int
     calls: int
     cpu_s: float = 0.0
 
@@ -498,7 +497,7 @@ def run_in_process(
                         apply(pid, search.on_generation(w.key, r))
         for key in [k for k, v in outbox.items() if not v]:
             del outbox[key]
-    return InProcessRun(time.perf_counter() - start, rows, 0, calls, process_cpu_s() - cpu)
+    return InProcessRun(time.perf_counter() - start, rows, calls, process_cpu_s() - cpu)
 
 
 # -- figures ------------------------------------------------------------------------------
