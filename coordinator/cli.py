@@ -68,22 +68,28 @@ def main(log_level: str | None) -> None:
 def enqueue(config_path: str, problems_file: str, skip_invalid: bool, rejects: str | None) -> None:
     """Check every line of PROBLEMS_FILE, then enqueue the problems (idempotent by id).
 
-    A file with any bad line enqueues nothing (exit 2) unless --skip-invalid is given."""
+    A file with any bad line enqueues nothing (exit 2) unless --skip-invalid is given.
+    The first bad lines are printed, then how many more; memory stays bounded at any
+    file size (temporary files about the file's size, under TMPDIR)."""
     from cord.coordinator.intake import enqueue_file
 
     cfg = _load(config_path)
     report = enqueue_file(cfg, problems_file, skip_invalid, rejects)
     for err in report.errors:
         click.echo(f"{problems_file}: {err}", err=True)
-    if report.errors and not skip_invalid:
+    more = report.error_count - len(report.errors)
+    if more:
+        where = f" (all are in {report.rejects_path})" if report.rejects_path else ""
+        click.echo(f"{problems_file}: ... and {more} more bad line(s){where}", err=True)
+    if report.error_count and not skip_invalid:
         click.echo(
-            f"{len(report.errors)} bad line(s); nothing enqueued. Fix them, or pass "
+            f"{report.error_count} bad line(s); nothing enqueued. Fix them, or pass "
             "--skip-invalid to enqueue the valid lines.",
             err=True,
         )
         sys.exit(2)
     if report.rejects_path:
-        click.echo(f"{len(report.errors)} bad line(s) written to {report.rejects_path}", err=True)
+        click.echo(f"{report.error_count} bad line(s) written to {report.rejects_path}", err=True)
     click.echo(
         f"enqueued {report.added} new problem(s); {report.known} already known "
         f"(namespace {cfg.namespace!r} at {redact_url(cfg.redis_url)})"

@@ -98,11 +98,18 @@ class Store:
         self._renew = client.register_script(_RENEW)
 
     def enqueue(self, problems: Iterable[Problem], chunk: int = 500) -> int:
+        return self.enqueue_stored(((p.id, p.model_dump_json()) for p in problems), chunk)
+
+    def enqueue_stored(
+        self, records: Iterable[tuple[str | bytes, str | bytes]], chunk: int = 500
+    ) -> int:
+        """Problems in their stored form, (id, `Problem` JSON), queued in order; an id
+        already known adds nothing. Returns how many were new."""
         k = self.keys
         added = 0
-        batch: list[str] = []
-        for p in problems:
-            batch += [p.id, p.model_dump_json()]
+        batch: list[str | bytes] = []
+        for pid, stored in records:
+            batch += [pid, stored]
             if len(batch) >= 2 * chunk:
                 added += int(self._enqueue(keys=[k.problems, k.queue], args=batch))
                 batch = []

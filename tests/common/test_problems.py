@@ -1,6 +1,6 @@
 import json
 
-from cord.common.problems import default_id, read_problems
+from cord.common.problems import Checked, check_line, default_id, parse_line, read_problems
 
 
 def write(tmp_path, data: bytes):
@@ -61,3 +61,41 @@ def test_every_bad_line_is_named(tmp_path):
 def test_empty_file(tmp_path):
     problems, errors = read_problems(write(tmp_path, b"\n\n"))
     assert problems == [] and len(errors) == 1 and "empty" in str(errors[0])
+
+
+def test_stored_form_is_the_models_json():
+    """`Checked.stored` is built without the model; it must be what the model writes."""
+    rows = [
+        {"id": 7, "question": 12, "answer": 3.5},
+        {"question": "é ✓ \u2028 <b>&", "answer": " 4 ", "source": "lab", "n": 10**30},
+        {
+            "question": "q",
+            "answer": "a",
+            "x": [1, None, True, {"f": 1.5e-7, "g": -0.0, "h": 1e16}],
+            "nan": float("nan"),
+            "inf": float("-inf"),
+            "emoji": "\U0001f600",
+        },
+    ]
+    for i, data in enumerate(rows, start=1):
+        checked = check_line(json.dumps(data), i)
+        assert isinstance(checked, Checked)
+        problem, err = parse_line(json.dumps(data), i)
+        assert err is None and problem == checked.problem()
+        assert checked.stored == problem.model_dump_json().encode()
+
+
+def test_unpaired_surrogate_is_a_bad_line(tmp_path):
+    # Valid JSON, but no UTF-8 holds the text: once it passed, then failed to enqueue.
+    lines = [b'{"question": "q1", "answer": "1"}', b'{"question": "q\\ud800", "answer": "2"}']
+    problems, errors = read_problems(write(tmp_path, b"\n".join(lines)))
+    assert len(problems) == 1
+    assert [(e.line, e.field) for e in errors] == [(2, "question")]
+    assert "without its pair" in errors[0].problem
+
+
+def test_only_a_last_line_without_newline_is_truncated(tmp_path):
+    _, errors = read_problems(write(tmp_path, b'{"question": "q1", "answer": "1"}\n{"q\n'))
+    assert [e.line for e in errors] == [2] and "not valid JSON" in errors[0].problem
+    _, errors = read_problems(write(tmp_path, b'{"question": "q1", "answer": "1"}\n{"q'))
+    assert "truncated last line" in errors[0].problem
