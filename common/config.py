@@ -284,6 +284,12 @@ class SearchSpec(_Strict):
     )
     answer_budget: int = Field(default=4096, ge=1, description="tokens of the final answer")
     max_step_tokens: int = Field(default=1024, ge=1, description="tokens per step before it is cut")
+    answers: Literal["best", "all"] = Field(
+        default="best",
+        description="cord: which complete trajectories get a final answer: `best`, the trace "
+        "only, written once no beam is live (one answer per problem, as curation writes); "
+        "`all`, each as it completes (the alternatives then carry answers too)",
+    )
     curation_samples: int | None = Field(
         default=None,
         ge=1,

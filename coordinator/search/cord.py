@@ -6,9 +6,13 @@ samples each); every candidate is scored by the meta-prover as soon as it arrive
 alike is scored once, about a third of the lab's candidates); when all are scored, the top
 ``beam_width - completed`` distinct trajectories by S across all teachers and beams are
 kept. A trajectory is complete when its step ends in ``</think>`` (or the model's end of
-turn) or the thinking budget is spent; the teacher that wrote its last step then writes
-the final answer. The search ends when no beam is live and every complete one has its
-answer; the best complete trajectory by S is the trace, the others are alternatives.
+turn) or the thinking budget is spent; the teacher that wrote its last step writes the
+final answer. With ``search.answers: best`` (the default) only the trace gets one: once no
+beam is live, the best complete trajectory by S is answered (a complete beam that is not
+the trace needs no answer to be data, and answering every one cost CoRD about four answers
+per problem where curation writes one); with ``all`` each is answered as it completes.
+The search ends when the trace (or every complete trajectory) has its answer; the best
+complete trajectory by S is the trace, the others are alternatives.
 """
 
 from __future__ import annotations
@@ -117,11 +121,28 @@ class CordSearch(Search):
 
     # -- lifecycle ------------------------------------------------------------------
     def begin(self) -> Outcome:
-        work = self._expansions()
-        for index, traj in enumerate(self.state.completed):
-            if traj.final_answer is None:
-                work.append(self._answer(index))
-        return Outcome(work)
+        work = self._expansions() if self.state.beams else []
+        return Outcome(work + self._answers())
+
+    def _answers(self) -> list[Work]:
+        """The final answers owed now: every complete trajectory without one (`all`), or
+        the best one once no beam is live (`best`)."""
+        st = self.state
+        if self.cfg.search.answers == "all":
+            todo = list(range(len(st.completed)))
+        elif st.beams or not st.completed:
+            todo = []
+        else:
+            todo = [self._best_index()]
+        asked = set(self._answer_keys.values())
+        return [
+            self._answer(i) for i in todo if st.completed[i].final_answer is None and i not in asked
+        ]
+
+    def _best_index(self) -> int:
+        """The trace: the complete trajectory of the best S (the first of equals)."""
+        scores = [t.score for t in self.state.completed]
+        return scores.index(max(scores))
 
     def _expansions(self) -> list[Work]:
         st, search = self.state, self.cfg.search
@@ -219,7 +240,6 @@ class CordSearch(Search):
                 traj.complete, traj.finish = True, "budget"
             if traj.complete:
                 st.completed.append(traj)
-                work.append(self._answer(len(st.completed) - 1))
             else:
                 live.append(traj)
         st.beams = live
@@ -228,15 +248,22 @@ class CordSearch(Search):
             work.extend(self._expansions())
         else:
             self._cands.clear()
+        work.extend(self._answers())
         return Outcome(work, commit=True, steps=1)
 
     @property
     def finished(self) -> bool:
         st = self.state
-        return not st.beams and all(t.final_answer is not None for t in st.completed)
+        if st.beams or not st.completed:
+            return False
+        if self.cfg.search.answers == "all":
+            return all(t.final_answer is not None for t in st.completed)
+        return st.completed[self._best_index()].final_answer is not None
 
     def row(self) -> dict[str, Any]:
         st = self.state
-        ranked = sorted(st.completed, key=lambda t: -t.score)
-        stats = self.stats_now()
-        return self.trace_row(ranked[0], ranked[1:], stats)
+        best = self._best_index()
+        others = sorted(
+            (t for i, t in enumerate(st.completed) if i != best), key=lambda t: -t.score
+        )
+        return self.trace_row(st.completed[best], others, self.stats_now())

@@ -13,7 +13,7 @@ from cord.coordinator.search.cord import CordSearch
 PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6", meta={"source": "lab"})
 
 
-def make(beam_width=2, samples=1, budget=1000, strategy="cord"):
+def make(beam_width=2, samples=1, budget=1000, strategy="cord", answers="best"):
     cfg = config_from_dict(
         {
             "teachers": [{"name": "alpha", "model": "a"}, {"name": "beta", "model": "b"}],
@@ -24,6 +24,7 @@ def make(beam_width=2, samples=1, budget=1000, strategy="cord"):
                 "thinking_budget": budget,
                 "max_step_tokens": 50,
                 "strategy": strategy,
+                "answers": answers,
             },
         }
     )
@@ -160,6 +161,54 @@ def test_thinking_budget_completes_a_beam():
         out += search.on_score(s.key, Score(key=s.item.key, score=value)).work
     assert [(w.kind, w.model) for w in out] == [("answer", "beta")]
     assert search.state.completed[0].finish == "budget"
+
+
+def score_all(search, scores, values):
+    out = []
+    for s in scores:
+        out += search.on_score(s.key, Score(key=s.item.key, score=values[s.item.steps[-1]])).work
+    return out
+
+
+@pytest.mark.parametrize("answers", ["best", "all"])
+def test_which_complete_trajectories_are_answered(answers):
+    """Two beams complete one step apart, the later one better. `best`: one answer, for
+    the trace, once no beam is live; `all`: one per trajectory as it completes."""
+    search = make(beam_width=2, answers=answers)
+    scores = expand_all(
+        search,
+        search.start().work,
+        {"alpha": [(" 6\n", "think_end", 3)], "beta": [(" 1 + 2 = 3", "step", 5)]},
+    )
+    out = score_all(search, scores, {"### Step 1. 6": 0.5, "### Step 1. 1 + 2 = 3": 0.4})
+    first_answers = [w for w in out if w.kind == "answer"]
+    assert len(search.state.completed) == 1 and len(search.state.beams) == 1
+    assert [w.item.steps for w in first_answers] == (
+        [] if answers == "best" else [["### Step 1. 6"]]
+    )
+    step2 = [w for w in out if w.kind == "expand"]
+    scores = expand_all(
+        search, step2, {"alpha": [(" 3 + 3 = 6\n", "think_end", 6)], "beta": [(" 5", "step", 2)]}
+    )
+    out = score_all(
+        search,
+        scores,
+        {"### Step 2. 3 + 3 = 6": 0.9, "### Step 2. 5": 0.1},
+    )
+    assert not search.state.beams  # B = 2: one complete before, the better one now
+    answered = [w.item.steps for w in out if w.kind == "answer"]
+    better = ["### Step 1. 1 + 2 = 3", "### Step 2. 3 + 3 = 6"]
+    assert answered == [better]
+    assert not search.finished
+    for w in [*first_answers, *[w for w in out if w.kind == "answer"]]:
+        search.on_generation(w.key, Generation(key=w.item.key, text="6", finish="eos", tokens=1))
+    assert search.finished
+    row = search.row()
+    assert [s["text"] for s in row["steps"]] == better and row["score"] == 0.9
+    assert row["final_answer"] == "6" and row["stats"]["answers"] == (1 if answers == "best" else 2)
+    (alt,) = row["alternatives"]
+    assert alt["score"] == 0.5
+    assert alt["final_answer"] == (None if answers == "best" else "6")
 
 
 def test_identical_trajectories_are_kept_once():
