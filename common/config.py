@@ -57,6 +57,11 @@ class _PoolSpec(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
 
+    @property
+    def task_slots(self) -> int:
+        """Tasks one worker of this pool runs at once (an in-worker engine: one)."""
+        return 1
+
 
 # Threads of a pool's compute on a CPU: the hf engine's torch threads, a CPU vLLM
 # server's OpenMP threads. Several workers or servers share a host here, and threads that
@@ -101,6 +106,17 @@ class _ServerSpec(_PoolSpec):
     health_interval_s: float = Field(
         default=30.0, gt=0, description="a launched server is probed this often"
     )
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="tasks a worker runs at once: their requests reach the server together, "
+        "which batches them (one task at a time leaves it idle between tasks and draining "
+        "at the end of each)",
+    )
+
+    @property
+    def task_slots(self) -> int:
+        return self.concurrency
 
     @property
     def server_url(self) -> str | None:
@@ -201,8 +217,8 @@ class VLLMSpec(_ServerSpec):
     cpu_kvcache_gib: float = Field(
         default=1.0,
         gt=0,
-        description="VLLM_CPU_KVCACHE_SPACE of a launched server on device cpu (GiB of KV "
-        "cache; vLLM's own default takes far more)",
+        description="GiB of KV cache of a launched server on device cpu "
+        "(--kv-cache-memory-bytes; vLLM's own default takes far more)",
     )
     cpu_threads: CpuThreads = 1
 

@@ -126,7 +126,8 @@ class EngineStats(_Record):
     cached_tokens: int = 0  # prompt tokens served from a prefix cache
     generated_tokens: int = 0
     scored_tokens: int = 0
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # seconds inside engine calls, summed over calls run at once
+    busy_wall_s: float = 0.0  # seconds with at least one engine call running
     engine: str | None = None  # set by the `bench` engine, whose figures are not data
     cache_entries: int | None = None  # hf: its prefix KV cache
     cache_tokens: int | None = None

@@ -139,7 +139,7 @@ class InFlight:
         each to the queue `route` picks for its problem (cache affinity).
 
         A full batch goes at once. A partial one waits, for at most `HOLD_S`, while its
-        queue has as many tasks out as workers to run them, or while other queues have
+        queue has as many tasks out as its workers run at once, or while other queues have
         tasks out (their results bring more work for the same pool: problems finish
         their steps at different times). A decode pass costs about the same for 4 rows
         as for 16 (on a GPU, and on a CPU with small models), so fuller tasks are
@@ -155,13 +155,14 @@ class InFlight:
             by_route: dict[Route, list[str]] = defaultdict(list)
             for key in keys:
                 by_route[route(self.pending[key].pid, kind, model)].append(key)
-            size = self.cfg.pool(model).max_batch
+            spec = self.cfg.pool(model)
+            size = spec.max_batch
             for (queue, worker), routed in by_route.items():
                 full = len(routed) - len(routed) % size
                 rest = routed[full:]
                 if rest and now - min(self.pending[k].queued_at for k in rest) < HOLD_S:
                     workers = 1 if worker else max(1, len(self.router.live.get(model, [])))
-                    busy = on_queue[queue] >= workers
+                    busy = on_queue[queue] >= workers * spec.task_slots
                     others_out = len(self.tasks) - on_queue[queue] > 0
                     if busy or others_out:
                         routed = routed[:full]  # the rest stays in the outbox

@@ -6,8 +6,9 @@ The model is loaded once, before the worker takes any task. A teacher's worker c
 ``<ns>.expand.<name>`` (step expansion and final answers); the meta-prover's consumes
 ``<ns>.score.<name>``; a model that is both consumes both. Each worker also consumes its
 own ``<shared queue>.w.<node name>``, where the coordinator sends cache-affine work.
-Threads pool, concurrency 1: one engine per process, and Celery's main loop keeps sending
-heartbeats while a task runs.
+Threads pool: one engine per process, and Celery's main loop keeps sending heartbeats while
+a task runs. An in-worker engine (`hf`) runs one task at a time; a server engine runs
+`concurrency` at once, so that its server batches their requests.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def main(
                 "-P",
                 "threads",
                 "-c",
-                "1",
+                str(spec.task_slots),
                 "-l",
                 loglevel,
                 "--without-gossip",

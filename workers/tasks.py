@@ -52,7 +52,7 @@ class WorkerRuntime:
         self.tasks_done = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._current: TaskRequest | None = None  # the task the engine is running
+        self._current: dict[str, TaskRequest] = {}  # tasks the engine is running, by id
         self._handed_back: set[str] = set()
         self.metrics = WorkerMetrics(self)  # tokens per minute, latency, /metrics
 
@@ -72,7 +72,7 @@ class WorkerRuntime:
             task_id=req.task_id, kind=kind, model=req.model, worker=self.worker_name
         )
         with self._lock:
-            self._current = req
+            self._current[req.task_id] = req
         self._mark_running(req.task_id)
         try:
             if req.model != self.engine.name or req.kind != kind:
@@ -102,7 +102,7 @@ class WorkerRuntime:
             result.error, result.retryable = f"out of memory: {e}", True
         finally:
             with self._lock:
-                self._current = None
+                self._current.pop(req.task_id, None)
                 handed_back = req.task_id in self._handed_back
                 self._handed_back.discard(req.task_id)
         if handed_back:  # the coordinator has sent it elsewhere; this copy is late
@@ -117,31 +117,30 @@ class WorkerRuntime:
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return bool(self._current)
 
-    def hand_back(self, reason: str) -> str | None:
-        """Tell the coordinator the running task will not finish here (the worker is
-        going away), so it is sent elsewhere at once. Returns the task id, if any."""
+    def hand_back(self, reason: str) -> list[str]:
+        """Tell the coordinator the running tasks will not finish here (the worker is
+        going away), so they are sent elsewhere at once. Returns their task ids."""
         with self._lock:
-            req = self._current
-            if req is None:
-                return None
-            self._handed_back.add(req.task_id)
-        self._reply(
-            req.reply_to,
-            TaskResult(
-                task_id=req.task_id,
-                kind=req.kind,
-                model=req.model,
-                worker=self.worker_name,
-                error=f"handed back: {reason}",
-                retryable=True,
-                handed_back=True,
-            ),
-        )
-        self._unmark_running(req.task_id)
-        self.log.warning("task_handed_back", task_id=req.task_id, reason=reason)
-        return req.task_id
+            reqs = list(self._current.values())
+            self._handed_back.update(r.task_id for r in reqs)
+        for req in reqs:
+            self._reply(
+                req.reply_to,
+                TaskResult(
+                    task_id=req.task_id,
+                    kind=req.kind,
+                    model=req.model,
+                    worker=self.worker_name,
+                    error=f"handed back: {reason}",
+                    retryable=True,
+                    handed_back=True,
+                ),
+            )
+            self._unmark_running(req.task_id)
+            self.log.warning("task_handed_back", task_id=req.task_id, reason=reason)
+        return [r.task_id for r in reqs]
 
     def _mark_running(self, task_id: str) -> None:
         # Best effort: without the mark the coordinator takes the task for lost once

@@ -20,6 +20,7 @@ from cord.common.config import load_config
 from cord.common.keys import TASK_NAMES, Keys, queue_name
 from cord.common.lab import tinymodels
 from cord.common.messages import TaskRequest, TaskResult
+from cord.workers.engines.server import request_json
 from tests.conftest import MODELS, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -194,3 +195,59 @@ def test_sigterm_while_loading_exits_0(tmp_path, redis_url, redis_client, namesp
             os.killpg(proc.pid, signal.SIGKILL)
     assert "SIGTERM before serving" in (tmp_path / "worker.log").read_text()
     assert redis_client.hlen(Keys(namespace).workers) == 0
+
+
+def test_a_server_engine_worker_runs_tasks_at_once_and_hands_all_back(
+    tmp_path, redis_url, redis_client, namespace
+):
+    """`concurrency: 2` on a server engine: two tasks run on the worker at the same time
+    (its server batches their requests), and a spot notice hands both back."""
+    from tests.workers.engines.test_sglang import running_server
+
+    with running_server(tmp_path / "server.log") as url:
+        request_json("POST", url + "/test/stall", {"seconds": 60})  # every request waits
+        config = write_config(
+            tmp_path / "worker.yaml",
+            {
+                "redis_url": redis_url,
+                "namespace": namespace,
+                "teachers": [
+                    {
+                        "name": "t",
+                        "model": str(MODELS / "alpha"),
+                        "engine": "sglang",
+                        "sglang_url": url,
+                        "concurrency": 2,
+                    }
+                ],
+                "meta_prover": {"name": "t"},
+                "reliability": {"heartbeat_s": 0.5, "worker_lost_s": 2.0, "shutdown_grace_s": 1},
+            },
+        )
+        cfg = load_config(config)
+        keys = Keys(namespace)
+        proc = start_worker(config, tmp_path / "worker.log")
+        try:
+            wait_for(lambda: redis_client.hlen(keys.workers) == 1, 120, "the worker")
+            stream = f"{namespace}:replies:test"
+            reqs = [expand_request(stream, items=2, max_new_tokens=8) for _ in range(2)]
+            queue = queue_name(namespace, "expand", "t")
+            for req in reqs:
+                make_celery(cfg).send_task(
+                    TASK_NAMES["expand"],
+                    args=[req.model_dump(mode="json")],
+                    queue=queue,
+                    task_id=req.task_id,
+                )
+            running = lambda: all(redis_client.hexists(keys.running, r.task_id) for r in reqs)  # noqa: E731
+            wait_for(running, 60, "both tasks to run at once")
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    results = replies(redis_client, stream)
+    assert sorted(r.task_id for r in results) == sorted(r.task_id for r in reqs)
+    assert all(r.handed_back and r.retryable and not r.generations for r in results)
+    assert redis_client.llen(queue) == 2  # both messages back for another worker
+    assert redis_client.hlen(keys.running) == 0

@@ -18,8 +18,10 @@ the counters behind `stats()`.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -92,7 +94,8 @@ class Counters:
     cached_tokens: int = 0
     generated_tokens: int = 0
     scored_tokens: int = 0
-    busy_s: float = 0.0
+    busy_s: float = 0.0  # summed over calls, which may overlap (a server engine's tasks)
+    busy_wall_s: float = 0.0  # time with at least one call running
 
 
 def expand_texts(
@@ -162,6 +165,12 @@ class BaseEngine:
             gen_eos = getattr(config, "eos_token_id", None)
         self.eos_ids = eos_ids(gen_eos, self.tokenizer.eos_token_id)
         self.counters = Counters()
+        # A server engine's worker runs several tasks at once (`concurrency`): the
+        # counters and the tokenizer (a Rust object behind a borrow check) are shared.
+        self._lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
+        self._running = 0  # engine calls running now
+        self._running_since = 0.0
         self._prefix = lru_cache(maxsize=4096)(self._chat_prefix)
 
     # -- what a runtime implements -------------------------------------------------
@@ -185,10 +194,13 @@ class BaseEngine:
         a short text's)."""
         if not texts:
             return []
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [list(ids) for ids in encoded]
 
     def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=False))
+        with self._tokenizer_lock:
+            return str(self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def check_context(self, n: int) -> None:
         check_context(self.name, self.max_context, n)
@@ -203,12 +215,35 @@ class BaseEngine:
         at, stop = min(found)
         return text[:at], finish_of(stop)
 
+    @contextmanager
+    def _call(self, items: int) -> Iterator[None]:
+        """Count one engine call of `items` items: its time, and the time during which
+        any call ran (the share of wall time a server had work: `busy_wall_s`)."""
+        with self._lock:
+            start = time.perf_counter()
+            if self._running == 0:
+                self._running_since = start
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                now = time.perf_counter()
+                self.counters.requests += items
+                self.counters.busy_s += now - start
+                self._running -= 1
+                if self._running == 0:
+                    self.counters.busy_wall_s += now - self._running_since
+
     # -- the engine interface ------------------------------------------------------
     def expand(self, items: list[ExpandItem]) -> list[Generation]:
-        return self._generate_items(items, *expand_texts(self._prefix, items))
+        with self._call(len(items)):
+            return self._generate_items(items, *expand_texts(self._prefix, items))
 
     def answer(self, items: list[AnswerItem]) -> list[Generation]:
-        return self._generate_items(items, answer_texts(self._prefix, items), [()] * len(items))
+        with self._call(len(items)):
+            texts = answer_texts(self._prefix, items)
+            return self._generate_items(items, texts, [()] * len(items))
 
     def _generate_items(
         self,
@@ -216,7 +251,6 @@ class BaseEngine:
         texts: list[str],
         stops: list[tuple[str, ...]],
     ) -> list[Generation]:
-        start = time.perf_counter()
         results: list[Generation | None] = [None] * len(items)
         ready: list[int] = []
         requests: list[IdRequest] = []
@@ -229,7 +263,12 @@ class BaseEngine:
             ready.append(index)
             requests.append(
                 IdRequest(
-                    ids, item.max_new_tokens, item.temperature, item.top_p, item.seed, stops[index]
+                    ids,
+                    item.max_new_tokens,
+                    item.temperature,
+                    item.top_p,
+                    item.seed,
+                    stops[index],
                 )
             )
         outs = self.generate_ids(requests) if requests else []
@@ -239,8 +278,6 @@ class BaseEngine:
                 results[index] = Generation(key=key, error=str(out), retryable=out.retryable)
             else:
                 results[index] = self._generation(key, request, out)
-        self.counters.requests += len(items)
-        self.counters.busy_s += time.perf_counter() - start
         return [r for r in results if r is not None]
 
     def _generation(self, key: str, request: IdRequest, out: IdOutput) -> Generation:
@@ -250,9 +287,10 @@ class BaseEngine:
             text, finish = (text if out.text is None else out.text), finish_of(out.matched)
         if finish is None:
             finish = "eos" if out.eos else "length"
-        self.counters.prompt_tokens += out.prompt_tokens
-        self.counters.cached_tokens += out.cached_tokens
-        self.counters.generated_tokens += len(out.ids)
+        with self._lock:
+            self.counters.prompt_tokens += out.prompt_tokens
+            self.counters.cached_tokens += out.cached_tokens
+            self.counters.generated_tokens += len(out.ids)
         return Generation(
             key=key,
             text=text,
@@ -264,7 +302,10 @@ class BaseEngine:
 
     def score(self, items: list[ScoreItem]) -> list[Score]:
         """S of each item's reference answer after its trajectory (cord-method.md)."""
-        start = time.perf_counter()
+        with self._call(len(items)):
+            return self._scores(items)
+
+    def _scores(self, items: list[ScoreItem]) -> list[Score]:
         results: list[Score | None] = [None] * len(items)
         contexts = self.encode_many(
             [self._prefix(i.prompt) + prompts.scoring_context(i.steps) for i in items]
@@ -295,9 +336,10 @@ class BaseEngine:
             if isinstance(out, EngineError):
                 results[index] = Score(key=key, error=str(out), retryable=out.retryable)
                 continue
-            self.counters.prompt_tokens += out.prompt_tokens
-            self.counters.cached_tokens += out.cached_tokens
-            self.counters.scored_tokens += len(out.values)
+            with self._lock:
+                self.counters.prompt_tokens += out.prompt_tokens
+                self.counters.cached_tokens += out.cached_tokens
+                self.counters.scored_tokens += len(out.values)
             results[index] = Score(
                 key=key,
                 score=predictive_score(out.values),
@@ -305,10 +347,13 @@ class BaseEngine:
                 prompt_tokens=out.prompt_tokens,
                 cached_tokens=out.cached_tokens,
             )
-        self.counters.requests += len(items)
-        self.counters.busy_s += time.perf_counter() - start
         return [r for r in results if r is not None]
 
     def stats(self) -> EngineStats:
-        counters = {**asdict(self.counters), "busy_s": round(self.counters.busy_s, 3)}
+        with self._lock:
+            counters = asdict(self.counters)
+            if self._running:  # the call running now counts up to now
+                counters["busy_wall_s"] += time.perf_counter() - self._running_since
+        counters["busy_s"] = round(counters["busy_s"], 3)
+        counters["busy_wall_s"] = round(counters["busy_wall_s"], 3)
         return EngineStats(**counters, **self.runtime_stats())

@@ -93,21 +93,32 @@ class VLLMServer(ServerSupervisor):
         if spec.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
         if self.on_cpu:
-            # The CPU build: no CUDA graphs; and seeded requests that chunked prefill
-            # splits kill its engine ("CPU Generator does not use offset").
+            # The CPU build: no CUDA graphs; seeded requests that chunked prefill splits
+            # kill its engine ("CPU Generator does not use offset"); and the model runs
+            # in the engine core's process (`launch_env`), not in a worker of its own.
             cmd += ["--enforce-eager", "--no-enable-chunked-prefill"]
+            cmd += ["--distributed-executor-backend", "uni"]
+            # The KV cache's size in bytes: VLLM_CPU_KVCACHE_SPACE takes whole GiB only
+            # (int() of the variable: "0.5" stopped the server).
+            cmd += ["--kv-cache-memory-bytes", str(int(spec.cpu_kvcache_gib * 2**30))]
         return [*cmd, *spec.vllm_args]
 
     def launch_env(self) -> dict[str, str]:
         # No usage reports from a worker's server (and no reach for the network).
         env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
         if self.on_cpu:
-            # vLLM's CPU build takes a large KV cache, pins OpenMP threads to cores and
-            # runs one per core by default; all three starve the other processes (and
-            # servers) of a shared host.
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.vllm.cpu_kvcache_gib:g}"
+            # vLLM's CPU build takes a large KV cache (sized in `command`), pins OpenMP
+            # threads to cores and runs one per core by default; all three starve the
+            # other processes (and servers) of a shared host.
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
             env["OMP_NUM_THREADS"] = str(self.vllm.cpu_threads)
+            # The CPU build's default executor runs the model in a worker process that
+            # spins on its shared-memory queue for a second after every step
+            # (shm_broadcast's busy_loop_s): a core each while a server is busy, four
+            # servers' spin on two cores outweighed their model work (runtime-facts,
+            # "vLLM"). Without V1 multiprocessing the platform keeps the `uni`
+            # executor: the model runs in the engine core, which waits without spinning.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         return env
 
     def probe_request(self) -> tuple[str, dict[str, Any], str]:
@@ -245,7 +256,12 @@ class VLLMEngine(BaseEngine):
             if isinstance(answer, EngineError):
                 return answer
             p, c = self._usage(answer, 0)
-            prompt_tokens, cached = prompt_tokens + p, cached + c
+            # vLLM reports the cached tokens of a request's last prompt only
+            # (serving.py: `last_final_res.num_cached_tokens`); the prompts of one request
+            # share their context, so each is counted as finding what the last found
+            # (the servers' own counters, in `stats()`, are exact).
+            prompt_tokens += p
+            cached += min(c * len(positions), max(0, p - len(positions)))
             for choice in answer["choices"]:
                 k = int(choice.get("index", -1))
                 j = positions[k] if 0 <= k < len(positions) else -1

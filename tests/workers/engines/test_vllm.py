@@ -213,14 +213,20 @@ def test_launch_command_and_environment():
         "--dtype", "float32", "--tensor-parallel-size", "2",
         "--enable-prefix-caching", "--enable-prompt-tokens-details",
         "--max-model-len", "32768", "--gpu-memory-utilization", "0.9",
-        "--enforce-eager", "--no-enable-chunked-prefill", "--block-size", "32",
+        "--enforce-eager", "--no-enable-chunked-prefill",
+        "--distributed-executor-backend", "uni", "--kv-cache-memory-bytes", "1073741824",
+        "--block-size", "32",
     ]  # fmt: skip
     env = server.launch_env()
-    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["OMP_NUM_THREADS"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1" and env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env  # whole GiB only: the byte flag instead
+    half = VLLMServer(spec.model_copy(update={"cpu_kvcache_gib": 0.5})).launch_command(1)
+    assert half[half.index("--kv-cache-memory-bytes") + 1] == str(2**29)
     threads = VLLMServer(spec.model_copy(update={"cpu_threads": 8})).launch_env()
     assert threads["OMP_NUM_THREADS"] == "8"
     gpu = VLLMServer(spec.model_copy(update={"device": "cuda", "dtype": "bfloat16"}))
     cmd = gpu.launch_command(31000)
     assert "--enforce-eager" not in cmd and cmd[cmd.index("--dtype") + 1] == "bfloat16"
-    assert "VLLM_CPU_KVCACHE_SPACE" not in gpu.launch_env()
+    assert "--distributed-executor-backend" not in cmd and "--kv-cache-memory-bytes" not in cmd
     assert "OMP_NUM_THREADS" not in gpu.launch_env()
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.launch_env()
