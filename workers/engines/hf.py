@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -127,6 +128,30 @@ class _SlabLayer(DynamicLayer):
         self._views()
 
 
+@dataclass(frozen=True)
+class _Sampling:
+    """A decoding batch's sampling settings as tensors, one entry per row."""
+
+    temps: torch.Tensor
+    top_p: torch.Tensor
+    greedy: torch.Tensor
+    nucleus: bool  # some row samples from a top-p nucleus
+
+    @classmethod
+    def of(cls, rows: list[_Row], device: torch.device) -> _Sampling:
+        top_p = torch.tensor([r.top_p for r in rows], device=device)
+        return cls(
+            torch.tensor([max(r.temperature, 1e-6) for r in rows], device=device),
+            top_p,
+            torch.tensor([r.temperature <= 0 for r in rows], device=device),
+            bool((top_p < 1.0).any()),
+        )
+
+    def select(self, index: torch.Tensor) -> _Sampling:
+        top_p = self.top_p[index]
+        return _Sampling(self.temps[index], top_p, self.greedy[index], bool((top_p < 1.0).any()))
+
+
 def _zeros_like_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t.new_zeros(*t.shape[:-2], cols, t.shape[-1])
 
@@ -147,6 +172,7 @@ class HFEngine(BaseEngine):
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.prefix_cache = PrefixCache(spec.prefix_cache_tokens)
         self._stop_ids = self.eos_ids  # what ends a row: eos ids and a request's stop ids
+        self._enders: dict[tuple[str, ...], frozenset[int]] = {}  # see `_may_end`
 
     # -- torch plumbing -------------------------------------------------------------
     def _make_cache(self, kv: KV | None) -> DynamicCache:
@@ -261,17 +287,21 @@ class HFEngine(BaseEngine):
         return _Pass(rows, logits, self._kv_of(cache), width, hits, news)
 
     def _left_padded(self, kvs: list[KV | None], hits: list[int], width: int) -> KV:
-        """The cached prefixes as one batch, each left-padded with zeros to `width`."""
+        """The cached prefixes as one batch, each left-padded with zeros to `width` (the
+        longest hit). One padding call per layer, not a copy per row and layer."""
         template = next(kv for kv in kvs if kv is not None)
         layers: KV = []
         for layer, (k0, v0) in enumerate(template):
-            shape = (len(kvs), k0.shape[1], width, k0.shape[-1])
-            keys, values = k0.new_zeros(shape), v0.new_zeros(shape)
-            for i, (kv, hit) in enumerate(zip(kvs, hits, strict=True)):
-                if kv is not None and hit:
-                    keys[i, :, width - hit :] = kv[layer][0][0]
-                    values[i, :, width - hit :] = kv[layer][1][0]
-            layers.append((keys, values))
+            pair = []
+            for which, t0 in ((0, k0), (1, v0)):
+                empty = t0.new_zeros(0, t0.shape[1], t0.shape[-1])
+                rows = [
+                    kv[layer][which][0].transpose(0, 1) if kv is not None and hit else empty
+                    for kv, hit in zip(kvs, hits, strict=True)
+                ]
+                padded = pad_sequence(rows, batch_first=True, padding_side="left")
+                pair.append(padded.transpose(1, 2))  # [rows, heads, width, dim]
+            layers.append((pair[0], pair[1]))
         return layers
 
     # -- generation -----------------------------------------------------------------
@@ -315,8 +345,9 @@ class HFEngine(BaseEngine):
         logits = torch.stack(firsts)
         active = order
         seg = dict(zip(order, segments, strict=True))
+        params = _Sampling.of([rows[r] for r in active], logits.device)
         while True:
-            tokens = self._sample(logits, [rows[r] for r in active])
+            tokens = self._sample(logits, [rows[r] for r in active], params)
             keep: list[int] = []
             for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
                 if self._advance(rows[r], token):
@@ -330,6 +361,7 @@ class HFEngine(BaseEngine):
                 batched.batch_select_indices(index)
                 mask = mask[keep]
                 positions = positions[keep]
+                params = params.select(index)
                 active = [active[b] for b in keep]
                 tokens = [tokens[b] for b in keep]
             mask = torch.cat([mask, torch.ones(len(active), 1, dtype=torch.long)], dim=1)
@@ -362,31 +394,35 @@ class HFEngine(BaseEngine):
         ) == len(passes[0].layers)
         width = total + room if slabs else total
         layers: KV = []
-        for k0, v0 in passes[0].layers:
-            shape = (n, k0.shape[1], width, k0.shape[-1])
-            layers.append((k0.new_zeros(shape), v0.new_zeros(shape)))
-        b = 0
-        for p in passes:  # one copy per row and layer, straight into place
-            for j in range(len(p.rows)):
-                lo, hi = p.segment(j)
-                for (keys, values), (k, v) in zip(layers, p.layers, strict=True):
-                    keys[b, :, total - (hi - lo) : total] = k[j, :, lo:hi]
-                    values[b, :, total - (hi - lo) : total] = v[j, :, lo:hi]
-                b += 1
+        # Each row's columns as (pass, row in pass, first, end), right-aligned below by one
+        # padding call per layer and tensor (a copy per row and layer was most of this
+        # function's time).
+        parts = [(p, j, *p.segment(j)) for p in passes for j in range(len(p.rows))]
+        for layer, (k0, v0) in enumerate(passes[0].layers):
+            pair = []
+            for which, t0 in ((0, k0), (1, v0)):
+                rows = [
+                    p.layers[layer][which][j, :, lo:hi].transpose(0, 1) for p, j, lo, hi in parts
+                ]
+                slab = t0.new_zeros(n, t0.shape[1], width, t0.shape[-1])
+                padded = pad_sequence(rows, batch_first=True, padding_side="left")
+                slab[:, :, :total] = padded.transpose(1, 2)
+                pair.append(slab)
+            layers.append((pair[0], pair[1]))
         if not slabs:
             return self._make_cache(layers), mask, segments
         cache.layers = [_SlabLayer(k, v, total) for k, v in layers]
         return cache, mask, segments
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], params: _Sampling) -> list[int]:
         """One token per row, for the whole batch at once (Gumbel-max). Each row draws its
         noise from its own generator, so an item samples the same text whatever batch it
-        shares; temperature 0 is argmax; top-p keeps the smallest nucleus above p."""
+        shares; temperature 0 is argmax; top-p keeps the smallest nucleus above p.
+        `params` holds the rows' settings as tensors (made once per batch, not per token)."""
         logits = logits.float()
-        temps = torch.tensor([max(r.temperature, 1e-6) for r in rows], device=logits.device)
-        scaled = logits / temps[:, None]
-        top_p = torch.tensor([r.top_p for r in rows], device=logits.device)
-        if bool((top_p < 1.0).any()):
+        scaled = logits / params.temps[:, None]
+        top_p = params.top_p
+        if params.nucleus:
             sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
             probs = torch.softmax(sorted_logits, dim=-1)
             outside = torch.cumsum(probs, dim=-1) - probs > top_p[:, None]
@@ -399,9 +435,27 @@ class HFEngine(BaseEngine):
             ]
         )
         gumbel = -torch.log(-torch.log(noise.clamp_(1e-20, 1.0 - 1e-7)))
-        greedy = torch.tensor([r.temperature <= 0 for r in rows], device=logits.device)
-        choice = torch.where(greedy[:, None], logits, scaled + gumbel)
+        choice = torch.where(params.greedy[:, None], logits, scaled + gumbel)
         return [int(t) for t in torch.argmax(choice, dim=-1).tolist()]
+
+    def _may_end(self, stops: tuple[str, ...]) -> frozenset[int]:
+        """The ids after which a stop string of `stops` may show: a stop string first
+        appears with the token that holds its last character, so only those tokens (and
+        any whose text alone is empty or a broken character) need the tail decoded.
+        Decoding the tail after every token was a tenth of a tiny model's decode time."""
+        found = self._enders.get(stops)
+        if found is None:
+            lasts = {s[-1] for s in stops if s}
+            ids = range(len(self.tokenizer))
+            with self._tokenizer_lock:
+                texts = self.tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+            found = frozenset(
+                i
+                for i, text in zip(ids, texts, strict=True)
+                if not text or "\ufffd" in text or any(c in text for c in lasts)
+            )
+            self._enders[stops] = found
+        return found
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Append `token`; True when the row is finished (the base cuts its text)."""
@@ -409,7 +463,7 @@ class HFEngine(BaseEngine):
             row.finish = "eos"
             return True
         row.out.append(token)
-        if row.stops:
+        if row.stops and token in self._may_end(row.stops):
             tail = self.decode(row.out[-_STOP_WINDOW:])
             if any(s in tail for s in row.stops):
                 row.finish = "step"  # the base tells a step from </think>
@@ -421,20 +475,18 @@ class HFEngine(BaseEngine):
 
     def _remember(self, row: _Row, batched: Any, b: int, prompt: range, start: int) -> None:
         """Put a finished row's KV (prompt and the tokens fed back) in the prefix cache:
-        its prompt columns and its columns from `start` on (batch position `b`)."""
+        its prompt columns and its columns from `start` on (batch position `b`). The
+        prompt is right-aligned to `start`, so they are one run of columns."""
         if self.prefix_cache.max_tokens <= 0:
             return
+        assert prompt.stop == start
         fed = row.out[:-1] if row.finish != "eos" else row.out
         ids = torch.cat([row.prompt, torch.tensor(fed, dtype=torch.long)])
         end = start + len(fed)
         kv = [
             (
-                torch.cat(
-                    [k[b : b + 1, :, prompt.start : prompt.stop], k[b : b + 1, :, start:end]], 2
-                ),
-                torch.cat(
-                    [v[b : b + 1, :, prompt.start : prompt.stop], v[b : b + 1, :, start:end]], 2
-                ),
+                k[b : b + 1, :, prompt.start : end].clone(),
+                v[b : b + 1, :, prompt.start : end].clone(),
             )
             for k, v in self._kv_of(batched)
         ]
