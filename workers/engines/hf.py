@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -287,21 +286,17 @@ class HFEngine(BaseEngine):
         return _Pass(rows, logits, self._kv_of(cache), width, hits, news)
 
     def _left_padded(self, kvs: list[KV | None], hits: list[int], width: int) -> KV:
-        """The cached prefixes as one batch, each left-padded with zeros to `width` (the
-        longest hit). One padding call per layer, not a copy per row and layer."""
+        """The cached prefixes as one batch, each left-padded with zeros to `width`."""
         template = next(kv for kv in kvs if kv is not None)
         layers: KV = []
         for layer, (k0, v0) in enumerate(template):
-            pair = []
-            for which, t0 in ((0, k0), (1, v0)):
-                empty = t0.new_zeros(0, t0.shape[1], t0.shape[-1])
-                rows = [
-                    kv[layer][which][0].transpose(0, 1) if kv is not None and hit else empty
-                    for kv, hit in zip(kvs, hits, strict=True)
-                ]
-                padded = pad_sequence(rows, batch_first=True, padding_side="left")
-                pair.append(padded.transpose(1, 2))  # [rows, heads, width, dim]
-            layers.append((pair[0], pair[1]))
+            shape = (len(kvs), k0.shape[1], width, k0.shape[-1])
+            keys, values = k0.new_zeros(shape), v0.new_zeros(shape)
+            for i, (kv, hit) in enumerate(zip(kvs, hits, strict=True)):
+                if kv is not None and hit:
+                    keys[i, :, width - hit :] = kv[layer][0][0]
+                    values[i, :, width - hit :] = kv[layer][1][0]
+            layers.append((keys, values))
         return layers
 
     # -- generation -----------------------------------------------------------------
@@ -394,21 +389,17 @@ class HFEngine(BaseEngine):
         ) == len(passes[0].layers)
         width = total + room if slabs else total
         layers: KV = []
-        # Each row's columns as (pass, row in pass, first, end), right-aligned below by one
-        # padding call per layer and tensor (a copy per row and layer was most of this
-        # function's time).
-        parts = [(p, j, *p.segment(j)) for p in passes for j in range(len(p.rows))]
-        for layer, (k0, v0) in enumerate(passes[0].layers):
-            pair = []
-            for which, t0 in ((0, k0), (1, v0)):
-                rows = [
-                    p.layers[layer][which][j, :, lo:hi].transpose(0, 1) for p, j, lo, hi in parts
-                ]
-                slab = t0.new_zeros(n, t0.shape[1], width, t0.shape[-1])
-                padded = pad_sequence(rows, batch_first=True, padding_side="left")
-                slab[:, :, :total] = padded.transpose(1, 2)
-                pair.append(slab)
-            layers.append((pair[0], pair[1]))
+        for k0, v0 in passes[0].layers:
+            shape = (n, k0.shape[1], width, k0.shape[-1])
+            layers.append((k0.new_zeros(shape), v0.new_zeros(shape)))
+        b = 0
+        for p in passes:  # one copy per row and layer, straight into place
+            for j in range(len(p.rows)):
+                lo, hi = p.segment(j)
+                for (keys, values), (k, v) in zip(layers, p.layers, strict=True):
+                    keys[b, :, total - (hi - lo) : total] = k[j, :, lo:hi]
+                    values[b, :, total - (hi - lo) : total] = v[j, :, lo:hi]
+                b += 1
         if not slabs:
             return self._make_cache(layers), mask, segments
         cache.layers = [_SlabLayer(k, v, total) for k, v in layers]
