@@ -402,6 +402,13 @@ class RoutingSpec(_Strict):
         description="send a problem's work to the worker of each pool that served it before "
         "(its prefix is cached there); off: every task goes to the pool's shared queue",
     )
+    balance_tasks: float = Field(
+        default=4.0,
+        ge=0,
+        description="a problem leaves its worker when that worker has more than this many "
+        "tasks' worth of items outstanding (the pool's max_batch x concurrency each) beyond "
+        "the pool's least loaded worker; higher keeps prefixes where they are cached longer",
+    )
 
 
 class MetricsSpec(_Strict):

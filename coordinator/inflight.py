@@ -31,6 +31,8 @@ HOLD_S = 0.2  # longest a partial batch waits for more work of its pool (`batche
 CHECK_EVERY_S = 1.0  # how often `check` looks for lost tasks
 
 Route = tuple[str, str | None]  # (queue, the worker whose own queue it is, or None)
+# A router: (problem, kind, pool, items outstanding per worker) -> Route
+RouteFn = Callable[[str, TaskKind, str, dict[str, int]], Route]
 
 
 @dataclass
@@ -134,7 +136,7 @@ class InFlight:
             self._outbox[(work.kind, work.model)][key] = None
 
     # -- sending --------------------------------------------------------------------------
-    def batches(self, now: float, route: Callable[[str, TaskKind, str], Route]) -> list[Batch]:
+    def batches(self, now: float, route: RouteFn) -> list[Batch]:
         """Take from the outbox what goes now, cut into tasks of the pool's `max_batch`,
         each to the queue `route` picks for its problem (cache affinity).
 
@@ -149,12 +151,15 @@ class InFlight:
         not wait. Call `sent` for every batch sent."""
         out: list[Batch] = []
         on_queue: dict[str, int] = defaultdict(int)
+        load: dict[str, int] = defaultdict(int)  # items outstanding per worker, for `route`
         for task in self.tasks.values():
             on_queue[task.queue] += 1
+            if task.worker is not None:
+                load[task.worker] += len(task.keys)
         for (kind, model), keys in list(self._outbox.items()):
             by_route: dict[Route, list[str]] = defaultdict(list)
             for key in keys:
-                by_route[route(self.pending[key].pid, kind, model)].append(key)
+                by_route[route(self.pending[key].pid, kind, model, load)].append(key)
             spec = self.cfg.pool(model)
             size = spec.max_batch
             for (queue, worker), routed in by_route.items():

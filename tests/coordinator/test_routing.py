@@ -80,6 +80,30 @@ def test_a_gone_worker_loses_its_problems_and_its_queue(make_config, redis_clien
     assert router.route("p4", "expand", "alpha")[1] == "a2"
 
 
+def test_new_problems_go_to_the_least_loaded_and_move_only_past_the_threshold(
+    make_config, redis_client, namespace
+):
+    _, cfg = make_config()
+    register(redis_client, namespace, "a1", "alpha")
+    register(redis_client, namespace, "a2", "alpha")
+    router = Router(cfg, redis_client, Keys(namespace))
+    router.refresh(0.0)
+    size = cfg.pool("alpha").max_batch * cfg.routing.balance_tasks  # items: the threshold
+    load = {"a1": 5, "a2": 0}
+    assert router.route("p1", "expand", "alpha", load)[1] == "a2"  # least loaded first
+    assert load == {"a1": 5, "a2": 1}  # what is routed counts at once
+    assert router.route("p2", "expand", "alpha", load)[1] == "a2"
+    assert router.route("p3", "expand", "alpha", load)[1] == "a2"
+    # p1 stays on a2 while a2 is within the threshold of a1 ...
+    load = {"a1": 0, "a2": int(size)}
+    assert router.route("p1", "expand", "alpha", load)[1] == "a2"
+    # ... and moves (its prefix is cached nowhere else: one prefill) once it is beyond.
+    load = {"a1": 0, "a2": int(size) + 1}
+    assert router.route("p1", "expand", "alpha", load)[1] == "a1"
+    assert router.route("p1", "expand", "alpha")[1] == "a1"  # and stays there
+    assert router.sizes() == {"sticky": 3, "held": 3}
+
+
 def test_affinity_off_sends_everything_to_the_shared_queue(make_config, redis_client, namespace):
     _, cfg = make_config()
     cfg = cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"affinity": False})})
