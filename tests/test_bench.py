@@ -49,6 +49,26 @@ def test_tiny_dispatch_run_brings_every_problem_out(tmp_path, redis_url):
     assert "=" in lines[-1] and any(x.startswith("dispatch_tasks_per_s=") for x in lines)
 
 
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_small_backlog_is_enqueued_drawn_from_and_dropped(tmp_path, redis_url):
+    out = tmp_path / "figures.json"
+    args = ["--problems", "1000", "--admit-seconds", "20", "--redis-url", redis_url]
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "backlog.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["backlog_problems"] == 1000
+    assert figures["enqueue_1m_s"] > 0 and figures["enqueue_rss_mib_1m"] > 0
+    assert figures["admit_backlog_done"] > 0 and figures["admit_backlog_steps_per_s"] > 0
+    assert done.stdout.strip().splitlines()[-1].split("=")[0] in figures
+
+
 def test_doc_section_is_replaced_and_the_rest_kept(tmp_path):
     run_all = load("run_all")
     doc = tmp_path / "benchmarks.md"

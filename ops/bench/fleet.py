@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,7 +162,8 @@ def fleet_dict(
     if max_in_flight is not None:
         data["max_in_flight"] = max_in_flight
     # A loaded 2-core machine can starve a worker's heartbeat: don't call it lost.
-    data.setdefault("reliability", {}).update(heartbeat_s=2.0, worker_lost_s=60.0)
+    # Heartbeats every second: a run's engine counters are read from a fresh one.
+    data.setdefault("reliability", {}).update(heartbeat_s=1.0, worker_lost_s=60.0)
     if affinity is not None:
         data["routing"] = {"affinity": affinity}
     return data
@@ -259,22 +260,56 @@ class Fleet:
         drop_namespace(self.client, self.cfg.namespace)
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds (user + system) each worker process has used so far, by pool slot."""
-        tick = os.sysconf("SC_CLK_TCK")
-        out: dict[str, float] = {}
+        """CPU seconds (user + system) each worker has used so far, by pool slot, its
+        live child processes included (a server engine's server)."""
         names = [f"{m}-{s}" for m in self.cfg.model_names for s in range(self.workers_per_pool)]
-        for name, p in zip(names, self.procs, strict=True):
-            try:
-                fields = Path(f"/proc/{p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                out[name] = (int(fields[11]) + int(fields[12])) / tick
-            except (OSError, IndexError):
-                out[name] = 0.0
-        return out
+        stats = _proc_stats()
+        return {name: _tree_cpu_s(p.pid, stats) for name, p in zip(names, self.procs, strict=True)}
 
     def engine_stats(self) -> dict[str, EngineStats]:
         """The workers' engine counters from their last heartbeats, by worker name."""
         raw = self.client.hgetall(Keys(self.cfg.namespace).workers)
         return {k.decode(): Heartbeat.model_validate_json(v).engine for k, v in raw.items()}
+
+    def engine_delta(self, before: dict[str, EngineStats]) -> dict[str, dict[str, float]]:
+        """Each worker's numeric engine counters since `before`, from heartbeats written
+        after now (the last ones may predate the end of a run)."""
+        time.sleep(self.cfg.reliability.heartbeat_s + 0.2)
+        out: dict[str, dict[str, float]] = {}
+        for name, after in self.engine_stats().items():
+            old = before.get(name, EngineStats()).model_dump()
+            out[name] = {
+                k: v - (old.get(k) or 0)
+                for k, v in after.model_dump().items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
+        return out
+
+
+def _proc_stats() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far) of every process, from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def _tree_cpu_s(root: int, stats: dict[int, tuple[int, float]]) -> float:
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (parent, _) in stats.items():
+        children[parent].append(pid)
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo += children.get(pid, [])
+    return total
 
 
 # -- the coordinator, timed ------------------------------------------------------------
@@ -297,22 +332,39 @@ def _step_label(works: list[Work]) -> str | None:
 class StepTimer(Observer):
     """A stopwatch per problem step, watching the driver's loop: a step's latency is the
     time from queueing its expansions to queueing the next step's (or the final
-    answers): dispatch, generation, scoring, selection and the commit of its state."""
+    answers): dispatch, generation, scoring, selection and the commit of its state.
+
+    It also times the wait for selection: a phase (a CoRD step, curation's whole
+    trajectories) ends when its last result is in; every result that came before waited
+    from its arrival to then. `wait_s` sums those waits, `phase_s` the same results' time
+    from the phase's start to its end, so `wait_s / phase_s` is the share of a phase that
+    finished work spent waiting for the rest of its step."""
 
     def __init__(self, max_in_flight: int) -> None:
         self.coordinator: Coordinator | None = None
         self.max_in_flight = max_in_flight
         self._open: dict[str, tuple[str, float]] = {}
+        self._arrived: dict[str, list[float]] = defaultdict(list)  # results of an open phase
         self.step_latencies: list[float] = []
         self.steps = 0
+        self.wait_s = 0.0
+        self.phase_s = 0.0
         self.peak_in_flight = 0
         self.rss_at_peak_mib = 0.0
+
+    def served(self, pid: str, model: str, worker: str) -> None:
+        if pid in self._open:
+            self._arrived[pid].append(time.perf_counter())
 
     def queued(self, pid: str, works: list[Work]) -> None:
         label = _step_label(works)
         if label is not None:
             now = time.perf_counter()
             opened = self._open.get(pid)
+            if opened is not None and opened[0] != label:
+                for t in self._arrived.pop(pid, []):
+                    self.wait_s += now - t
+                    self.phase_s += now - opened[1]
             if opened is not None and opened[0] != label and opened[0].startswith("x"):
                 self.step_latencies.append(now - opened[1])
                 self.steps += 1
@@ -339,6 +391,13 @@ class FleetRun:
     rss_at_peak_mib: float = 0.0
     coordinator_cpu_s: float = 0.0
     worker_cpu_s: dict[str, float] = field(default_factory=dict)
+    wait_s: float = 0.0  # `StepTimer`: results waiting for their step's selection
+    phase_s: float = 0.0
+    engine: dict[str, dict[str, float]] = field(default_factory=dict)  # by worker, over the run
+
+    @property
+    def selection_wait_share(self) -> float | None:
+        return self.wait_s / self.phase_s if self.phase_s else None
 
     @property
     def cpu_s(self) -> float:
@@ -366,7 +425,9 @@ def run_fleet(
 ) -> FleetRun:
     """`problems` through the live fleet, timed by a `StepTimer`, in a problem-state
     namespace of their own (as `cord-coord eval` does); rows to a temporary folder.
-    With `fleet`, the CPU time of its workers during the run is recorded too."""
+    With `fleet`, the CPU time of its workers (their servers included) during the run is
+    recorded too, and their engines' counters over the run (`engine`: read from the
+    workers' heartbeats, once a fresh one has come after the run)."""
     if strategy is not None:
         cfg = cfg.model_copy(
             update={"search": cfg.search.model_copy(update={"strategy": strategy})}
@@ -379,12 +440,14 @@ def run_fleet(
         try:
             Store(coord.redis, Keys(state_ns)).enqueue(problems)
             workers_before = fleet.cpu_s() if fleet else {}
+            engine_before = fleet.engine_stats() if fleet else {}
             cpu_before = process_cpu_s()
             start = time.perf_counter()
             summary = coord.run()
             wall = time.perf_counter() - start
             coordinator_cpu = process_cpu_s() - cpu_before
             workers_after = fleet.cpu_s() if fleet else {}
+            engine = fleet.engine_delta(engine_before) if fleet else {}
             rows = _read_rows(coord.writer.traces)
             failed = len(_read_rows(coord.writer.failed))
         finally:
@@ -400,6 +463,9 @@ def run_fleet(
         timer.rss_at_peak_mib,
         coordinator_cpu,
         {k: round(v - workers_before.get(k, 0.0), 2) for k, v in workers_after.items()},
+        timer.wait_s,
+        timer.phase_s,
+        engine,
     )
 
 
@@ -498,6 +564,141 @@ def run_in_process(
         for key in [k for k, v in outbox.items() if not v]:
             del outbox[key]
     return InProcessRun(time.perf_counter() - start, rows, calls, process_cpu_s() - cpu)
+
+
+# -- CoRD against curation -----------------------------------------------------------------
+@dataclass
+class PairRuns:
+    """CoRD and curation run back to back on the same fleet, pair after pair: each pair
+    on problems of its own (workers keep their prefix caches between runs: CoRD again on
+    the same problems would find its trajectories cached), the order alternating (the
+    second run of a pair finds the questions cached). On a shared machine the same run's
+    CPU time varies by 15% from one minute to the next, so one run of each is a coin toss:
+    the figure is the median of the pairs' ratios, with their spread."""
+
+    samples: int  # curation's N: the smallest whose generated tokens reach CoRD's
+    runs: list[tuple[FleetRun, FleetRun]]  # (cord, curation)
+    meta: str  # the meta-prover's pool (its workers are `<meta>-<slot>`)
+
+    def where_time_goes(self, runs: list[FleetRun]) -> dict[str, float | None]:
+        """Of a strategy's runs: the share of wall time a worker's engine (a server's
+        worker: its server) had work, averaged over workers; the meta-prover's share of
+        the workers' CPU time (servers included); the share of a phase that finished
+        results waited for their step's selection (`StepTimer`); and the tokens the
+        models ran per problem (prompt tokens not served from a prefix cache, by the
+        servers' own counters where they have them, and generated tokens)."""
+        wall = sum(r.wall_s for r in runs)
+        busy = [e.get("busy_wall_s", 0.0) for r in runs for e in r.engine.values()]
+        workers = max(1, len(runs[0].engine)) if runs else 1
+        cpu = sum(sum(r.worker_cpu_s.values()) for r in runs)
+        meta = sum(
+            v for r in runs for k, v in r.worker_cpu_s.items() if k.startswith(f"{self.meta}-")
+        )
+        prefill = generated = scoring = 0.0
+        for r in runs:
+            for name, e in r.engine.items():
+                if e.get("server_cache_query_tokens"):
+                    computed = e["server_cache_query_tokens"] - e.get("server_cache_hit_tokens", 0)
+                else:
+                    computed = e.get("prompt_tokens", 0) - e.get("cached_tokens", 0)
+                prefill += computed
+                generated += e.get("generated_tokens", 0)
+                if name.startswith(f"{self.meta}-"):
+                    scoring += computed
+        tokens = prefill + generated
+        problems = sum(len(r.rows) + r.failed for r in runs)
+        waits = sum(r.wait_s for r in runs)
+        phases = sum(r.phase_s for r in runs)
+        return {
+            "busy_share": r3(sum(busy) / (workers * wall)) if wall and busy else None,
+            "scoring_cpu_share": r3(meta / cpu) if cpu else None,
+            "selection_wait_share": r3(waits / phases) if phases else None,
+            "model_tokens_per_problem": round(tokens / problems, 1) if problems else None,
+            "prefill_tokens_per_problem": round(prefill / problems, 1) if problems else None,
+            "scoring_prefill_tokens_per_problem": round(scoring / problems, 1)
+            if problems
+            else None,
+        }
+
+    def figures(self, tag: str = "") -> dict[str, Any]:
+        """The pairs' figures; `tag` (e.g. ``_vllm``) follows ``cord_vs_curation_wall_ratio``
+        and the ``curation_``/``pairs_`` names, so two fleets' pairs sit side by side."""
+        paired, first = self.runs, self.runs[0][1]
+        walls = [c.wall_s / k.wall_s for c, k in paired]
+        cpus = [c.cpu_s / k.cpu_s for c, k in paired if k.cpu_s]
+        ratio = f"cord_vs_curation_wall_ratio{tag}"
+        split = {
+            strategy: self.where_time_goes([pair[i] for pair in paired])
+            for i, strategy in enumerate(("cord", "curation"))
+        }
+        tokens = {k: v["model_tokens_per_problem"] for k, v in split.items()}
+        return {
+            **{f"{k}_{name}{tag}": v for k, s in split.items() for name, v in s.items()},
+            f"cord_vs_curation_model_token_ratio{tag}": r3(tokens["cord"] / tokens["curation"])
+            if tokens["cord"] and tokens["curation"]
+            else None,
+            f"curation_samples{tag}": self.samples,
+            f"curation_wall_s{tag}": r3(first.wall_s),
+            f"curation_tokens_per_problem{tag}": round(tokens_of(first.rows), 1),
+            f"curation_done{tag}": len(first.rows),
+            f"curation_cpu_s{tag}": round(first.cpu_s, 2),
+            f"pairs{tag}": len(paired),
+            f"pairs_cord_wall_s{tag}": ",".join(f"{c.wall_s:.2f}" for c, _ in paired),
+            f"pairs_curation_wall_s{tag}": ",".join(f"{k.wall_s:.2f}" for _, k in paired),
+            f"pairs_cord_done{tag}": sum(len(c.rows) for c, _ in paired),
+            f"pairs_curation_done{tag}": sum(len(k.rows) for _, k in paired),
+            f"pairs_failed{tag}": sum(c.failed + k.failed for c, k in paired),
+            f"{ratio}_min": r3(min(walls)),
+            f"{ratio}_max": r3(max(walls)),
+            ratio: r3(statistics.median(walls)),
+            f"{ratio}_total": r3(
+                sum(c.wall_s for c, _ in paired) / sum(k.wall_s for _, k in paired)
+            ),
+            f"cord_vs_curation_cpu_ratio{tag}": r3(statistics.median(cpus)) if cpus else None,
+            f"cord_vs_curation_token_ratio{tag}": r3(
+                sum(tokens_of(c.rows) for c, _ in paired)
+                / sum(tokens_of(k.rows) for _, k in paired)
+            )
+            if first.rows
+            else None,
+        }
+
+
+def cord_curation_pairs(
+    fleet: Fleet,
+    first: FleetRun,
+    problems: int,
+    pairs: int,
+    seed: int = SEED,
+    make: Callable[[int, int], list[Problem]] = lab_problems,
+) -> PairRuns:
+    """`pairs` CoRD/curation pairs through `fleet`; `first` is CoRD's run on
+    ``make(problems, seed)``, which sets curation's N and opens the first pair. Pair k
+    runs on ``make(problems, seed + k)``."""
+    from cord.coordinator.evaluate import StrategyResult, matched_curation_samples
+
+    cfg = fleet.cfg
+    n = matched_curation_samples(cfg, StrategyResult("cord", first.rows, first.failed, 0, 0))
+    search = cfg.search.model_copy(update={"strategy": "curation", "curation_samples": n})
+    cur_cfg = cfg.model_copy(update={"search": search})
+    paired: list[tuple[FleetRun, FleetRun]] = []
+    for pair in range(pairs):
+        mine = make(problems, seed + pair)
+        if pair == 0:  # CoRD ran first on these already
+            c, k = first, run_fleet(cur_cfg, mine, fleet=fleet)
+        elif pair % 2:
+            k = run_fleet(cur_cfg, mine, fleet=fleet)
+            c = run_fleet(cfg, mine, fleet=fleet)
+        else:
+            c = run_fleet(cfg, mine, fleet=fleet)
+            k = run_fleet(cur_cfg, mine, fleet=fleet)
+        paired.append((c, k))
+        click.echo(
+            f"pair {pair + 1}: cord {c.wall_s:.1f}s, curation N={n} {k.wall_s:.1f}s "
+            f"({c.wall_s / k.wall_s:.3f}); cord {c.cpu_line()}; curation {k.cpu_line()}",
+            err=True,
+        )
+    return PairRuns(n, paired, cfg.meta_prover.name)
 
 
 # -- figures ------------------------------------------------------------------------------
@@ -851,8 +1052,6 @@ def overhead(
     on the same problems would find its trajectories cached), the order alternating
     (the second run of a pair finds the questions cached); the figure is the median of
     the pairs' ratios, and their spread is printed beside it."""
-    from cord.coordinator.evaluate import StrategyResult, matched_curation_samples
-
     info = machine()
     threads = [int(t) for t in inproc_threads.split(",") if t.strip()]
     todo = lab_problems(problems, SEED)
@@ -881,35 +1080,9 @@ def overhead(
                 run_fleet(fleet.cfg, warm)
             run = run_fleet(fleet.cfg, todo, fleet=fleet)
             click.echo(f"fleet, cord: {run.wall_s:.1f}s; {run.cpu_line()}", err=True)
-            cur: FleetRun | None = None
-            n = None
-            paired: list[tuple[FleetRun, FleetRun]] = []
+            pairs_run: PairRuns | None = None
             if curation:
-                cord_result = StrategyResult("cord", run.rows, run.failed, run.wall_s, problems)
-                n = matched_curation_samples(fleet.cfg, cord_result)
-                search = fleet.cfg.search.model_copy(
-                    update={"strategy": "curation", "curation_samples": n}
-                )
-                cur_cfg = fleet.cfg.model_copy(update={"search": search})
-                for pair in range(pairs):
-                    if pair == 0:  # CoRD ran first on `todo` above
-                        c = run
-                        k = run_fleet(cur_cfg, todo, fleet=fleet)
-                    else:
-                        mine = lab_problems(problems, SEED + pair)
-                        if pair % 2:
-                            k = run_fleet(cur_cfg, mine, fleet=fleet)
-                            c = run_fleet(fleet.cfg, mine, fleet=fleet)
-                        else:
-                            c = run_fleet(fleet.cfg, mine, fleet=fleet)
-                            k = run_fleet(cur_cfg, mine, fleet=fleet)
-                    paired.append((c, k))
-                    click.echo(
-                        f"pair {pair + 1}: cord {c.wall_s:.1f}s, curation N={n} {k.wall_s:.1f}s "
-                        f"({c.wall_s / k.wall_s:.3f}); curation {k.cpu_line()}",
-                        err=True,
-                    )
-                cur = paired[0][1]
+                pairs_run = cord_curation_pairs(fleet, run, problems, pairs)
         finally:
             fleet.stop()
     best_t = min(inproc, key=lambda t: inproc[t].wall_s)
@@ -938,37 +1111,8 @@ def overhead(
             "cord_items": run.summary.get("items_sent"),
         }
     )
-    if cur is not None:
-        walls = [c.wall_s / k.wall_s for c, k in paired]
-        cpus = [c.cpu_s / k.cpu_s for c, k in paired if k.cpu_s]
-        figures.update(
-            {
-                "curation_samples": n,
-                "curation_wall_s": r3(cur.wall_s),
-                "curation_tokens_per_problem": round(tokens_of(cur.rows), 1),
-                "curation_done": len(cur.rows),
-                "curation_cpu_s": round(cur.cpu_s, 2),
-                "pairs": len(paired),
-                "pairs_cord_wall_s": ",".join(f"{c.wall_s:.2f}" for c, _ in paired),
-                "pairs_curation_wall_s": ",".join(f"{k.wall_s:.2f}" for _, k in paired),
-                "pairs_cord_done": sum(len(c.rows) for c, _ in paired),
-                "pairs_curation_done": sum(len(k.rows) for _, k in paired),
-                "pairs_failed": sum(c.failed + k.failed for c, k in paired),
-                "cord_vs_curation_wall_ratio_min": r3(min(walls)),
-                "cord_vs_curation_wall_ratio_max": r3(max(walls)),
-                "cord_vs_curation_wall_ratio": r3(statistics.median(walls)),
-                "cord_vs_curation_wall_ratio_total": r3(
-                    sum(c.wall_s for c, _ in paired) / sum(k.wall_s for _, k in paired)
-                ),
-                "cord_vs_curation_cpu_ratio": r3(statistics.median(cpus)) if cpus else None,
-                "cord_vs_curation_token_ratio": r3(
-                    sum(tokens_of(c.rows) for c, _ in paired)
-                    / sum(tokens_of(k.rows) for _, k in paired)
-                )
-                if cur.rows
-                else None,
-            }
-        )
+    if pairs_run is not None:
+        figures.update(pairs_run.figures())
     if device.startswith("cuda"):
         info["gpu"] = gpu_name()
     figures["machine"] = info

@@ -33,7 +33,7 @@ ROOT = HERE.parents[1]
 FLEET = HERE / "fleet.py"
 BEGIN = "<!-- make bench: begin -->"
 END = "<!-- make bench: end -->"
-BUDGET_S = 20 * 60
+BUDGET_S = 30 * 60
 
 # name, target, direction (how the target reads), the paper's figure where it has one
 TARGETS: list[tuple[str, float | None, str, str]] = [
@@ -58,6 +58,24 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("vllm_prefix_cache_hit", None, "", ""),
     ("vllm_server_prefix_cache_hit", None, "", ""),
     ("vllm_vs_hf_wall_ratio", None, "", ""),
+    ("cord_vs_curation_wall_ratio_vllm", 1.0, "<=", "1.72"),
+    ("cord_vs_curation_wall_ratio_vllm_min", None, "", ""),
+    ("cord_vs_curation_wall_ratio_vllm_max", None, "", ""),
+    ("cord_vs_curation_wall_ratio_vllm_total", None, "", ""),
+    ("cord_vs_curation_token_ratio_vllm", None, "", ""),
+    ("cord_vs_curation_model_token_ratio_vllm", None, "", ""),
+    ("cord_busy_share_vllm", None, "", ""),
+    ("curation_busy_share_vllm", None, "", ""),
+    ("cord_scoring_cpu_share_vllm", None, "", ""),
+    ("cord_selection_wait_share_vllm", None, "", ""),
+    ("vllm_prefix_cache_hit_affinity", 0.85, ">=", ""),
+    ("vllm_prefix_cache_hit_no_affinity", None, "", ""),
+    ("affinity_wall_ratio_long_prefix", 0.90, "<=", ""),
+    ("enqueue_1m_s", 20, "<=", ""),
+    ("redis_mib_1m", 256, "<=", ""),
+    ("enqueue_rss_mib_1m", 256, "<=", ""),
+    ("admit_backlog_rss_mib", 1024, "<=", ""),
+    ("admit_backlog_steps_per_s", None, "", ""),
     ("follow_inflight_after_drain", 0, "<=", ""),
     ("follow_coordinator_rss_mib_first_wave", None, "", ""),
     ("follow_coordinator_rss_mib_last_wave", None, "", ""),
@@ -73,16 +91,26 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
-# Benchmarks of their own script (the rest are subcommands of fleet.py).
-SCRIPTS = {"vllm": HERE / "servers.py"}
+# Each benchmark: its script and subcommand (None: the script is one command).
+SCRIPTS: dict[str, tuple[Path, str | None]] = {
+    "dispatch": (FLEET, "dispatch"),
+    "overhead": (FLEET, "overhead"),
+    "cache": (FLEET, "cache"),
+    "vllm": (HERE / "servers.py", "compare"),
+    "vllm_pairs": (HERE / "servers.py", "pairs"),
+    "vllm_affinity": (HERE / "servers.py", "affinity"),
+    "soak": (FLEET, "soak"),
+    "memory": (FLEET, "memory"),
+    "backlog": (HERE / "backlog.py", None),
+}
 
 
 def run_one(name: str, args: list[str], redis_url: str | None) -> dict[str, Any] | None:
     """One benchmark in its own process; its figures, or None when it failed."""
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp:
         out = Path(tmp) / "figures.json"
-        script = SCRIPTS.get(name)
-        cmd = [sys.executable, str(script or FLEET), *([] if script else [name])]
+        script, command = SCRIPTS[name]
+        cmd = [sys.executable, str(script), *([command] if command else [])]
         cmd += [*args, "--json", str(out)]
         if redis_url:
             cmd += ["--redis-url", redis_url]
@@ -156,7 +184,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--redis-url", default=None, help="Default: CORD_REDIS_URL or the local one.")
 @click.option(
     "--only",
-    default="dispatch,overhead,cache,vllm,soak,memory",
+    default="dispatch,overhead,cache,vllm,vllm_pairs,vllm_affinity,soak,memory,backlog",
     show_default=True,
     help="Comma-separated benchmarks to run.",
 )
@@ -165,6 +193,13 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--overhead-problems", default=48, show_default=True)
 @click.option("--cache-problems", default=24, show_default=True)
 @click.option("--vllm-problems", default=12, show_default=True)
+@click.option("--vllm-pairs-problems", default=48, show_default=True)
+@click.option("--vllm-pairs", default=5, show_default=True)
+@click.option("--affinity-problems", default=24, show_default=True)
+@click.option("--affinity-long-problems", default=16, show_default=True)
+@click.option("--affinity-long-pairs", default=3, show_default=True)
+@click.option("--backlog-problems", default=1_000_000, show_default=True)
+@click.option("--admit-seconds", default=150, show_default=True)
 @click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option(
@@ -184,6 +219,13 @@ def main(
     overhead_problems: int,
     cache_problems: int,
     vllm_problems: int,
+    vllm_pairs_problems: int,
+    vllm_pairs: int,
+    affinity_problems: int,
+    affinity_long_problems: int,
+    affinity_long_pairs: int,
+    backlog_problems: int,
+    admit_seconds: int,
     soak_waves: int,
     memory_problems: int,
     doc_path: str,
@@ -208,10 +250,27 @@ def main(
         "cache": ["--problems", str(cache_problems)],
         # The fleet on vLLM servers against hf, the same problems (servers.py).
         "vllm": ["--problems", str(vllm_problems)],
+        # CoRD against curation with every pool on a vLLM server.
+        "vllm_pairs": ["--problems", str(vllm_pairs_problems), "--pairs", str(vllm_pairs)],
+        # Two vLLM servers per pool: cache hits and wall time with and without affinity.
+        "vllm_affinity": [
+            "--problems",
+            str(affinity_problems),
+            "--long-problems",
+            str(affinity_long_problems),
+            "--long-pairs",
+            str(affinity_long_pairs),
+        ],
         # A --follow coordinator while workers are stopped wave after wave.
         "soak": ["--waves", str(soak_waves)],
-        # Last: 10,000 problems leave the most behind in Redis until they are dropped.
         "memory": ["--problems", str(memory_problems)],
+        # Last: a million problems enqueued, and a coordinator drawing from them.
+        "backlog": [
+            "--problems",
+            str(backlog_problems),
+            "--admit-seconds",
+            str(admit_seconds),
+        ],
     }
     wanted = [n.strip() for n in only.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(plan))

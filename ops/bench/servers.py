@@ -1,21 +1,60 @@
-"""The fleet on inference servers: the lab's CoRD with every pool on a vLLM server
-(vLLM's CPU build here), against the same fleet on the in-worker `hf` engine, on the
-same problems. Part of `make bench` (ops/bench/run_all.py runs it as `vllm`).
+"""The fleet on inference servers: every pool on a vLLM server (vLLM's CPU build here,
+one server per worker, launched and supervised by it). Part of `make bench`
+(ops/bench/run_all.py runs each subcommand in a process of its own).
 
-    python ops/bench/servers.py --problems 12
+    python ops/bench/servers.py compare --problems 12     # CoRD on vLLM against the in-worker
+                                                          #   `hf` engine, the same problems
+    python ops/bench/servers.py pairs --problems 48       # CoRD against curation on vLLM
+    python ops/bench/servers.py affinity                  # two servers per pool: prefix-cache
+                                                          #   hits and wall time with and
+                                                          #   without cache-affine routing
 
-Printed: per engine the wall time, generated tokens per second (all models, kept and
+`compare`: per engine the wall time, generated tokens per second (all models, kept and
 discarded steps, answers), the prompt tokens the prefix caches served (the rows' own
 count) and, for vLLM, the share from the servers' own counters
 (`vllm:prefix_cache_hits_total` over `vllm:prefix_cache_queries_total`, as each worker's
-heartbeat reports them); last `vllm_vs_hf_wall_ratio=`. Server start-up is not timed.
+heartbeat reports them); last `vllm_vs_hf_wall_ratio=`.
+
+`pairs`: `fleet.py overhead`'s pairs method (`fleet.cord_curation_pairs`: alternating
+order, new problems per pair, the median ratio with its spread and the ratio of totals)
+with every pool on a vLLM server and every problem of a pair in flight at once (a
+dataset keeps thousands in flight: the servers stay busy while any one problem waits for
+its selection). Curation runs at the smallest N whose generated tokens reach CoRD's.
+Beside `cord_vs_curation_wall_ratio_vllm`: the token ratio, and where the time goes
+(`PairRuns.where_time_goes`): the share of wall time the servers had work, the
+meta-prover's share of the servers' CPU, the share of a step that finished work waited
+for its selection, and the tokens the models ran per problem (prefill not served from
+the cache, by the servers' own counters, plus generated).
+
+`affinity`: two workers (two servers) per pool, every pool's routing switched between
+runs (`routing.affinity`, a coordinator setting: the same servers serve both), in pairs
+on problems of their own, the order alternating. On lab problems, the share of prompt
+tokens the servers' prefix caches served, by their own counters, with affinity on and
+off (`vllm_prefix_cache_hit_affinity` / `_no_affinity`) and the wall ratio. Then the same
+on problems whose prompt carries about 1,500 tokens of context of its own (a prefill in
+the wrong place costs something there): `affinity_wall_ratio_long_prefix` is the median
+of the pairs' wall time with affinity over without. Each server's KV cache holds about
+30,000 tokens (`--kv-tokens`): room for the long problems that affinity sends it, not for
+all of them, as a server of a large run has room for a fraction of the problems in
+flight; with room for everything both servers soon cache every context and a wrong
+place costs only the last steps (0.94 against 0.90 of prompt tokens from the cache, a
+wall ratio of 0.93-0.96). The lab's models learned positions up to 1,024 only; these
+runs use copies whose configs allow 4,096 (RoPE has no table to outgrow): what they
+write past their training lengths is not meaningful, and these runs only time it.
+
+Server start-up is timed apart and never counted. Rows go to temporary folders.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import statistics
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +63,11 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fleet import (
     SEED,
+    WARMUP_SEED,
     Fleet,
+    FleetRun,
     cache_share,
+    cord_curation_pairs,
     emit,
     fleet_dict,
     lab_problems,
@@ -36,9 +78,14 @@ from fleet import (
     tokens_of,
 )
 
-from cord.common.config import allow_bench_engine
+from cord.common.config import RoutingSpec, RunConfig, allow_bench_engine
+from cord.common.lab.arith import make_problems
 from cord.common.log import configure
 from cord.common.messages import EngineStats
+from cord.common.problems import Problem
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+LONG_POSITIONS = 4096  # the long-prefix runs' model copies and servers
 
 
 def server_share(stats: dict[str, EngineStats]) -> float | None:
@@ -47,17 +94,35 @@ def server_share(stats: dict[str, EngineStats]) -> float | None:
     return round(hits / queries, 4) if queries else None
 
 
-@click.command()
-@click.option("--redis-url", default=None, help="Default: CORD_REDIS_URL or the local one.")
-@click.option("--problems", default=12, show_default=True)
-@click.option("--json", "json_path", default=None, help="Also write figures here.")
-def main(redis_url: str | None, problems: int, json_path: str | None) -> None:
-    import os
+def run_server_share(run: FleetRun) -> float | None:
+    """The servers' own prefix-cache share over one run (their counters' deltas)."""
+    hits = sum(e.get("server_cache_hit_tokens", 0) for e in run.engine.values())
+    queries = sum(e.get("server_cache_query_tokens", 0) for e in run.engine.values())
+    return round(hits / queries, 4) if queries else None
 
+
+@click.group()
+def main() -> None:
+    """The fleet on vLLM servers (see the module docstring)."""
     configure(level="WARNING")
     allow_bench_engine()
     os.environ.pop("CORD_NAMESPACE", None)
-    redis_url = redis_url or os.environ.get("CORD_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+url_option = click.option(
+    "--redis-url",
+    default=lambda: os.environ.get("CORD_REDIS_URL", DEFAULT_URL),
+    show_default="CORD_REDIS_URL or " + DEFAULT_URL,
+)
+json_option = click.option("--json", "json_path", default=None, help="Also write figures here.")
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=12, show_default=True)
+@json_option
+def compare(redis_url: str, problems: int, json_path: str | None) -> None:
+    """CoRD with every pool on the in-worker `hf` engine, then on vLLM servers."""
     todo = lab_problems(problems, SEED + 7)
     figures: dict[str, Any] = {"servers_problems": problems}
     walls: dict[str, float] = {}
@@ -89,6 +154,201 @@ def main(redis_url: str | None, problems: int, json_path: str | None) -> None:
             )
     figures["machine"] = machine()
     figures["vllm_vs_hf_wall_ratio"] = r3(walls["vllm"] / walls["hf"])
+    emit(figures, json_path)
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=48, show_default=True, help="Problems per run.")
+@click.option("--pairs", default=5, show_default=True)
+@click.option(
+    "--max-in-flight",
+    default=None,
+    type=int,
+    help="Problems in flight at once (default: all of a run's).",
+)
+@json_option
+def pairs(
+    redis_url: str, problems: int, pairs: int, max_in_flight: int | None, json_path: str | None
+) -> None:
+    """CoRD against curation with every pool on a vLLM server, in pairs."""
+    figures: dict[str, Any] = {"vllm_pairs_problems": problems}
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        data = fleet_dict(redis_url, ns, engine="vllm", max_in_flight=max_in_flight or problems)
+        fleet = Fleet(data, Path(tmp))
+        try:
+            figures["vllm_pairs_start_s"] = r3(fleet.start(timeout_s=900))
+            run_fleet(fleet.cfg, lab_problems(4, WARMUP_SEED))  # compiles, connections
+            first = run_fleet(fleet.cfg, lab_problems(problems, SEED + 100), fleet=fleet)
+            result = cord_curation_pairs(fleet, first, problems, pairs, seed=SEED + 100)
+        finally:
+            fleet.stop()
+    figures.update(result.figures("_vllm"))
+    figures["machine"] = machine()
+    emit(figures, json_path)
+
+
+# -- affinity on two servers per pool ---------------------------------------------------
+def long_models(into: Path) -> dict[str, str]:
+    """Copies of the lab's models whose configs allow `LONG_POSITIONS` positions."""
+    data = fleet_dict(DEFAULT_URL, "x")
+    out = {}
+    for entry in [*data["teachers"], data["meta_prover"]]:
+        src = Path(entry["model"])
+        dst = into / src.name
+        shutil.copytree(src, dst)
+        config = json.loads((dst / "config.json").read_text(encoding="utf-8"))
+        config["max_position_embeddings"] = LONG_POSITIONS
+        (dst / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        out[entry["name"]] = str(dst)
+    return out
+
+
+def kv_bytes_per_token(model: str) -> int:
+    """Bytes of KV cache one token takes in `model` (float32, as the CPU servers run)."""
+    config = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return int(config["num_hidden_layers"]) * 2 * kv_heads * head_dim * 4
+
+
+def long_problems(n: int, seed: int, context_tokens: int) -> list[Problem]:
+    """Lab problems, each after a context of its own of about `context_tokens` tokens of
+    the lab's tokenizers: other lab questions with their answers, as notes."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(fleet_dict(DEFAULT_URL, "x")["teachers"][0]["model"])
+    out = []
+    for i, p in enumerate(make_problems(n, seed)):
+        lines = [
+            f"{q.question} The answer is {q.answer}." for q in make_problems(200, seed * 1000 + i)
+        ]
+        sizes = [len(ids) for ids in tokenizer([x + "\n" for x in lines])["input_ids"]]
+        notes: list[str] = []
+        count = 0  # tokens of the notes so far (each line and its newline)
+        while count < context_tokens:
+            notes.append(lines[len(notes) % len(lines)])
+            count += sizes[(len(notes) - 1) % len(lines)]
+        question = "Notes:\n" + "\n".join(notes) + f"\n\n{p.question}"
+        out.append(Problem(id=f"long-{seed}-{i}", question=question, answer=p.answer))
+    return out
+
+
+def with_affinity(cfg: RunConfig, on: bool) -> RunConfig:
+    return cfg.model_copy(update={"routing": RoutingSpec(affinity=on)})
+
+
+@dataclass
+class AffinityPairs:
+    """Runs with and without affinity, in pairs on problems of their own, the order
+    alternating (a server's cache and compiled shapes favour nothing in particular)."""
+
+    runs: list[tuple[FleetRun, FleetRun]]  # (affinity, without)
+
+    def figures(self, share: str, ratio: str) -> dict[str, Any]:
+        """The servers' cache share with and without (`share`_affinity, `share`_no_affinity,
+        over all runs) and the wall ratio (`ratio`: the median of the pairs')."""
+        out: dict[str, Any] = {}
+        for i, tag in enumerate(("affinity", "no_affinity")):
+            runs = [pair[i] for pair in self.runs]
+            hits = sum(e.get("server_cache_hit_tokens", 0) for r in runs for e in r.engine.values())
+            queries = sum(
+                e.get("server_cache_query_tokens", 0) for r in runs for e in r.engine.values()
+            )
+            out[f"{share}_{tag}"] = round(hits / queries, 4) if queries else None
+            out[f"{ratio}_{tag}_wall_s"] = ",".join(f"{r.wall_s:.2f}" for r in runs)
+            out[f"{ratio}_{tag}_done"] = sum(len(r.rows) for r in runs)
+        walls = [a.wall_s / b.wall_s for a, b in self.runs]
+        out[f"{ratio}s"] = ",".join(f"{w:.3f}" for w in walls)
+        out[ratio] = r3(statistics.median(walls))
+        return out
+
+
+def affinity_pairs(
+    fleet: Fleet, on: RunConfig, off: RunConfig, sets: list[list[Problem]], label: str
+) -> AffinityPairs:
+    pairs = []
+    for k in range(len(sets) // 2):
+        order = [(0, on), (1, off)] if k % 2 == 0 else [(1, off), (0, on)]
+        done: dict[int, FleetRun] = {}
+        for slot, (i, cfg) in enumerate(order):
+            done[i] = run_fleet(cfg, sets[2 * k + slot], fleet=fleet)
+        pairs.append((done[0], done[1]))
+        click.echo(
+            f"{label}, pair {k + 1}: affinity {done[0].wall_s:.1f}s (cache "
+            f"{run_server_share(done[0])}), without {done[1].wall_s:.1f}s (cache "
+            f"{run_server_share(done[1])}): {done[0].wall_s / done[1].wall_s:.3f}",
+            err=True,
+        )
+    return AffinityPairs(pairs)
+
+
+@main.command()
+@url_option
+@click.option("--problems", default=24, show_default=True, help="Lab problems per run.")
+@click.option("--lab-pairs", default=2, show_default=True)
+@click.option(
+    "--long-problems", "long_problems_n", default=16, show_default=True, help="Per long-prefix run."
+)
+@click.option("--long-pairs", default=3, show_default=True)
+@click.option("--context-tokens", default=1500, show_default=True)
+@click.option(
+    "--kv-tokens",
+    default=30_000,
+    show_default=True,
+    help="KV cache of each server, in tokens: room for its share of the long problems in "
+    "flight (about 25,000 of 16), not for all of them (as on a server of a large run).",
+)
+@click.option("--workers-per-pool", default=2, show_default=True)
+@json_option
+def affinity(
+    redis_url: str,
+    problems: int,
+    lab_pairs: int,
+    long_problems_n: int,
+    long_pairs: int,
+    context_tokens: int,
+    kv_tokens: int,
+    workers_per_pool: int,
+    json_path: str | None,
+) -> None:
+    """Prefix-cache hits and wall time with and without affinity, two servers per pool."""
+    figures: dict[str, Any] = {
+        "affinity_problems": problems,
+        "affinity_long_problems": long_problems_n,
+        "affinity_context_tokens": context_tokens,
+        "affinity_kv_tokens": kv_tokens,
+        "affinity_workers_per_pool": workers_per_pool,
+    }
+    long_sets = [  # the last one warms up
+        long_problems(long_problems_n, SEED + 200 + k, context_tokens)
+        for k in range(2 * long_pairs + 1)
+    ]
+    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        ns = f"bench-{uuid.uuid4().hex[:8]}"
+        data = fleet_dict(redis_url, ns, engine="vllm", max_in_flight=max(problems, 32))
+        models = long_models(Path(tmp))
+        for entry in [*data["teachers"], data["meta_prover"]]:
+            model = models[entry["name"]]
+            gib = kv_tokens * kv_bytes_per_token(model) / 2**30
+            entry.update(model=model, max_model_len=LONG_POSITIONS, cpu_kvcache_gib=gib)
+        fleet = Fleet(data, Path(tmp), workers_per_pool)
+        try:
+            figures["affinity_start_s"] = r3(fleet.start(timeout_s=900))
+            on, off = with_affinity(fleet.cfg, True), with_affinity(fleet.cfg, False)
+            # Warm-up: the CPU build compiles for new batch shapes on first use.
+            run_fleet(off, lab_problems(problems, WARMUP_SEED))
+            run_fleet(off, long_sets[-1][:4])
+            lab_sets = [lab_problems(problems, SEED + 300 + k) for k in range(2 * lab_pairs)]
+            lab = affinity_pairs(fleet, on, off, lab_sets, "lab prompts")
+            long = affinity_pairs(fleet, on, off, long_sets[:-1], "long prefix")
+        finally:
+            fleet.stop()
+    figures.update(lab.figures("vllm_prefix_cache_hit", "affinity_wall_ratio_lab"))
+    figures.update(long.figures("long_prefix_cache_hit", "affinity_wall_ratio_long_prefix"))
+    figures["machine"] = machine()
     emit(figures, json_path)
 
 
