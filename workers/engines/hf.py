@@ -172,8 +172,23 @@ class HFEngine(BaseEngine):
         self.prefix_cache = PrefixCache(spec.prefix_cache_tokens)
         self._stop_ids = self.eos_ids  # what ends a row: eos ids and a request's stop ids
         self._enders: dict[tuple[str, ...], frozenset[int]] = {}  # see `_may_end`
+        # Generation prefills into decoding slabs where every cache layer is a plain
+        # one (full attention); (heads, head dim) of each layer's keys and values.
+        probe = DynamicCache(config=self.model.config)
+        self._kv_shape = self._kv_shapes()
+        self._slabs = all(type(layer) is DynamicLayer for layer in probe.layers) and len(
+            probe.layers
+        ) == len(self._kv_shape)
 
     # -- torch plumbing -------------------------------------------------------------
+    @torch.inference_mode()
+    def _kv_shapes(self) -> list[tuple[int, int]]:
+        """(heads, head dim) of each layer's cached keys, from one token's forward."""
+        cache = DynamicCache(config=self.model.config)
+        one = torch.zeros(1, 1, dtype=torch.long)
+        self._forward(one, one, torch.ones(1, 1, dtype=torch.long), cache)
+        return [(int(k.shape[1]), int(k.shape[-1])) for k, _ in self._kv_of(cache)]
+
     def _make_cache(self, kv: KV | None) -> DynamicCache:
         """A DynamicCache holding `kv` as it is: `DynamicCache(kv)` would copy every
         layer (its first `update` concatenates onto an empty tensor), a full copy of the
@@ -221,13 +236,7 @@ class HFEngine(BaseEngine):
         new tokens and cut into the passes that cost least: a pass costs
         `_PASS_COST_TOKENS` plus rows x width (one item missing the cache would otherwise
         widen every row of a cache-hitting task)."""
-        hits: list[int] = []
-        kvs: list[KV | None] = []
-        for ids, limit in zip(seqs, reuse_limits, strict=True):
-            hit, kv = self.prefix_cache.lookup(ids)
-            hit = min(hit, limit)
-            hits.append(hit)
-            kvs.append(crop_kv(kv, hit) if kv is not None and hit > 0 else None)
+        hits, kvs = self._lookups(seqs, reuse_limits)
         news = [ids.numel() - hit for ids, hit in zip(seqs, hits, strict=True)]
         order = sorted(range(len(seqs)), key=lambda i: news[i])
         passes = []
@@ -239,6 +248,21 @@ class HFEngine(BaseEngine):
                 )
             )
         return passes
+
+    def _lookups(
+        self, seqs: list[torch.Tensor], reuse_limits: list[int]
+    ) -> tuple[list[int], list[KV | None]]:
+        """Each sequence's longest cached prefix (at most its reuse limit): its length
+        and its KV, cropped to it. All lookups come before any pass, so one item does
+        not reuse another's new tokens."""
+        hits: list[int] = []
+        kvs: list[KV | None] = []
+        for ids, limit in zip(seqs, reuse_limits, strict=True):
+            hit, kv = self.prefix_cache.lookup(ids)
+            hit = min(hit, limit)
+            hits.append(hit)
+            kvs.append(crop_kv(kv, hit) if kv is not None and hit > 0 else None)
+        return hits, kvs
 
     def _passes(self, widths: list[int]) -> list[list[int]]:
         """Cut ascending `widths` into consecutive groups of least total cost (a group
@@ -322,12 +346,22 @@ class HFEngine(BaseEngine):
         ]
 
     def _generate(self, rows: list[_Row]) -> None:
-        """Prefill `rows` (`_prefill_passes`), copy their KV once into decoding slabs
-        (`_joined`), then decode them together until each finishes."""
-        passes = self._prefill_passes(
-            [r.prompt for r in rows], [r.prompt.numel() - 1 for r in rows]
-        )
-        batched, mask, segments = self._joined(passes, max(r.max_new for r in rows))
+        """Prefill `rows` into decoding slabs (`_prefill_in_slabs`, or where the model's
+        cache layers are not plain ones, `_prefill_passes` then `_joined`), then decode
+        them together until each finishes."""
+        room = max(r.max_new for r in rows)
+        seqs, limits = [r.prompt for r in rows], [r.prompt.numel() - 1 for r in rows]
+        if self._slabs:
+            passes, slabs, end = self._prefill_in_slabs(seqs, limits, room)
+            batched = DynamicCache(config=self.model.config)
+            batched.layers = [_SlabLayer(k, v, end) for k, v in slabs]
+            mask = torch.zeros(len(rows), end, dtype=torch.long)
+            segments = [range(*p.segment(j)) for p in passes for j in range(len(p.rows))]
+            for b, cols in enumerate(segments):
+                mask[b, cols.start : cols.stop] = 1
+        else:
+            passes = self._prefill_passes(seqs, limits)
+            batched, mask, segments = self._joined(passes, room)
         firsts = []
         order: list[int] = []  # batch position -> index into rows
         for p in passes:
@@ -368,6 +402,65 @@ class HFEngine(BaseEngine):
             )
             positions = positions + 1
             logits = step_logits[:, -1]
+
+    def _prefill_in_slabs(
+        self, seqs: list[torch.Tensor], reuse_limits: list[int], room: int
+    ) -> tuple[list[_Pass], KV, int]:
+        """Prefill each sequence on top of its longest cached prefix straight into slabs
+        (`_SlabLayer`) that hold the whole batch, in as few forward passes as pay
+        (`_passes`). Every pass writes its rows' new tokens at the same columns, ending
+        at column E (the same for all passes: the largest of a pass's longest hit plus
+        its longest new part), each row's cached prefix right before them; a row with
+        fewer new tokens than its pass's longest leaves holes after them. Zero pads come
+        first and `room` columns after E to decode into; masks hide pads and holes. So
+        the prefix KV is copied once, from the cache into the slab: `_prefill_passes`
+        and `_joined` copied it three times more (a padded batch, each pass's own cache,
+        a realigned slab), most of CoRD's engine cost beyond the model.
+
+        Returns the passes (their `layers` are views of the slabs, rows in pass order),
+        the slabs (per layer, keys and values) and E."""
+        hits, kvs = self._lookups(seqs, reuse_limits)
+        news = [ids.numel() - hit for ids, hit in zip(seqs, hits, strict=True)]
+        order = sorted(range(len(seqs)), key=lambda i: news[i])
+        groups = [[order[g] for g in group] for group in self._passes([news[i] for i in order])]
+        spans = [max(news[i] for i in group) for group in groups]
+        end = max(max(hits[i] for i in g) + span for g, span in zip(groups, spans, strict=True))
+        template = next(iter(self.model.parameters()))
+        shape = (len(seqs), end + room)
+        slabs: KV = [
+            (
+                template.new_zeros(shape[0], h, shape[1], d),
+                template.new_zeros(shape[0], h, shape[1], d),
+            )
+            for h, d in self._kv_shape
+        ]
+        passes: list[_Pass] = []
+        lo = 0  # the pass's first batch row
+        for group, span in zip(groups, spans, strict=True):
+            at = end - span  # where the pass's new tokens start, every row
+            hi = lo + len(group)
+            ids = torch.zeros(len(group), span, dtype=torch.long)
+            positions = torch.zeros(len(group), span, dtype=torch.long)
+            mask = torch.zeros(len(group), end, dtype=torch.long)
+            for j, i in enumerate(group):
+                seq, hit, kv = seqs[i], hits[i], kvs[i]
+                if kv is not None and hit:
+                    for (keys, values), (k, v) in zip(slabs, kv, strict=True):
+                        keys[lo + j, :, at - hit : at] = k[0]
+                        values[lo + j, :, at - hit : at] = v[0]
+                ids[j, : news[i]] = seq[hit:]
+                # Holes repeat the last position: never beyond the sequence.
+                positions[j] = torch.clamp(torch.arange(hit, hit + span), max=seq.numel() - 1)
+                mask[j, at - hit : at + news[i]] = 1
+            views = [(k[lo:hi], v[lo:hi]) for k, v in slabs]
+            cache = DynamicCache(config=self.model.config)
+            cache.layers = [_SlabLayer(k, v, at) for k, v in views]
+            logits, _ = self._forward(ids, positions, mask, cache)
+            passes.append(
+                _Pass(group, logits, views, at, [hits[i] for i in group], [news[i] for i in group])
+            )
+            lo = hi
+        return passes, slabs, end
 
     def _joined(
         self, passes: list[_Pass], room: int
@@ -466,22 +559,27 @@ class HFEngine(BaseEngine):
 
     def _remember(self, row: _Row, batched: Any, b: int, prompt: range, start: int) -> None:
         """Put a finished row's KV (prompt and the tokens fed back) in the prefix cache:
-        its prompt columns and its columns from `start` on (batch position `b`). The
-        prompt is right-aligned to `start`, so they are one run of columns."""
+        its prompt columns and its columns from `start` on (batch position `b`): one run
+        of columns where the prompt ends at `start`, else two (holes between)."""
         if self.prefix_cache.max_tokens <= 0:
             return
-        assert prompt.stop == start
         fed = row.out[:-1] if row.finish != "eos" else row.out
         ids = torch.cat([row.prompt, torch.tensor(fed, dtype=torch.long)])
         end = start + len(fed)
         kv = [
-            (
-                k[b : b + 1, :, prompt.start : end].clone(),
-                v[b : b + 1, :, prompt.start : end].clone(),
-            )
+            (self._columns(k, b, prompt, start, end), self._columns(v, b, prompt, start, end))
             for k, v in self._kv_of(batched)
         ]
         self.prefix_cache.store(ids, kv)
+
+    @staticmethod
+    def _columns(t: torch.Tensor, b: int, prompt: range, start: int, end: int) -> torch.Tensor:
+        """Batch row `b`'s `prompt` columns and its columns `start:end`, as a new tensor."""
+        if prompt.stop == start:
+            return t[b : b + 1, :, prompt.start : end].clone()
+        return torch.cat(
+            [t[b : b + 1, :, prompt.start : prompt.stop], t[b : b + 1, :, start:end]], 2
+        )
 
     # -- scoring --------------------------------------------------------------------
     @torch.inference_mode()
@@ -502,12 +600,15 @@ class HFEngine(BaseEngine):
     ) -> list[tuple[list[float], int]]:
         """Per (context, answer) pair: the answer's log-probabilities after the context,
         and the prompt tokens the prefix cache served. One prefill of context + answer
-        per pair, batched (`_prefill_passes`); the log-softmax runs once per pass over
+        per pair, batched (`_prefill_in_slabs`); the log-softmax runs once per pass over
         every answer position in it; each context's KV goes into the prefix cache."""
         out: list[tuple[list[float], int] | None] = [None] * len(pairs)
-        passes = self._prefill_passes(
-            [torch.cat([c, t]) for c, t in pairs], [c.numel() - 1 for c, _ in pairs]
-        )
+        seqs = [torch.cat([c, t]) for c, t in pairs]
+        limits = [c.numel() - 1 for c, _ in pairs]
+        if self._slabs:
+            passes = self._prefill_in_slabs(seqs, limits, 0)[0]
+        else:
+            passes = self._prefill_passes(seqs, limits)
         for p in passes:
             rows: list[int] = []
             cols: list[int] = []

@@ -87,21 +87,24 @@ def test_passes_split_where_padding_costs_more_than_a_pass():
 
 
 def test_generation_over_several_passes_matches_an_engine_without_cache():
-    """Cache hits with short new parts and a long miss prefill in separate passes, which
-    `_joined` copies into one decoding batch; the finished rows' KV goes into the prefix
-    cache and the next step decodes on top of it. Every text must be what an engine
-    with no prefix cache writes for each item alone."""
+    """Cache hits with short new parts and a long miss prefill in separate passes, each
+    into its rows of the decoding slabs (holes after the short ones' new tokens); the
+    finished rows' KV goes into the prefix cache and the next step decodes on top of
+    it. Every text must be what an engine with no prefix cache writes for each item
+    alone."""
     spec = HFSpec(name="alpha", model=str(MODELS / "alpha"))
     engine = HFEngine(spec)
+    assert engine._slabs  # the lab's models prefill in place
     plain = HFEngine(spec.model_copy(update={"prefix_cache_tokens": 0}))
     passes: list[int] = []
-    group = engine._prefill_group
+    cut = engine._passes
 
-    def counted(*args):
-        passes.append(len(args[0]))
-        return group(*args)
+    def counted(widths):
+        groups = cut(widths)
+        passes.extend(len(g) for g in groups)
+        return groups
 
-    engine._prefill_group = counted
+    engine._passes = counted
     long_q = "What is " + " + ".join(str(n % 9 + 1) for n in range(40)) + "?"
     questions = ["What is 4 + 5 + 6?", "What is 7 + 7 + 1 + 2?", "What is 3 + 9?", long_q]
 
