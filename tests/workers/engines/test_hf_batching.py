@@ -126,3 +126,25 @@ def test_generation_over_several_passes_matches_an_engine_without_cache():
         assert step == 1 or sum(g.cached_tokens for g in got) > 0
         steps = [[*s, f"### Step {step}.{g.text}"] for s, g in zip(steps, got, strict=True)]
     assert plain.prefix_cache.tokens == 0
+
+
+def test_models_with_other_cache_layers_take_the_joined_path_to_the_same_texts():
+    """A model whose cache layers are not plain full-attention ones (sliding windows)
+    prefills into a batch of its own and is realigned into slabs (`_prefill_passes`,
+    `_joined`); the lab's models take that path when told to, and must write and score
+    what the in-place path does."""
+    spec = HFSpec(name="alpha", model=str(MODELS / "alpha"))
+    in_place, joined = HFEngine(spec), HFEngine(spec)
+    joined._slabs = False
+    questions = ["What is 4 + 5 + 6?", "What is 7 + 7 + 1 + 2?", "What is 3 + 9?"]
+    steps: list[list[str]] = [[]] * 3
+    for step in range(1, 4):
+        batch = greedy_items(f"s{step}-", questions, steps, [30, 24, 18])
+        a, b = in_place.expand(batch), joined.expand(batch)
+        assert [(g.text, g.finish, g.cached_tokens) for g in a] == [
+            (g.text, g.finish, g.cached_tokens) for g in b
+        ]
+        steps = [[*s, f"### Step {step}.{g.text}"] for s, g in zip(steps, a, strict=True)]
+    assert sum(g.cached_tokens for g in a) > 0
+    for x, y in zip(in_place.score(score_items("k")), joined.score(score_items("k")), strict=True):
+        assert x.score == pytest.approx(y.score, rel=1e-5)
