@@ -7,7 +7,7 @@
    temporary JSONL file, as ``cord-coord lab-problems`` prints them.
 2. Times ``cord-coord enqueue`` on it, run as a subprocess into a fresh namespace:
    wall seconds (`enqueue_1m_s`), the subprocess's peak RSS (`enqueue_rss_mib_1m`, its
-   own ``ru_maxrss`` from ``wait4``) and Redis ``used_memory`` after it over before
+   VmHWM, watched while it runs: `fleet.run_watched`) and Redis ``used_memory`` after it over before
    (`redis_mib_1m`; `redis_peak_mib_1m` is the peak, sampled twice a second). The
    enqueue's config names the lab models on the `hf` engine (enqueue loads no model;
    `cord-coord` refuses the `bench` engine).
@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import threading
@@ -61,6 +60,7 @@ from fleet import (
     r3,
     redis_at,
     rss_mib,
+    run_watched,
 )
 
 from cord.common.config import allow_bench_engine
@@ -96,22 +96,10 @@ def enqueue(config: Path, problems: Path, redis_url: str) -> tuple[float, float,
     env = {**os.environ, "CORD_REDIS_URL": redis_url}
     env.pop("CORD_NAMESPACE", None)
     args = [sys.executable, "-m", "cord.coordinator.cli", "enqueue"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        [*args, "--config", str(config), str(problems)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode()
-    # wait4: this child's own peak RSS, not the largest of all children (the workers).
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise click.ClickException(f"cord-coord enqueue exited {proc.returncode}:\n{output}")
-    return wall, usage.ru_maxrss / 1024, output.strip()
+    status, output, wall, peak = run_watched([*args, "--config", str(config), str(problems)], env)
+    if status != 0:
+        raise click.ClickException(f"cord-coord enqueue exited {status}:\n{output}")
+    return wall, peak, output.strip()
 
 
 def admit(fleet: Fleet, seconds: float) -> dict[str, Any]:

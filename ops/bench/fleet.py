@@ -117,6 +117,25 @@ def rss_mib(pid: int | str = "self") -> tuple[float, float]:
     return now, peak
 
 
+def run_watched(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, str, float, float]:
+    """Run `cmd` to its end: (exit status, its output, wall seconds, its peak RSS MiB).
+
+    The peak is the child's VmHWM, read every 20 ms while it runs: it starts afresh at
+    exec. `wait4`'s ru_maxrss would carry over the RSS the child had between fork and
+    exec, which is its parent's (579 MiB where a test process had loaded the models)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        peak = 0.0
+        while proc.poll() is None:
+            with contextlib.suppress(OSError):  # it may exit between poll and read
+                peak = max(peak, rss_mib(proc.pid)[1])
+            time.sleep(0.02)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        return proc.returncode, out.read().decode(errors="replace"), wall, peak
+
+
 # -- configs and problems --------------------------------------------------------------
 def lab_problems(n: int, seed: int) -> list[Problem]:
     return [Problem.model_validate(p.to_json()) for p in make_problems(n, seed)]

@@ -3,8 +3,6 @@ far apart (a duplicate id in another chunk than its first line), --skip-invalid'
 rejects, the cap on printed errors, and the enqueue process's peak memory."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +12,7 @@ from cord.common.config import load_config
 from cord.common.problems import Problem
 from cord.coordinator import intake
 from cord.coordinator.cli import main
+from tests.test_bench import load
 
 pytestmark = pytest.mark.redis
 
@@ -143,18 +142,11 @@ def test_enqueue_does_not_hold_the_file(make_config, tmp_path, redis_client, nam
     with open(path, "w", encoding="utf-8") as f:
         for i in range(n):
             f.write(json.dumps(row(i)) + "\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cord.coordinator.cli", "enqueue", "--config", str(config), path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    assert proc.stdout is not None
-    output = proc.stdout.read().decode()
-    # wait4: this child's own peak RSS (RUSAGE_CHILDREN would mix in other children).
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, output
+    # The child's own peak (VmHWM, watched while it runs: ru_maxrss would count the
+    # test process's RSS it had between fork and exec).
+    cmd = [sys.executable, "-m", "cord.coordinator.cli", "enqueue", "--config", str(config)]
+    status, output, _, peak_mib = load("fleet").run_watched([*cmd, str(path)])
+    assert status == 0, output
     assert f"enqueued {n} new problem(s)" in output
     assert redis_client.llen(f"{namespace}:queue") == n
-    peak_mib = usage.ru_maxrss / 1024
     assert peak_mib < ENQUEUE_RSS_BOUND_MIB, f"peak RSS {peak_mib:.0f} MiB"
