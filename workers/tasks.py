@@ -112,7 +112,8 @@ class WorkerRuntime:
         self.metrics.observe(kind, result)
         self._reply(req.reply_to, result)
         self._unmark_running(req.task_id)
-        self.tasks_done += 1
+        with self._lock:  # tasks may run at once (a server engine)
+            self.tasks_done += 1
         log.info("task_done", elapsed_s=round(result.elapsed_s, 3), error=result.error)
 
     @property

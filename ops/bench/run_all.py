@@ -1,6 +1,6 @@
 """``make bench``: every fleet benchmark in one run, figures into docs/benchmarks.md.
 
-    python ops/bench/run_all.py                       # the full run (about 10 min on 2 cores)
+    python ops/bench/run_all.py                       # the full run (about 20 min on 2 cores)
     python ops/bench/run_all.py --no-doc --only dispatch --dispatch-problems 200   # a look
 
 Each benchmark of `ops/bench/fleet.py` runs in a process of its own, one after another:
@@ -10,7 +10,7 @@ each benchmark's own output, a table of the figures against their targets, and l
 ``name=value`` lines. The figures replace the part of docs/benchmarks.md between
 ``<!-- make bench: begin -->`` and ``<!-- make bench: end -->`` (added at the end if the
 markers are missing); the rest of the file, the GPU figures among it, is left as it is.
-Sizes are flags; the defaults fit the issue's 20 minutes on a 2-core machine.
+Sizes are flags; the defaults fit in 30 minutes on a 2-core machine (about 20).
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("cord_vs_curation_wall_ratio_total", None, "", ""),
     ("cord_vs_curation_cpu_ratio", None, "", ""),
     ("cord_vs_curation_token_ratio", None, "", ""),
+    ("cord_vs_curation_model_token_ratio", None, "", ""),
+    ("cord_selection_wait_share", None, "", ""),
     ("prefix_cache_hit_affinity", None, "", ""),
     ("prefix_cache_hit_no_affinity", None, "", ""),
     ("coordinator_rss_mib_10k", 1024, "<=", ""),
@@ -68,8 +70,13 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("curation_busy_share_vllm", None, "", ""),
     ("cord_scoring_cpu_share_vllm", None, "", ""),
     ("cord_selection_wait_share_vllm", None, "", ""),
+    ("cord_prefill_tokens_per_problem_vllm", None, "", ""),
+    ("curation_prefill_tokens_per_problem_vllm", None, "", ""),
     ("vllm_prefix_cache_hit_affinity", 0.85, ">=", ""),
     ("vllm_prefix_cache_hit_no_affinity", None, "", ""),
+    ("affinity_wall_ratio_lab", None, "", ""),
+    ("long_prefix_cache_hit_affinity", 0.85, ">=", ""),
+    ("long_prefix_cache_hit_no_affinity", None, "", ""),
     ("affinity_wall_ratio_long_prefix", 0.90, "<=", ""),
     ("enqueue_1m_s", 20, "<=", ""),
     ("redis_mib_1m", 256, "<=", ""),

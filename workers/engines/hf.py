@@ -9,20 +9,25 @@ generates from token ids and computes the answer's log-probabilities.
 - A prefix KV cache (`kvcache.PrefixCache`): each request reuses the longest cached
   prefix of its token ids and reports how many prompt tokens came from it.
 
-Prefill (`_prefill_passes`): the items of a task run in one forward pass, each on top of
-its own cached prefix: the cached KVs are left-padded to a common length and the new
-tokens right-padded after them, with explicit position ids and an attention mask that
-hides the padding. On a CPU with tiny models a forward pass costs milliseconds of Python
-whatever its size, so one pass per item made prefill and scoring most of CoRD's cost
-(docs/benchmarks.md); a batch whose logits would be large is split into smaller passes.
+Prefill (`_prefill_in_slabs`): the items of a task run in as few forward passes as pay,
+each on top of its own cached prefix, straight into per-layer slabs that hold the whole
+batch and room for the whole decode (`_SlabLayer`): each row's cached prefix is copied in
+once from the prefix cache, each pass writes its rows' new tokens in place (all passes
+end at one column; a row shorter than its pass's longest leaves masked holes), with
+explicit position ids and an attention mask that hides pads and holes. On a CPU with
+tiny models a forward pass costs milliseconds of Python whatever its size, so one pass
+per item made prefill and scoring most of CoRD's cost (docs/benchmarks.md); rows are
+grouped into passes by their new tokens (`_passes`), and a batch whose logits would be
+large is split. A model whose cache layers are not plain full-attention ones (sliding
+windows) prefills into a padded batch of its own (`_prefill_passes`) that is then
+copied, realigned, into slabs (`_joined`).
 
-Generation: the prefill passes' KV is copied once, row by row, into per-layer slabs
-sized for the whole decode (`_joined`, `_SlabLayer`), each row's tokens right-aligned;
-the rows decode together, one token per step written in place, with explicit position
-ids and an attention mask that hides the padding. Finished rows leave the batch and
-their KV (prompt + generated tokens) goes into the prefix cache. transformers'
-`DynamicCache` copies every layer's whole KV on construction and on every decode step;
-the engine avoids both (about a fifth of CoRD's engine time on the lab's models).
+Generation: the rows decode together, one token per step written in place into the
+slabs. Finished rows leave the batch and their KV (prompt + generated tokens) goes into
+the prefix cache. transformers' `DynamicCache` copies every layer's whole KV on
+construction and on every decode step; the engine avoids both (about a fifth of CoRD's
+engine time on the lab's models), and prefilling in place avoids three more copies of
+every cached prefix (a padded batch, each pass's own cache, a realigned slab).
 
 Scoring: the items of a task are prefilled together; each item's log-probabilities of
 the reference answer are read off its rows of the logits.
