@@ -185,15 +185,19 @@ def test_sigterm_while_loading_exits_0(tmp_path, redis_url, redis_client, namesp
     """A spot notice before the model is loaded: nothing to finish, a clean exit."""
     config = worker_config(tmp_path, redis_url, namespace, MODELS / "alpha")
     proc = start_worker(config, tmp_path / "worker.log")
+    log = tmp_path / "worker.log"
     try:
-        time.sleep(1.0)  # importing torch, far from serving
+        # Its handler is set before it logs `loading_model`; then it imports torch and
+        # loads the model, far from serving. (A fixed 1 s sleep here once signalled a
+        # fresh venv's worker before its handler was set: cold imports.)
+        wait_for(lambda: "loading_model" in log.read_text(errors="replace"), 60, "loading")
         assert redis_client.hlen(Keys(namespace).workers) == 0
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert "SIGTERM before serving" in (tmp_path / "worker.log").read_text()
+    assert "SIGTERM before serving" in log.read_text()
     assert redis_client.hlen(Keys(namespace).workers) == 0
 
 
