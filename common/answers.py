@@ -51,7 +51,7 @@ def after_hashes(text: str) -> str | None:
     """GSM8K's reference: the text after the last ``####``, thousands separators and a
     dollar sign dropped (``#### 1,200`` -> ``1200``); None when there is no ``####`` or
     nothing after it."""
-    head, sep, tail = text.rpartition("####")
+    _, sep, tail = text.rpartition("####")
     if not sep:
         return None
     answer = tail.strip().translate(_GSM8K_NUMBER_NOISE).strip()

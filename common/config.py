@@ -26,6 +26,7 @@ from pydantic import (
 from cord.common import prompts
 from cord.common.keys import queue_name
 from cord.common.messages import TaskKind
+from cord.common.problems import InputSpec
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -345,6 +346,15 @@ class OutputSpec(_Strict):
     keep_alternatives: bool = True
 
 
+class EvalSpec(_Strict):
+    match: Literal["math", "exact"] = Field(
+        default="math",
+        description="how a final answer is checked against the reference "
+        "(cord.common.matching): `math` compares them as mathematics with math-verify, "
+        "exact matching where it finds nothing to compare; `exact` only exact matching",
+    )
+
+
 class ReliabilitySpec(_Strict):
     task_timeout_s: float = Field(default=600.0, gt=0, description="re-dispatch a task after this")
     max_attempts: int = Field(
@@ -536,11 +546,13 @@ class RunConfig(_Strict):
     teachers: list[ModelSpec] = Field(min_length=1)
     meta_prover: ModelSpec
     prompt: PromptSpec = PromptSpec()
+    input: InputSpec = InputSpec()
     search: SearchSpec = Field(default_factory=SearchSpec)
     max_in_flight: int = Field(
         default=64, ge=1, description="problems the coordinator drives at once"
     )
     output: OutputSpec = OutputSpec()
+    eval: EvalSpec = EvalSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
     routing: RoutingSpec = RoutingSpec()
     metrics: MetricsSpec = MetricsSpec()

@@ -1,15 +1,20 @@
-"""Input problems: JSONL, one object per line.
+"""Input problems: one record (a JSON object, a CSV row, a Parquet or Arrow row) each.
 
-Fields: ``question`` (alias ``problem``), ``answer`` (the reference; the score needs it),
-optional ``id`` (default: a digest of the question); every other field is carried through
-to the output row under ``meta``. The whole file is checked before anything is enqueued;
-each bad line yields a `LineError` naming the line, the field, what is wrong and the fix.
+Fields, by default: ``question`` (alias ``problem``), ``answer`` (the reference; the score
+needs it), optional ``id`` (default: a digest of the question); `InputSpec` (the run
+config's ``input:``, the ``--question-field``/``--answer-field``/``--id-field`` and
+``--answer-from`` flags) names other fields and says how the reference is written
+(`cord.common.answers`). Question and answer must be text. Every other field is carried
+through to the output row under ``meta``. The whole source is checked before anything is
+enqueued; each bad record yields a `LineError` naming the line (JSONL) or row (other
+formats, counted from 1), the field, what is wrong and the fix.
 
-The rules live in `check_line` (one line) and `scan` (a stream of lines: blank lines,
-UTF-8, the truncated last line, the empty file). Both hold one line at a time, so
-`cord.coordinator.intake` checks a file of any size in bounded memory; `read_problems`
-is the same check with every problem kept (and duplicate ids found with a dict), for
-callers that want the problems as a list (`cord-coord eval`, tests).
+The rules live in `check_record` (one record), `check_line` (one JSONL line) and `scan`
+(a stream of JSONL lines: blank lines, UTF-8, the truncated last line, the empty file);
+`cord.common.sources` reads the other formats into `check_record`. All hold one record
+at a time, so `cord.coordinator.intake` checks a source of any size in bounded memory;
+`read_problems` is the same check with every problem kept (and duplicate ids found with a
+dict), for callers that want the problems as a list (`cord-coord eval`, tests).
 
 A valid line becomes a `Checked`: the problem's fields and its stored form, the bytes
 `Problem.model_dump_json()` gives, made without building the model (a fifth of the cost
@@ -28,7 +33,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from cord.common.answers import AnswerFrom, extract, where_missing
 
 
 class Problem(BaseModel):
@@ -40,25 +47,88 @@ class Problem(BaseModel):
     meta: dict[str, Any] = {}
 
 
+class InputSpec(BaseModel):
+    """Where a record keeps its question, reference answer and id (the run config's
+    ``input:``; each has a ``cord-coord enqueue``/``eval`` flag that overrides it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    question_field: str | None = Field(
+        default=None,
+        description="the field with the question; default `question`, or its alias `problem`",
+    )
+    answer_field: str = Field(
+        default="answer", description="the field with the reference answer (or the text it is in)"
+    )
+    answer_from: AnswerFrom = Field(
+        default="field",
+        description="how the reference is written in `answer_field`: `field`, the whole "
+        "value; `gsm8k`, the text after the last `####`; `boxed`, the last `\\boxed{...}`",
+    )
+    id_field: str | None = Field(
+        default=None,
+        description="the field with each problem's id (then every record needs one); "
+        "default `id` where a record has it, else a digest of the question",
+    )
+    split: str | None = Field(
+        default=None,
+        description="a dataset folder's or Hub dataset's split (default: its only split)",
+    )
+    subset: str | None = Field(
+        default=None, description="a Hub dataset's configuration (`load_dataset`'s name)"
+    )
+
+    def plan(self) -> Plan:
+        """The spec as `check_record` reads it, once per source (a pydantic model's
+        attributes cost a lookup a record; a tuple's do not)."""
+        consumed = {self.id_field or "id"}
+        consumed |= {self.question_field} if self.question_field else {"question", "problem"}
+        if self.answer_from == "field":
+            consumed.add(self.answer_field)
+        return Plan(
+            self.question_field,
+            self.answer_field,
+            self.answer_from,
+            self.id_field,
+            frozenset(consumed),
+            2 if self.answer_from == "field" else 1,
+        )
+
+
+class Plan(NamedTuple):
+    question_field: str | None
+    answer_field: str
+    answer_from: AnswerFrom
+    id_field: str | None
+    # The fields a record's problem is made of; the rest go to `meta`. A reference
+    # extracted from a longer text (gsm8k/boxed: a worked solution) leaves it in `meta`.
+    consumed: frozenset[str]
+    always: int  # consumed fields every valid record has
+
+
+DEFAULT_INPUT = InputSpec()
+DEFAULT_PLAN = DEFAULT_INPUT.plan()
+
+
 @dataclass(frozen=True)
 class LineError:
     line: int
     field: str | None
     problem: str
     fix: str
+    unit: str = "line"  # JSONL names lines; other formats name rows
 
     def __str__(self) -> str:
-        where = f"line {self.line}" + (f", field `{self.field}`" if self.field else "")
+        where = f"{self.unit} {self.line}" + (f", field `{self.field}`" if self.field else "")
         return f"{where}: {self.problem}; {self.fix}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"line": self.line, "field": self.field, "error": self.problem, "fix": self.fix}
+        return {self.unit: self.line, "field": self.field, "error": self.problem, "fix": self.fix}
 
 
 # What Problem.model_dump_json writes for NaN and infinities found in `meta` (`null`,
 # pydantic's default), so `Checked.stored` stays byte-identical to it.
 _INF_NAN = Problem.model_config.get("ser_json_inf_nan", "null")
-_RESERVED = frozenset({"id", "question", "problem", "answer"})
 
 
 class Checked(NamedTuple):
@@ -81,25 +151,32 @@ def default_id(question: str) -> str:
 
 
 def _text_field(
-    obj: dict[str, Any], names: tuple[str, ...], line: int
+    obj: dict[str, Any], names: tuple[str, ...], line: int, unit: str, flag: str
 ) -> tuple[str | None, LineError | None]:
+    """The text in the first of `names` that `obj` has, or what is wrong with it: missing,
+    not text (a number too: `72` is refused, `"72"` is not), or blank."""
     field = next((n for n in names if n in obj), None)
     if field is None:
         shown = " (or `" + "`/`".join(names[1:]) + "`)" if len(names) > 1 else ""
-        return None, LineError(line, names[0], "missing", f"add a `{names[0]}`{shown} string")
+        fix = f"add a `{names[0]}`{shown} string, or name the field that holds it with {flag}"
+        return None, LineError(line, names[0], "missing", fix, unit)
     value = obj[field]
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        kind = type(value).__name__ if value is not None else "null"
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        example = f" (`{json.dumps(str(value))}`, not `{value}`)" if _is_number(value) else ""
         return None, LineError(
-            line, field, f"must be a string, got {kind}", f"write `{field}` as a JSON string"
+            line, field, f"must be text, got {kind}", f"write `{field}` as a string{example}", unit
         )
-    text = value if isinstance(value, str) else json.dumps(value)
-    if not text.strip():
-        return None, LineError(line, field, "is empty", f"give `{field}` a non-empty value")
-    return text, None
+    if not value.strip():
+        return None, LineError(line, field, "is empty", f"give `{field}` a non-empty value", unit)
+    return value, None
 
 
-def _surrogate_error(obj: dict[str, Any], line: int) -> LineError:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _surrogate_error(obj: dict[str, Any], line: int, unit: str = "line") -> LineError:
     """A line whose text has a \\uD800-\\uDFFF escape without its pair: valid JSON, but
     no UTF-8 encodes it (once, such a line passed and the enqueue crashed halfway)."""
     field = None
@@ -114,11 +191,12 @@ def _surrogate_error(obj: dict[str, Any], line: int) -> LineError:
         field,
         "has a \\uD800-\\uDFFF escape without its pair (no UTF-8 text can hold it)",
         "fix or remove that \\u escape",
+        unit,
     )
 
 
-def check_line(raw: str, line: int) -> Checked | LineError:
-    """One line's rules: a JSON object with a usable question, answer and id."""
+def check_line(raw: str, line: int, plan: Plan = DEFAULT_PLAN) -> Checked | LineError:
+    """One JSONL line's rules: a JSON object that `check_record` accepts."""
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -135,50 +213,89 @@ def check_line(raw: str, line: int) -> Checked | LineError:
             f"a JSON {type(obj).__name__} is not an object",
             'write one object per line, e.g. {"question": ..., "answer": ...}',
         )
-    if "question" in obj and "problem" in obj:
-        return LineError(
-            line, "problem", "both `question` and its alias `problem` are set", "keep one of them"
-        )
-    # The common case (both plain non-blank strings) skips `_text_field`'s general path;
+    return check_record(obj, line, plan)
+
+
+def check_record(
+    obj: dict[str, Any], line: int, plan: Plan = DEFAULT_PLAN, unit: str = "line"
+) -> Checked | LineError:
+    """One record's rules: a usable question, reference answer and id, where `plan` (an
+    `InputSpec.plan()`) says they are; `line` (counted from 1) and `unit` name the
+    record in an error."""
+    qfield = plan.question_field
+    if qfield is None:
+        if "question" in obj and "problem" in obj:
+            return LineError(
+                line,
+                "problem",
+                "both `question` and its alias `problem` are set",
+                "keep one of them",
+                unit,
+            )
+        question = obj.get("question", obj.get("problem"))
+        qnames: tuple[str, ...] = ("question", "problem")
+    else:
+        question = obj.get(qfield)
+        qnames = (qfield,)
+    # The common case (plain non-blank strings) skips `_text_field`'s general path;
     # anything else goes through it, so the rules and messages are the same.
-    question = obj.get("question", obj.get("problem"))
     if type(question) is not str or not question.strip():
-        question, err = _text_field(obj, ("question", "problem"), line)
+        question, err = _text_field(obj, qnames, line, unit, "--question-field")
         if err:
             return err
-    answer = obj.get("answer")
+    afield = plan.answer_field
+    answer = obj.get(afield)
     if type(answer) is not str or not answer.strip():
-        answer, err = _text_field(obj, ("answer",), line)
+        answer, err = _text_field(obj, (afield,), line, unit, "--answer-field")
         if err:
             return err
     assert question is not None and answer is not None
+    if plan.answer_from == "field":
+        answer = answer.strip()
+    else:
+        extracted = extract(answer, plan.answer_from)
+        if extracted is None:
+            problem, fix = where_missing(plan.answer_from)
+            return LineError(line, afield, problem, fix, unit)
+        answer = extracted
     pid: str
-    if "id" in obj:
-        raw_id = obj["id"]
+    idfield = plan.id_field or "id"
+    if idfield in obj:
+        raw_id = obj[idfield]
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) or not str(raw_id).strip():
             return LineError(
                 line,
-                "id",
+                idfield,
                 "must be a non-empty string or integer",
-                "fix the `id` or drop it to use a digest of the question",
+                f"fix the `{idfield}`"
+                + (" or drop it to use a digest of the question" if plan.id_field is None else ""),
+                unit,
             )
         pid = str(raw_id).strip()
+    elif plan.id_field is not None:
+        return LineError(
+            line,
+            idfield,
+            "missing (the id field was named, so every record needs one)",
+            f"give the record an `{idfield}`, or leave the id field unset for digests",
+            unit,
+        )
     else:
         try:
             pid = default_id(question)
         except UnicodeEncodeError:
-            return _surrogate_error(obj, line)
-    # Most files carry no extra fields: skip building `meta` key by key then.
-    extra = len(obj) - 2 - ("id" in obj)
-    meta = {k: v for k, v in obj.items() if k not in _RESERVED} if extra else {}
-    answer = answer.strip()
+            return _surrogate_error(obj, line, unit)
+    # Most files carry no extra fields: skip building `meta` key by key then. (A question
+    # and, unless the reference is extracted from it, an answer field are consumed.)
+    extra = len(obj) - plan.always - (idfield in obj)
+    meta = {k: v for k, v in obj.items() if k not in plan.consumed} if extra else {}
     try:
         stored = pydantic_core.to_json(
             {"id": pid, "question": question, "answer": answer, "meta": meta},
             inf_nan_mode=_INF_NAN,
         )
     except pydantic_core.PydanticSerializationError:
-        return _surrogate_error(obj, line)
+        return _surrogate_error(obj, line, unit)
     return Checked(line, pid, question, answer, meta, stored)
 
 
@@ -189,12 +306,15 @@ def parse_line(raw: str, line: int) -> tuple[Problem | None, LineError | None]:
     return result.problem(), None
 
 
-def scan(lines: Iterable[bytes]) -> Iterator[tuple[bytes, Checked | LineError]]:
+def scan(
+    lines: Iterable[bytes], spec: InputSpec = DEFAULT_INPUT
+) -> Iterator[tuple[bytes, Checked | LineError]]:
     """Check a JSONL file's lines as read in binary (``for raw in open(path, "rb")``),
     one at a time: each non-blank line with its result (the line without its newline,
     for a rejects file). Duplicate ids are the caller's to find: the ids seen so far
     are the one thing that grows with the file. An empty file yields one error, line 0."""
     seen_any = False
+    plan = spec.plan()
     for index, raw_line in enumerate(lines, start=1):
         # Only the file's last line can lack the newline (`split(b"\n")`'s last piece).
         last = not raw_line.endswith(b"\n")
@@ -212,7 +332,7 @@ def scan(lines: Iterable[bytes]) -> Iterator[tuple[bytes, Checked | LineError]]:
                 ),
             )
             continue
-        result = check_line(raw, index)
+        result = check_line(raw, index, plan)
         if last and isinstance(result, LineError) and result.problem.startswith("not valid JSON"):
             result = LineError(
                 index,
@@ -225,29 +345,36 @@ def scan(lines: Iterable[bytes]) -> Iterator[tuple[bytes, Checked | LineError]]:
         yield b"", LineError(0, None, "the file is empty", "give one JSON object per line")
 
 
-def duplicate(line: int, pid: str, first: int) -> LineError:
-    """A valid line whose id an earlier valid line (`first`) already has."""
+def duplicate(line: int, pid: str, first: int, field: str = "id", unit: str = "line") -> LineError:
+    """A valid record whose id an earlier valid record (`first`) already has."""
     return LineError(
         line,
-        "id",
-        f"duplicate id {pid!r} (first on line {first})",
+        field,
+        f"duplicate id {pid!r} (first on {unit} {first})",
         "give each problem its own id",
+        unit,
     )
 
 
-def read_problems(path: str | Path) -> tuple[list[Problem], list[LineError]]:
-    """Parse and check a whole JSONL file: the valid problems and every bad line. Holds
-    them all in memory; `cord.coordinator.intake` enqueues a file of any size without."""
+def read_problems(
+    source: str | Path, spec: InputSpec = DEFAULT_INPUT
+) -> tuple[list[Problem], list[LineError]]:
+    """Read and check a whole source (any format `cord.common.sources` reads): the valid
+    problems and every bad record. Holds them all in memory; `cord.coordinator.intake`
+    enqueues a source of any size without. Raises `SourceError` when the source itself
+    cannot be read."""
+    from cord.common.sources import open_source
+
     problems: list[Problem] = []
     errors: list[LineError] = []
     seen: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for _raw, result in scan(f):
-            if isinstance(result, LineError):
-                errors.append(result)
-            elif result.id in seen:
-                errors.append(duplicate(result.line, result.id, seen[result.id]))
-            else:
-                seen[result.id] = result.line
-                problems.append(result.problem())
+    src = open_source(source, spec)
+    for _raw, result in src.scan():
+        if isinstance(result, LineError):
+            errors.append(result)
+        elif result.id in seen:
+            errors.append(duplicate(result.line, result.id, seen[result.id], *src.id_error))
+        else:
+            seen[result.id] = result.line
+            problems.append(result.problem())
     return problems, errors

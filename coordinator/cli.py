@@ -15,8 +15,10 @@ from typing import Any
 
 import click
 
+from cord.common.answers import ANSWER_FROM
 from cord.common.config import ConfigError, RunConfig, load_config, redact_url
 from cord.common.log import configure, get_logger
+from cord.common.problems import InputSpec
 from cord.coordinator.search import lookup, strategy_names
 
 config_option = click.option(
@@ -51,45 +53,102 @@ def main(log_level: str | None) -> None:
     configure(level=log_level)
 
 
+def input_options(f: Any) -> Any:
+    """Where a source's records keep their fields (each overrides the config's `input:`)."""
+    options = [
+        click.option(
+            "--question-field",
+            default=None,
+            help="Field with the question (default: `question`, or `problem`).",
+        ),
+        click.option(
+            "--answer-field",
+            default=None,
+            help="Field with the reference answer (default: answer).",
+        ),
+        click.option(
+            "--answer-from",
+            type=click.Choice(ANSWER_FROM),
+            default=None,
+            help="How the answer field writes the reference: the whole value (field), after "
+            "the last #### (gsm8k), the last \\boxed{} (boxed).",
+        ),
+        click.option(
+            "--id-field",
+            default=None,
+            help="Field with each problem's id (default: `id` where present, else a digest).",
+        ),
+        click.option("--split", default=None, help="Split of a dataset folder or Hub dataset."),
+        click.option("--subset", default=None, help="Configuration of a Hub dataset."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _input_spec(cfg: RunConfig, flags: dict[str, str | None]) -> InputSpec:
+    given = {k: v for k, v in flags.items() if v is not None}
+    return cfg.input.model_copy(update=given)
+
+
 @main.command()
 @config_option
-@click.argument("problems_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("source")
+@input_options
 @click.option(
     "--skip-invalid",
     is_flag=True,
-    help="Enqueue the valid lines; write the rejected ones to --rejects.",
+    help="Enqueue the valid records; write the rejected ones to --rejects.",
 )
 @click.option(
     "--rejects",
     type=click.Path(dir_okay=False),
     default=None,
-    help="Where --skip-invalid writes rejected lines (default: <file>.rejected.jsonl).",
+    help="Where --skip-invalid writes rejected records (default: <source>.rejected.jsonl).",
 )
-def enqueue(config_path: str, problems_file: str, skip_invalid: bool, rejects: str | None) -> None:
-    """Check every line of PROBLEMS_FILE, then enqueue the problems (idempotent by id).
+def enqueue(
+    config_path: str,
+    source: str,
+    skip_invalid: bool,
+    rejects: str | None,
+    **flags: str | None,
+) -> None:
+    """Check every record of SOURCE, then enqueue the problems (idempotent by id).
 
-    A file with any bad line enqueues nothing (exit 2) unless --skip-invalid is given.
-    The first bad lines are printed, then how many more; memory stays bounded at any
-    file size (temporary files about the file's size, under TMPDIR)."""
-    from cord.coordinator.intake import enqueue_file
+    SOURCE: a .jsonl, .json, .csv, .tsv or .parquet file, a folder written by
+    `datasets.save_to_disk`, or a Hub dataset name (read with `datasets.load_dataset`;
+    offline, from the local cache). A source with any bad record enqueues nothing (exit
+    2) unless --skip-invalid is given. The first bad records are printed, then how many
+    more; memory stays bounded at any size (temporary files about the source's size,
+    under TMPDIR)."""
+    from cord.common.sources import SourceError, open_source
+    from cord.coordinator.intake import enqueue_source
 
     cfg = _load(config_path)
-    report = enqueue_file(cfg, problems_file, skip_invalid, rejects)
+    try:
+        src = open_source(source, _input_spec(cfg, flags))
+        report = enqueue_source(cfg, src, skip_invalid, rejects)
+    except SourceError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"read {report.source}", err=True)
     for err in report.errors:
-        click.echo(f"{problems_file}: {err}", err=True)
+        click.echo(f"{source}: {err}", err=True)
     more = report.error_count - len(report.errors)
     if more:
         where = f" (all are in {report.rejects_path})" if report.rejects_path else ""
-        click.echo(f"{problems_file}: ... and {more} more bad line(s){where}", err=True)
+        click.echo(f"{source}: ... and {more} more bad {report.unit}(s){where}", err=True)
     if report.error_count and not skip_invalid:
         click.echo(
-            f"{report.error_count} bad line(s); nothing enqueued. Fix them, or pass "
-            "--skip-invalid to enqueue the valid lines.",
+            f"{report.error_count} bad {report.unit}(s); nothing enqueued. Fix them, or pass "
+            f"--skip-invalid to enqueue the valid {report.unit}s.",
             err=True,
         )
         sys.exit(2)
     if report.rejects_path:
-        click.echo(f"{report.error_count} bad line(s) written to {report.rejects_path}", err=True)
+        click.echo(
+            f"{report.error_count} bad {report.unit}(s) written to {report.rejects_path}",
+            err=True,
+        )
     click.echo(
         f"enqueued {report.added} new problem(s); {report.known} already known "
         f"(namespace {cfg.namespace!r} at {redact_url(cfg.redis_url)})"
@@ -226,8 +285,12 @@ def demo(
 @main.command("eval")
 @config_option
 @click.option(
-    "--problems", "problems_file", required=True, type=click.Path(exists=True, dir_okay=False)
+    "--problems",
+    "problems_file",
+    required=True,
+    help="A file, dataset folder or Hub name, as `enqueue` reads.",
 )
+@input_options
 @click.option(
     "--strategies",
     default="cord,curation",
@@ -255,13 +318,18 @@ def eval_cmd(
     out_dir: str,
     as_json: bool,
     start_workers: bool,
+    **flags: str | None,
 ) -> None:
     """Run the problems through the live workers once per strategy and compare them."""
     from cord.common.problems import read_problems
+    from cord.common.sources import SourceError
     from cord.coordinator.evaluate import evaluate, format_table
 
     cfg = _load(config_path)
-    problems, errors = read_problems(problems_file)
+    try:
+        problems, errors = read_problems(problems_file, _input_spec(cfg, flags))
+    except SourceError as e:
+        raise click.UsageError(str(e)) from e
     if errors:
         for err in errors:
             click.echo(f"{problems_file}: {err}", err=True)

@@ -23,9 +23,8 @@ import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
-from cord.common.lab.arith import extract_answer
+from cord.common.matching import MatchMethod, row_correct, stated_answer
 from cord.common.redis_server import ping, start_redis
-from cord.coordinator.evaluate import answer_matches
 
 
 class ProcessGroup:
@@ -99,10 +98,12 @@ def wait_for_workers(
     raise click.ClickException(f"workers not ready after {timeout_s:.0f}s; see {group.log_dir}")
 
 
-def summarize(traces: Path, failed: Path) -> dict[str, Any]:
+def summarize(traces: Path, failed: Path, match: MatchMethod = "math") -> dict[str, Any]:
+    """The run's figures. A row is right as its `correct` says (`match` decides for rows
+    written without one)."""
     rows = [json.loads(x) for x in traces.read_text().splitlines()] if traces.exists() else []
     fails = [json.loads(x) for x in failed.read_text().splitlines()] if failed.exists() else []
-    correct = sum(answer_matches(r["final_answer"], r["reference_answer"]) for r in rows)
+    correct = sum(row_correct(r, match) for r in rows)
     teachers: dict[str, int] = {}
     for r in rows:
         for s in r["steps"]:
@@ -117,6 +118,7 @@ def summarize(traces: Path, failed: Path) -> dict[str, Any]:
         "mean_steps": round(sum(len(r["steps"]) for r in rows) / len(rows), 2) if rows else None,
         "chosen_steps_by_teacher": teachers,
         "prefix_cache_hit": round(cached / prompt, 3) if prompt else None,
+        "match": match,
         "rows": rows,
     }
 
@@ -127,8 +129,8 @@ def print_summary(summary: dict[str, Any], out_dir: Path, wall_s: float) -> None
         f"{'id':<18} {'reference':>9} {'answer':>8} {'ok':>3} {'S':>7} {'steps':>5}  teachers"
     )
     for r in summary["rows"][:20]:
-        got = extract_answer(r["final_answer"]) or "-"
-        ok = "yes" if answer_matches(r["final_answer"], r["reference_answer"]) else "no"
+        got = stated_answer(r["final_answer"] or "") or "-"
+        ok = "yes" if row_correct(r, summary.get("match", "math")) else "no"
         who = "".join(s["teacher"][0] for s in r["steps"])
         click.echo(
             f"{r['id'][:18]:<18} {r['reference_answer']:>9} {got[:8]:>8} {ok:>3} "
@@ -211,5 +213,6 @@ def run_demo(
         summary = summarize(
             out_dir / f"{cfg.output.traces_prefix}.jsonl",
             out_dir / f"{cfg.output.failed_prefix}.jsonl",
+            cfg.eval.match,
         )
         print_summary(summary, out_dir, time.monotonic() - start)

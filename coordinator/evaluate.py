@@ -5,7 +5,8 @@ and its own output folder, against the same workers and queues, one after the ot
 wall times compare. Curation's N (trajectories per teacher) and MCTS's token budget are
 matched to the tokens CoRD generated on the same problems unless the config sets
 `search.curation_samples` / `search.mcts_tokens`.
-Reported per strategy: answer accuracy of the produced traces (a failure counts as
+Reported per strategy: answer accuracy of the produced traces (a row's `correct`, as
+`cord.common.matching` decided it with the config's `eval.match`; a failure counts as
 wrong), mean S, mean generated tokens per problem (every token any teacher generated for
 it: kept, discarded and the final answers), wall seconds; and how well S separates right
 from wrong final traces (AUROC).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,22 +26,11 @@ import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
-from cord.common.lab.arith import extract_answer
+from cord.common.matching import MatchMethod, row_correct
 from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
 from cord.coordinator.search import lookup
 from cord.coordinator.store import Store
-
-_NUMERIC = re.compile(r"-?\d+(\.\d+)?")
-
-
-def answer_matches(final_answer: str, reference: str) -> bool:
-    """A numeric reference must be the number the final answer states; any other
-    reference must appear in it (case and surrounding space ignored)."""
-    ref = reference.strip()
-    if _NUMERIC.fullmatch(ref):
-        return extract_answer(final_answer) == ref
-    return ref.lower() in final_answer.lower()
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float | None:
@@ -59,9 +48,10 @@ class StrategyResult:
     failed: int
     wall_s: float
     problems: int
+    match: MatchMethod = "math"
 
     def metrics(self) -> dict[str, Any]:
-        correct = [answer_matches(r["final_answer"], r["reference_answer"]) for r in self.rows]
+        correct = [row_correct(r, self.match) for r in self.rows]
         scores = [r["score"] for r in self.rows]
         tokens = [sum(r["stats"]["tokens_by_teacher"].values()) for r in self.rows]
         right = [s for s, c in zip(scores, correct, strict=True) if c]
@@ -107,7 +97,7 @@ def run_strategy(
         _drop(client, state_ns)
     rows = _read(coord.writer.traces)
     failed = len(_read(coord.writer.failed))
-    return StrategyResult(strategy, rows, failed, wall, len(problems))
+    return StrategyResult(strategy, rows, failed, wall, len(problems), cfg.eval.match)
 
 
 def _drop(client: redis.Redis, ns: str) -> None:
@@ -172,7 +162,7 @@ def evaluate(
     pooled_wrong: list[float] = []
     for r in results.values():
         for row in r.rows:
-            right = answer_matches(row["final_answer"], row["reference_answer"])
+            right = row_correct(row, cfg.eval.match)
             (pooled_right if right else pooled_wrong).append(row["score"])
     report["auroc_all"] = _round(auroc(pooled_right, pooled_wrong))
     report["problems"] = len(problems)

@@ -1,11 +1,13 @@
-"""Enqueueing a problems file: check every line first, enqueue nothing on any error
-unless asked to skip bad lines (then they go, with reasons, to a rejects file).
+"""Enqueueing a problems source: check every record first, enqueue nothing on any error
+unless asked to skip bad ones (then they go, with reasons, to a rejects file).
 
-In bounded memory at any file size (a 1M-problem file once took 1.1 GB to enqueue,
+In bounded memory at any size (a 1M-problem file once took 1.1 GB to enqueue,
 holding every line and every `Problem`), in two passes over temporary files:
 
-1. Check: stream the file in binary (exact line numbers and UTF-8 errors) through
-   `cord.common.problems.scan`, a chunk of lines at a time. Duplicate ids are found with
+1. Check: stream the source's records through `cord.common.sources` (a JSONL file
+   in binary, for exact line numbers and UTF-8 errors, through
+   `cord.common.problems.scan`; CSV, Parquet, Arrow datasets a batch at a time), a
+   chunk of records at a time. Duplicate ids are found with
    an index on disk: SQLite (stdlib) with the id as primary key and the line of its first
    valid occurrence, the one structure that grows with the file, in a temporary folder
    with a bounded page cache. A sorted run of hashes would be smaller, but a duplicate's
@@ -37,7 +39,8 @@ import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
-from cord.common.problems import Checked, LineError, duplicate, scan
+from cord.common.problems import Checked, InputSpec, LineError, duplicate
+from cord.common.sources import Result, Source, open_source
 from cord.coordinator.store import Store
 
 ERRORS_KEPT = 50  # errors the report holds (and the CLI prints); all are counted
@@ -54,7 +57,9 @@ class EnqueueReport:
     added: int = 0
     errors: list[LineError] = field(default_factory=list)  # the first ERRORS_KEPT
     rejects_path: Path | None = None
-    error_count: int = 0  # all bad lines
+    error_count: int = 0  # all bad records
+    source: str = ""  # what was read (`Source.describe`)
+    unit: str = "line"  # what an error names: JSONL lines, other sources' rows
 
     @property
     def known(self) -> int:
@@ -66,9 +71,15 @@ class _Check:
     report and the rejects file."""
 
     def __init__(
-        self, workdir: Path, report: EnqueueReport, spool: IO[bytes], rejects: Path | None
+        self,
+        workdir: Path,
+        report: EnqueueReport,
+        spool: IO[bytes],
+        rejects: Path | None,
+        id_error: tuple[str, str] = ("id", "line"),
     ) -> None:
         self.report = report
+        self.id_error = id_error  # a duplicate's (field, unit)
         self.spool: IO[bytes] | None = spool
         self.rejects_path = rejects  # --skip-invalid: opened at the first error
         self.rejects: IO[str] | None = None
@@ -90,9 +101,9 @@ class _Check:
         self.bad: list[tuple[bytes, LineError]] = []
         self.size = 0
 
-    def run(self, lines: Iterable[bytes]) -> None:
+    def run(self, results: Iterable[Result]) -> None:
         try:
-            for raw, result in scan(lines):
+            for raw, result in results:
                 if isinstance(result, LineError):
                     self.bad.append((raw, result))
                 else:
@@ -120,7 +131,7 @@ class _Check:
         records: list[bytes] = []
         for raw, c in self.valid:
             if first[c.id] != c.line:
-                self.bad.append((raw, duplicate(c.line, c.id, first[c.id])))
+                self.bad.append((raw, duplicate(c.line, c.id, first[c.id], *self.id_error)))
                 continue
             self.report.valid += 1
             if self.spool is not None:
@@ -155,19 +166,32 @@ def _spooled(spool: IO[bytes]) -> Iterator[tuple[bytes, bytes]]:
 
 
 def enqueue_file(
-    cfg: RunConfig, path: str | Path, skip_invalid: bool = False, rejects: str | Path | None = None
+    cfg: RunConfig,
+    path: str | Path,
+    skip_invalid: bool = False,
+    rejects: str | Path | None = None,
+    spec: InputSpec | None = None,
 ) -> EnqueueReport:
-    """Check every line of `path`, then (no bad line, or `skip_invalid`) enqueue the
-    valid problems into `cfg`'s namespace; `rejects` (with `skip_invalid`, default
-    ``<path>.rejected.jsonl``) gets each bad line with its line, field, error and fix."""
-    report = EnqueueReport()
+    """Check every record of `path` (a file, a dataset folder or a Hub name; fields and
+    split as `spec` says, default `cfg.input`), then (no bad record, or `skip_invalid`)
+    enqueue the valid problems into `cfg`'s namespace; `rejects` (with `skip_invalid`,
+    default ``<path>.rejected.jsonl``) gets each bad record with its line or row, field,
+    error and fix. Raises `SourceError` when the source cannot be read at all."""
+    source = open_source(path, spec or cfg.input)
+    return enqueue_source(cfg, source, skip_invalid, rejects)
+
+
+def enqueue_source(
+    cfg: RunConfig, source: Source, skip_invalid: bool = False, rejects: str | Path | None = None
+) -> EnqueueReport:
+    report = EnqueueReport(source=source.describe(), unit=source.unit)
     keys = Keys(cfg.namespace)
     with tempfile.TemporaryDirectory(prefix="cord-enqueue-") as tmp:
         workdir = Path(tmp)
         spool_path = workdir / "spool"
-        rejects_path = Path(rejects or f"{path}.rejected.jsonl") if skip_invalid else None
-        with open(path, "rb") as lines, open(spool_path, "wb") as spool:
-            _Check(workdir, report, spool, rejects_path).run(lines)
+        rejects_path = Path(rejects or source.rejects_path()) if skip_invalid else None
+        with open(spool_path, "wb") as spool:
+            _Check(workdir, report, spool, rejects_path, source.id_error).run(source.scan())
         if report.error_count:
             if not skip_invalid:
                 return report

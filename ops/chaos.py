@@ -39,8 +39,8 @@ import redis
 import yaml
 
 from cord.common.lab.arith import make_problems
+from cord.common.matching import row_correct
 from cord.common.redis_server import start_redis
-from cord.coordinator.evaluate import answer_matches
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = ("id", "question", "reference_answer", "steps", "final_answer", "score", "messages")
@@ -312,7 +312,7 @@ def check(ids: list[str], out: Path) -> dict[str, Any]:
     for r in failed:
         if not r.get("reason"):
             invalid.append(r["id"])
-    correct = sum(answer_matches(r["final_answer"], r["reference_answer"]) for r in traces)
+    correct = sum(row_correct(r) for r in traces)
     return {
         "traces": len(traces),
         "failed": len(failed),

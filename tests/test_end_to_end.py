@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cord.common import prompts
 from cord.common.lab.arith import make_problems
+from cord.common.matching import judge
 from cord.common.scoring import predictive_score
 from cord.coordinator.cli import main
 from tests.conftest import MODELS, VLLM_TEST, Fleet, base_config, fleet_config, write_config
@@ -63,6 +64,10 @@ def test_ten_problems_through_the_fleet(fleet, tmp_path, redis_client):
         chosen_teachers.update(s["teacher"] for s in steps)
         assert row["score"] == steps[-1]["score"] and 0.0 < row["score"] <= 1.0
         assert row["answer_teacher"] == steps[-1]["teacher"]
+        # Whether the answer is right, decided as cord.common.matching decides it.
+        verdict = judge(row["final_answer"], source.answer, cfg.eval.match)
+        assert isinstance(row["correct"], bool) and row["correct"] == verdict.correct
+        assert row["correct_by"] == verdict.by
         assert row["thinking_finish"] in {"think_end", "eos", "budget"}
         assert sum(s["tokens"] for s in steps) <= cfg.search.thinking_budget
         user, assistant = row["messages"]
@@ -90,6 +95,7 @@ def test_ten_problems_through_the_fleet(fleet, tmp_path, redis_client):
         )
         assert row["score"] == pytest.approx(expected, rel=1e-3)
     assert chosen_teachers == {"alpha", "beta"}
+    assert any(r["correct"] for r in rows)  # the lab's teachers get some right
     # Prefix caching worked across steps.
     assert sum(r["stats"]["cached_prompt_tokens"] for r in rows) > 0
     for p in problems:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 
 from cord.common import prompts
 from cord.common.config import RunConfig
+from cord.common.matching import judge
 from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem, TaskKind
 from cord.common.problems import Problem
 
@@ -263,6 +264,14 @@ class Search(ABC):
             "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
 
+    def _correctness(self, final: str) -> dict[str, Any]:
+        """`correct` and how it was decided (`cord.common.matching`), where the reference
+        is known."""
+        if not self.problem.answer.strip():
+            return {}
+        verdict = judge(final, self.problem.answer, self.cfg.eval.match)
+        return {"correct": verdict.correct, "correct_by": verdict.by}
+
     def trace_row(self, best: Trajectory, others: list[Trajectory], stats: Stats) -> dict[str, Any]:
         cfg = self.cfg
         final = best.final_answer or ""
@@ -271,6 +280,7 @@ class Search(ABC):
             {
                 "steps": [s.model_dump() for s in best.steps],
                 "final_answer": final,
+                **self._correctness(final),
                 "answer_teacher": best.answer_teacher,
                 "score": best.score,
                 "thinking_finish": best.finish,

@@ -57,6 +57,8 @@ def test_meta_prover_without_model_must_name_a_teacher():
             "unique",
         ),
         ({"teachers": [{"name": "bad name", "model": "x"}]}, "teachers.0.name", "pattern"),
+        ({"eval": {"match": "fuzzy"}}, "eval.match", "Input should be 'math' or 'exact'"),
+        ({"eval": {"mach": "exact"}}, "eval.mach", "unknown field"),
     ],
 )
 def test_errors_name_the_field(patch, field, words):
@@ -109,6 +111,17 @@ def test_each_engine_has_its_own_fields():
         ConfigError, match=r"teachers\.0\.sglang_args: unknown field of engine vllm"
     ):
         config_from_dict(minimal(teachers=[{**pool, "sglang_args": []}]))
+
+
+def test_eval_match_is_math_unless_told(tmp_path):
+    assert config_from_dict(minimal()).eval.match == "math"
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "teachers: [{name: a, model: m/a}]\nmeta_prover: {name: a}\neval: {match: exact}\n"
+    )
+    assert load_config(path, resolve_models=False).eval.match == "exact"
+    with pytest.raises(ConfigError, match=r"eval\.match: Input should be 'math' or 'exact'"):
+        config_from_dict(minimal(), overrides={"eval.match": "substring"})
 
 
 def test_meta_prover_scores_32_items_a_task_unless_told():

@@ -12,7 +12,7 @@ def write(tmp_path, data: bytes):
 def test_valid_file_with_alias_default_id_and_extra_fields(tmp_path):
     rows = [
         {"id": "p1", "question": "What is 1 + 2?", "answer": "3", "source": "lab"},
-        {"problem": "What is 2 + 2?", "answer": 4},
+        {"problem": "What is 2 + 2?", "answer": "4"},
     ]
     problems, errors = read_problems(write(tmp_path, "\n".join(map(json.dumps, rows)).encode()))
     assert errors == []
@@ -32,6 +32,9 @@ def test_every_bad_line_is_named(tmp_path):
         b'{"question": "q6", "answer": "6", "id": "dup"}',
         b'{"question": "q7", "answer": "7", "id": "dup"}',
         b'{"question": "caf\xe9", "answer": "8"}',
+        b'{"question": 12, "answer": "12"}',
+        b'{"question": "q12", "answer": 4}',
+        b'{"question": "q13", "answer": "13", "id": true}',
         b'{"question": "q10", "answer": "1',
     ]
     problems, errors = read_problems(write(tmp_path, b"\n".join(lines)))
@@ -45,17 +48,25 @@ def test_every_bad_line_is_named(tmp_path):
         (6, "answer"),
         (8, "id"),
         (9, None),
-        (10, None),
+        (10, "question"),
+        (11, "answer"),
+        (12, "id"),
+        (13, None),
     }
     by_line = {e.line: str(e) for e in errors}
     assert "not valid JSON" in by_line[2]
     assert "not an object" in by_line[3]
-    assert "missing" in by_line[4] and "add a `question`" in by_line[4]
+    assert "missing" in by_line[4] and "add a `question` (or `problem`) string" in by_line[4]
+    assert "with --question-field" in by_line[4]
     assert "empty" in by_line[5]
-    assert "must be a string, got null" in by_line[6]
+    assert "must be text, got null" in by_line[6]
+    # Question and answer must be text: a number is refused, with the string to write.
+    assert "must be text, got int" in by_line[10] and '`"12"`, not `12`' in by_line[10]
+    assert "must be text, got int" in by_line[11] and '`"4"`, not `4`' in by_line[11]
+    assert "must be a non-empty string or integer" in by_line[12]
     assert "duplicate id 'dup' (first on line 7)" in by_line[8]
     assert "invalid UTF-8" in by_line[9]
-    assert "truncated last line" in by_line[10]
+    assert "truncated last line" in by_line[13]
 
 
 def test_empty_file(tmp_path):
@@ -66,7 +77,7 @@ def test_empty_file(tmp_path):
 def test_stored_form_is_the_models_json():
     """`Checked.stored` is built without the model; it must be what the model writes."""
     rows = [
-        {"id": 7, "question": 12, "answer": 3.5},
+        {"id": 7, "question": "12", "answer": "3.5"},
         {"question": "é ✓ \u2028 <b>&", "answer": " 4 ", "source": "lab", "n": 10**30},
         {
             "question": "q",

@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from cord.coordinator.cli import main
+from tests.common.test_sources import GSM8K, MATH, parquet
+from tests.conftest import base_config, write_config
 
 pytestmark = pytest.mark.redis
 
@@ -39,7 +42,7 @@ def test_skip_invalid_writes_rejects(make_config, tmp_path, redis_client, namesp
             "line": 2,
             "field": "answer",
             "error": "missing",
-            "fix": "add a `answer` string",
+            "fix": "add a `answer` string, or name the field that holds it with --answer-field",
             "raw": '{"question": "q2"}',
         }
     ]
@@ -70,3 +73,69 @@ def test_lab_problems_are_deterministic():
     rows = [json.loads(x) for x in a.splitlines()]
     assert [r["id"] for r in rows] == ["arith-5-0", "arith-5-1", "arith-5-2"]
     assert all(str(eval(r["question"][8:-1])) == r["answer"] for r in rows)
+
+
+def stored(redis_client, namespace) -> dict[str, dict]:
+    """The problems `enqueue` stored, by id, in queue order."""
+    ids = [x.decode() for x in redis_client.lrange(f"{namespace}:queue", 0, -1)]
+    return {i: json.loads(redis_client.hget(f"{namespace}:problems", i)) for i in ids}
+
+
+def test_gsm8k_and_math_parquet_with_the_mapping_flags(
+    make_config, tmp_path, redis_client, namespace
+):
+    config, _ = make_config()
+    gsm8k = parquet(tmp_path / "gsm8k.parquet", GSM8K)
+    result = run("enqueue", "--config", config, "--answer-from", "gsm8k", gsm8k)
+    assert result.exit_code == 2
+    assert "(Parquet)" in result.output
+    assert "row 3, field `answer`: has no `#### <answer>` line" in result.output
+    assert "1 bad row(s); nothing enqueued" in result.output
+    assert stored(redis_client, namespace) == {}
+
+    result = run("enqueue", "--config", config, "--answer-from", "gsm8k", "--skip-invalid", gsm8k)
+    assert result.exit_code == 0, result.output
+    assert "enqueued 2 new problem(s)" in result.output
+    [reject] = [json.loads(x) for x in Path(f"{gsm8k}.rejected.jsonl").read_text().splitlines()]
+    assert (reject["row"], reject["field"]) == (3, "answer")
+    assert json.loads(reject["raw"]) == {
+        "question": GSM8K["question"][2],
+        "answer": GSM8K["answer"][2],
+    }
+
+    math = parquet(tmp_path / "math.parquet", MATH)
+    flags = ["--question-field", "problem", "--answer-field", "solution"]
+    flags += ["--answer-from", "boxed", "--id-field", "unique_id", "--skip-invalid"]
+    result = run("enqueue", "--config", config, *flags, math)
+    assert result.exit_code == 0, result.output
+    problems = stored(redis_client, namespace)
+    assert [(p["question"], p["answer"]) for p in problems.values()] == [
+        (GSM8K["question"][0], "72"),
+        (GSM8K["question"][1], "1200"),
+        (MATH["problem"][0], "\\frac{1}{2}"),
+        (MATH["problem"][1], "x = \\{3\\}"),
+    ]
+    assert problems["test/prealgebra/1.json"]["meta"]["level"] == "Level 1"
+
+
+def test_the_run_config_maps_fields_and_flags_override_it(
+    make_config, tmp_path, redis_client, namespace, redis_url
+):
+    data = base_config(redis_url, namespace)
+    data["input"] = {
+        "question_field": "problem",
+        "answer_field": "solution",
+        "answer_from": "boxed",
+    }
+    config = write_config(tmp_path / "mapped.yaml", data)
+    math = parquet(tmp_path / "math.parquet", MATH)
+    result = run("enqueue", "--config", config, math)
+    assert "row 3, field `solution`: has no complete `\\boxed{...}`" in result.output
+    assert result.exit_code == 2
+    result = run("enqueue", "--config", config, "--answer-from", "field", math)
+    assert result.exit_code == 0, result.output
+    answers = [p["answer"] for p in stored(redis_client, namespace).values()]
+    assert answers == MATH["solution"]
+    result = run("enqueue", "--config", config, "--answer-field", "nope", math)
+    assert result.exit_code == 2
+    assert "no column `nope` for the answer" in result.output

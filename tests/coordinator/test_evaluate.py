@@ -6,16 +6,44 @@ import pytest
 from click.testing import CliRunner
 
 from cord.common.lab.arith import EVAL_SEED, make_problems
+from cord.common.matching import judge, row_correct
 from cord.coordinator.cli import main
-from cord.coordinator.evaluate import answer_matches, auroc, format_table
+from cord.coordinator.evaluate import StrategyResult, auroc, format_table
 from tests.conftest import fleet_config
 
 
-def test_answer_matches():
-    assert answer_matches("The final answer is 23.", "23")
-    assert not answer_matches("The final answer is 230.", "23")
-    assert not answer_matches("", "23")
-    assert answer_matches("It is Paris, of course.", "paris")
+@pytest.mark.parametrize("method", ["math", "exact"])
+def test_answers_are_judged(method):
+    assert judge("The final answer is 23.", "23", method).correct
+    assert not judge("The final answer is 230.", "23", method).correct
+    assert not judge("", "23", method).correct
+    # The answer the trace states, not a substring of its text (cord.common.matching).
+    assert judge("Paris.", "paris", method).correct
+    assert not judge("It is Paris, of course.", "paris", method).correct
+
+
+def _row(final, reference, score, **extra):
+    stats = {"tokens_by_teacher": {"alpha": 10}}
+    return {
+        "final_answer": final,
+        "reference_answer": reference,
+        "score": score,
+        "stats": stats,
+        **extra,
+    }
+
+
+def test_accuracy_and_auroc_use_the_rows_verdicts():
+    rows = [
+        _row(r"\frac{1}{2}", "0.5", 0.9),  # no `correct`: judged with the run's method
+        _row("The final answer is 7.", "7", 0.8, correct=True, correct_by="math-verify"),
+        _row("The final answer is 7.", "7", 0.1, correct=False, correct_by="exact"),
+    ]
+    math = StrategyResult("cord", rows, failed=1, wall_s=1.0, problems=4).metrics()
+    assert math["accuracy"] == 0.5 and math["auroc"] == 1.0
+    exact = StrategyResult("cord", rows, 1, 1.0, 4, match="exact").metrics()
+    assert exact["accuracy"] == 0.25 and exact["auroc"] == 0.5
+    assert [row_correct(r, "exact") for r in rows] == [False, True, False]
 
 
 def test_auroc():

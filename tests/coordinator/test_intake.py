@@ -88,7 +88,7 @@ def test_skip_invalid_enqueues_exactly_the_valid_ones(
         "line": BAD_LINE,
         "field": "answer",
         "error": "missing",
-        "fix": "add a `answer` string",
+        "fix": "add a `answer` string, or name the field that holds it with --answer-field",
         "raw": '{"question": "q"}',
     }
     assert rejects[2]["error"] == "duplicate id 'p3' (first on line 3)"

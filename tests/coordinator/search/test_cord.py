@@ -8,6 +8,7 @@ from cord.common.config import config_from_dict
 from cord.common.messages import Generation, Score
 from cord.common.problems import Problem
 from cord.coordinator.search import lookup, make_search, strategy_names
+from cord.coordinator.search.base import Stats, Trajectory
 from cord.coordinator.search.cord import CordSearch
 
 PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6", meta={"source": "lab"})
@@ -137,6 +138,7 @@ def test_completion_answer_by_last_teacher_and_row():
     row = search.row()
     assert row["id"] == "p1" and row["source"] == "lab" and row["strategy"] == "cord"
     assert row["final_answer"] == "The final answer is 6." and row["answer_teacher"] == "alpha"
+    assert row["correct"] is True and row["correct_by"] == "math-verify"
     assert row["score"] == 0.9 and row["thinking_finish"] == "think_end"
     assert row["steps"] == [
         {"index": 1, "text": "### Step 1. 6", "teacher": "alpha", "score": 0.9, "tokens": 3}
@@ -148,6 +150,22 @@ def test_completion_answer_by_last_teacher_and_row():
     assert row["stats"]["tokens_by_teacher"] == {"alpha": 10, "beta": 2}
     assert row["stats"]["scorings"] == 2 and row["stats"]["cached_prompt_tokens"] == 8
     assert row["models"]["meta_prover"] == {"meta": "m"}
+
+
+@pytest.mark.parametrize(
+    ("match", "verdict"), [("math", (True, "math-verify")), ("exact", (False, "exact"))]
+)
+def test_rows_judge_the_answer_with_the_configured_method(match, verdict):
+    cfg = config_from_dict(
+        {
+            "teachers": [{"name": "alpha", "model": "a"}],
+            "meta_prover": {"name": "meta", "model": "m"},
+            "eval": {"match": match},
+        }
+    )
+    search = make_search(PROBLEM, cfg)
+    row = search.trace_row(Trajectory(final_answer=r"So \boxed{\frac{12}{2}}."), [], Stats())
+    assert (row["correct"], row["correct_by"]) == verdict
 
 
 def test_thinking_budget_completes_a_beam():
@@ -322,3 +340,4 @@ def test_failure_rows_name_the_configured_strategy():
     row = search.failure_row("expand on alpha failed after 3 attempt(s): boom")
     assert row["strategy"] == "greedy" and row["id"] == "p1" and row["source"] == "lab"
     assert row["reason"].endswith("boom") and row["state"]["step"] == 1
+    assert "correct" not in row and "correct_by" not in row  # no answer to judge
