@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 
@@ -476,6 +476,129 @@ def ops_render(config_path: str, out_dir: str) -> None:
     for warning in rendered.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"wrote {len(written)} files under {out_dir} (k8s/, skypilot/)")
+
+
+# -- a finished run's rows: export and report ---------------------------------------------
+def _run_dir_options(f: Any) -> Any:
+    """--in, --match and the file prefixes, shared by `export` and `report`."""
+    for option in reversed(
+        [
+            click.option(
+                "--in",
+                "in_dir",
+                required=True,
+                type=click.Path(exists=True, file_okay=False),
+                help="The --out folder of `cord-coord run` (traces.jsonl, failed.jsonl) "
+                "or of `cord-coord eval` (one folder per strategy).",
+            ),
+            click.option(
+                "--match",
+                type=click.Choice(["math", "exact"]),
+                default=None,
+                help="Judge every row's answer again with this method (default: keep the "
+                "rows' own `correct`; rows without one are judged with math).",
+            ),
+            click.option("--traces-prefix", default="traces", show_default=True),
+            click.option("--failed-prefix", default="failed", show_default=True),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _read_run_dir(in_dir: str, match: str | None, traces_prefix: str, failed_prefix: str) -> Any:
+    from cord.coordinator.rundir import RunDirError, read_run_dir
+
+    try:
+        return read_run_dir(in_dir, traces_prefix, failed_prefix, cast(Any, match))
+    except RunDirError as e:
+        raise click.BadParameter(str(e), param_hint="--in") from e
+
+
+@main.command("export")
+@_run_dir_options
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "parquet", "hf"]),
+    default="jsonl",
+    show_default=True,
+    help="hf: a datasets.save_to_disk folder (load_from_disk).",
+)
+@click.option("--out", "out_path", required=True, type=click.Path(), help="File (folder for hf).")
+@click.option("--correct-only", is_flag=True, help="Only traces whose final answer is right.")
+@click.option("--min-score", type=float, default=None, help="Only traces with S at least this.")
+@click.option(
+    "--strategy",
+    "strategies",
+    multiple=True,
+    help="Only this strategy's traces (repeatable; an eval folder has several).",
+)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export_cmd(
+    in_dir: str,
+    match: str | None,
+    traces_prefix: str,
+    failed_prefix: str,
+    fmt: str,
+    out_path: str,
+    correct_only: bool,
+    min_score: float | None,
+    strategies: tuple[str, ...],
+    force: bool,
+) -> None:
+    """Write a run's traces as a training set for TRL's SFTTrainer.
+
+    Columns: id, messages ([user, assistant]), prompt ([user]) and completion
+    ([assistant]), then provenance: question, reference_answer, final_answer, correct,
+    correct_by, score (S), strategy, teachers (of each chosen step), answer_teacher,
+    steps, thinking/answer/generated tokens, tokens_by_teacher, wall_s. Given both
+    forms, SFTTrainer trains on prompt/completion (loss on the completion); drop them
+    with dataset.remove_columns(["prompt", "completion"]) to train on messages."""
+    from cord.coordinator.export import ExportError, export
+
+    run = _read_run_dir(in_dir, match, traces_prefix, failed_prefix)
+    try:
+        picked = list(strategies) or None
+        result = export(run, out_path, cast(Any, fmt), correct_only, min_score, picked, force)
+    except ExportError as e:
+        raise click.ClickException(str(e)) from e
+    why = []
+    if correct_only:
+        why.append(f"{result.not_correct} not correct")
+    if min_score is not None:
+        why.append(f"{result.below_score} with S below {min_score:g}")
+    click.echo(
+        f"wrote {result.written} of {result.total} traces to {result.path} ({fmt}); "
+        f"filtered out {result.filtered}" + (f" ({', '.join(why)})" if why else "")
+    )
+    if result.failed:
+        click.echo(f"{result.failed} failed problem(s) have no trace and are not exported")
+
+
+@main.command("report")
+@_run_dir_options
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder for index.html and its PNGs (replaced if there).",
+)
+def report_cmd(
+    in_dir: str, match: str | None, traces_prefix: str, failed_prefix: str, out_dir: str
+) -> None:
+    """Write an HTML page with plots of a run: accuracy and S per strategy, S of right and
+    wrong traces, which teacher wrote each chosen step, tokens per teacher, time per
+    problem. Static: open <out>/index.html in any browser."""
+    from cord.coordinator.report import write_report
+
+    run = _read_run_dir(in_dir, match, traces_prefix, failed_prefix)
+    report = write_report(run, out_dir)
+    click.echo(
+        f"wrote {report.index} with {len(report.plots)} plots "
+        f"({len(run.traces)} traces, {len(run.failed)} failed, {len(run.runs)} strategies)"
+    )
 
 
 if __name__ == "__main__":

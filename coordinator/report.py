@@ -1,0 +1,384 @@
+"""``cord-coord report``: one static HTML page of plots about a run's traces.
+
+`write_report` reads nothing but the rows (`rundir.RunDir`) and writes
+``<out>/index.html`` with its PNGs beside it (relative links: the folder opens in a
+browser from anywhere, nothing else running). Plots, drawn with matplotlib's Agg
+renderer (no screen, no pyplot state):
+
+- ``strategies.png``: accuracy and mean S per strategy (only for several strategies);
+- ``score_right_wrong.png``: S of right and of wrong traces;
+- ``step_teachers.png``: which teacher wrote the chosen step at each step index;
+- ``tokens_per_teacher.png``: generated tokens per problem, per teacher;
+- ``wall_time.png``: wall seconds per problem.
+
+Each plot comes back as a `Plot` holding the numbers it drew and the colour of each
+series, so a test can check the picture against the rows.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cord.coordinator.evaluate import auroc
+from cord.coordinator.rundir import RunDir
+
+# Fixed colours: teachers in the order they are met, strategies likewise.
+TEACHER_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+STRATEGY_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3"]
+RIGHT, WRONG = "#2ca02c", "#d62728"
+ACCURACY, MEAN_S = "#4c72b0", "#dd8452"
+DPI = 100
+
+
+@dataclass
+class Plot:
+    name: str  # the PNG's file name, without .png
+    title: str
+    caption: str
+    data: dict[str, Any]  # what was drawn
+    colors: dict[str, str] = field(default_factory=dict)  # series -> colour
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.png"
+
+
+@dataclass
+class Report:
+    index: Path
+    plots: list[Plot]
+    summary: list[dict[str, Any]]
+
+
+def teachers_of(run: RunDir) -> list[str]:
+    """Teachers in the order the rows' configs list them, then any other that wrote."""
+    seen: dict[str, None] = {}
+    for row in run.traces:
+        for name in (row.get("models") or {}).get("teachers") or {}:
+            seen.setdefault(str(name), None)
+    for row in run.traces:
+        for s in row.get("steps") or []:
+            seen.setdefault(str(s["teacher"]), None)
+        for name in (row.get("stats") or {}).get("tokens_by_teacher") or {}:
+            seen.setdefault(str(name), None)
+    return list(seen)
+
+
+def _palette(names: list[str], colors: list[str]) -> dict[str, str]:
+    return {n: colors[i % len(colors)] for i, n in enumerate(names)}
+
+
+def _tokens(row: dict[str, Any]) -> dict[str, int]:
+    return {
+        str(k): int(v) for k, v in (row.get("stats") or {}).get("tokens_by_teacher", {}).items()
+    }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+# -- the summary table ---------------------------------------------------------------
+def summarize(run: RunDir) -> list[dict[str, Any]]:
+    """One line per strategy, and one for all of them when there are several. Accuracy
+    is over problems: a failed problem counts as wrong (as `cord-coord eval` counts)."""
+    groups = [(r.strategy, r.traces, r.failed) for r in run.runs]
+    if len(groups) > 1:
+        groups.append(("all", run.traces, run.failed))
+    lines = []
+    for name, traces, failed in groups:
+        problems = len(traces) + len(failed)
+        right = [r["score"] for r in traces if r["correct"]]
+        wrong = [r["score"] for r in traces if not r["correct"]]
+        lines.append(
+            {
+                "strategy": name,
+                "problems": problems,
+                "traces": len(traces),
+                "failed": len(failed),
+                "correct": len(right),
+                "accuracy": len(right) / problems if problems else None,
+                "mean_score": _mean([float(r["score"]) for r in traces]),
+                "auroc": auroc(right, wrong),
+                "generated_tokens": _mean([float(sum(_tokens(r).values())) for r in traces]),
+                "thinking_tokens": _mean(
+                    [float((r.get("stats") or {}).get("thinking_tokens", 0)) for r in traces]
+                ),
+                "wall_s": _mean([float((r.get("stats") or {}).get("wall_s", 0.0)) for r in traces]),
+            }
+        )
+    return lines
+
+
+# -- plots ---------------------------------------------------------------------------
+def _grid(n: int, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Axes]]:
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    flat = [ax for line in axes for ax in line]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def plot_strategies(run: RunDir, path: Path) -> Plot | None:
+    """Accuracy and mean S per strategy, side by side; None for a single strategy."""
+    if len(run.runs) < 2:
+        return None
+    lines = {line["strategy"]: line for line in summarize(run) if line["strategy"] != "all"}
+    names = list(lines)
+    accuracy = {n: lines[n]["accuracy"] or 0.0 for n in names}
+    mean_s = {n: lines[n]["mean_score"] or 0.0 for n in names}
+    fig = Figure(figsize=(max(8.0, 1.6 * len(names)), 3.8), dpi=DPI, layout="constrained")
+    ax1, ax2 = fig.subplots(1, 2)
+    for ax, values, color, label in (
+        (ax1, accuracy, ACCURACY, "accuracy"),
+        (ax2, mean_s, MEAN_S, "mean S"),
+    ):
+        bars = ax.bar(names, [values[n] for n in names], color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_ylim(0, max(1.0, *values.values()) * 1.1)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    ax1.set_title("accuracy (failures count as wrong)")
+    ax2.set_title("mean S of the traces")
+    fig.savefig(path)
+    return Plot(
+        "strategies",
+        "Accuracy and mean S per strategy",
+        "Accuracy: traces whose final answer matches the reference, over all problems "
+        "of the strategy. S: the meta-prover's score of the chosen trajectory.",
+        {"accuracy": accuracy, "mean_score": mean_s},
+        {"accuracy": ACCURACY, "mean_score": MEAN_S},
+    )
+
+
+def plot_score_right_wrong(run: RunDir, path: Path) -> Plot:
+    """Histograms of S, right traces beside wrong ones (all strategies)."""
+    right = [float(r["score"]) for r in run.traces if r["correct"]]
+    wrong = [float(r["score"]) for r in run.traces if not r["correct"]]
+    series = [(k, v, c) for k, v, c in (("right", right, RIGHT), ("wrong", wrong, WRONG)) if v]
+    every = right + wrong
+    lo, hi = min(0.0, *every), max(1.0, *every)
+    fig = Figure(figsize=(8, 3.8), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.hist(
+        [v for _, v, _ in series],
+        bins=[lo + (hi - lo) * i / 20 for i in range(21)],
+        color=[c for _, _, c in series],
+        label=[f"{k} ({len(v)})" for k, v, _ in series],
+    )
+    ax.set_xlabel("S of the trace")
+    ax.set_ylabel("traces")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    area = auroc(right, wrong)
+    ax.set_title(
+        "S of right and wrong traces" + (f" (AUROC {area:.3f})" if area is not None else "")
+    )
+    ax.legend()
+    fig.savefig(path)
+    return Plot(
+        "score_right_wrong",
+        "S of right and wrong traces",
+        "How well S separates traces whose final answer is right from those whose answer "
+        "is wrong (all strategies together); AUROC: the chance that a right trace scores "
+        "above a wrong one.",
+        {"right": right, "wrong": wrong, "auroc": area},
+        {"right": RIGHT, "wrong": WRONG},
+    )
+
+
+def plot_step_teachers(run: RunDir, path: Path) -> Plot:
+    """Stacked bars per strategy: at each step index, how many traces have their chosen
+    step there written by each teacher."""
+    teachers = teachers_of(run)
+    colors = _palette(teachers, TEACHER_COLORS)
+    data: dict[str, dict[str, list[int]]] = {}
+    for r in run.runs:
+        depth = max((len(row.get("steps") or []) for row in r.traces), default=0)
+        counts = {t: [0] * depth for t in teachers}
+        for row in r.traces:
+            for i, s in enumerate(row.get("steps") or []):
+                counts[str(s["teacher"])][i] += 1
+        data[r.strategy] = counts
+    fig, axes = _grid(len(data))
+    for ax, (strategy, counts) in zip(axes, data.items(), strict=True):
+        index = list(range(1, 1 + max((len(c) for c in counts.values()), default=0)))
+        bottom = [0] * len(index)
+        for t in teachers:
+            if any(counts[t]):
+                ax.bar(index, counts[t], bottom=bottom, color=colors[t], label=t, width=0.85)
+                bottom = [b + c for b, c in zip(bottom, counts[t], strict=True)]
+        ax.set_title(strategy)
+        ax.set_xlabel("step index")
+        ax.set_ylabel("traces")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=8)
+    fig.savefig(path)
+    return Plot(
+        "step_teachers",
+        "Which teacher wrote the chosen step",
+        "For each step index of the chosen trajectories: how many were written by each "
+        "teacher (traces end at different depths, so the bars shrink).",
+        data,
+        colors,
+    )
+
+
+def plot_tokens_per_teacher(run: RunDir, path: Path) -> Plot:
+    """Box plots per strategy: tokens each teacher generated per problem (kept,
+    discarded and answers alike)."""
+    teachers = teachers_of(run)
+    colors = _palette(teachers, TEACHER_COLORS)
+    data: dict[str, dict[str, list[int]]] = {}
+    for r in run.runs:
+        used = [t for t in teachers if any(t in _tokens(row) for row in r.traces)]
+        data[r.strategy] = {t: [_tokens(row).get(t, 0) for row in r.traces] for t in used}
+    fig, axes = _grid(len(data))
+    for ax, (strategy, per_teacher) in zip(axes, data.items(), strict=True):
+        names = list(per_teacher)
+        if names:
+            boxes = ax.boxplot(
+                [per_teacher[t] for t in names],
+                tick_labels=names,
+                patch_artist=True,
+                widths=0.6,
+                medianprops={"color": "black"},
+            )
+            for patch, t in zip(boxes["boxes"], names, strict=True):
+                patch.set_facecolor(colors[t])
+        ax.set_title(strategy)
+        ax.set_ylabel("generated tokens per problem")
+        ax.set_ylim(bottom=0)
+    fig.savefig(path)
+    return Plot(
+        "tokens_per_teacher",
+        "Generated tokens per problem, per teacher",
+        "Every token a teacher generated for a problem: steps kept and discarded, and "
+        "final answers (stats.tokens_by_teacher).",
+        data,
+        colors,
+    )
+
+
+def plot_wall_time(run: RunDir, path: Path) -> Plot:
+    """Histogram of wall seconds per problem, one series per strategy."""
+    data = {
+        r.strategy: [float((row.get("stats") or {}).get("wall_s", 0.0)) for row in r.traces]
+        for r in run.runs
+    }
+    colors = _palette(list(data), STRATEGY_COLORS)
+    series = [(s, v) for s, v in data.items() if v]
+    fig = Figure(figsize=(8, 3.8), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    ax.hist(
+        [v for _, v in series],
+        bins=15,
+        color=[colors[s] for s, _ in series],
+        label=[f"{s} (mean {sum(v) / len(v):.1f} s)" for s, v in series],
+    )
+    ax.set_xlabel("wall seconds per problem (stats.wall_s)")
+    ax.set_ylabel("problems")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+    return Plot(
+        "wall_time",
+        "Time per problem",
+        "Wall seconds from a problem's first work to its row (stats.wall_s); problems of "
+        "one run share the fleet, so these overlap.",
+        data,
+        colors,
+    )
+
+
+PLOTS = (
+    plot_strategies,
+    plot_score_right_wrong,
+    plot_step_teachers,
+    plot_tokens_per_teacher,
+    plot_wall_time,
+)
+
+
+# -- the page ------------------------------------------------------------------------
+def write_report(run: RunDir, out_dir: str | Path) -> Report:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [p for p in (plot(run, out / f"{plot.__name__[5:]}.png") for plot in PLOTS) if p]
+    summary = summarize(run)
+    index = out / "index.html"
+    index.write_text(render_html(run, plots, summary), encoding="utf-8")
+    return Report(index, plots, summary)
+
+
+def _cell(x: Any, spec: str = "") -> str:
+    if x is None:
+        return "–"
+    return html.escape(format(x, spec) if spec else str(x))
+
+
+def render_html(run: RunDir, plots: list[Plot], summary: list[dict[str, Any]]) -> str:
+    esc = html.escape
+    title = f"cord report: {run.path.resolve().name}"
+    head = (
+        "<tr><th>strategy</th><th>problems</th><th>traces</th><th>failed</th>"
+        "<th>accuracy</th><th>mean S</th><th>AUROC</th><th>generated tokens</th>"
+        "<th>thinking tokens</th><th>wall s</th></tr>"
+    )
+    body = "\n".join(
+        f"<tr><td>{_cell(s['strategy'])}</td><td>{s['problems']}</td><td>{s['traces']}</td>"
+        f"<td>{s['failed']}</td><td>{_cell(s['accuracy'], '.3f')}</td>"
+        f"<td>{_cell(s['mean_score'], '.4f')}</td><td>{_cell(s['auroc'], '.3f')}</td>"
+        f"<td>{_cell(s['generated_tokens'], '.0f')}</td>"
+        f"<td>{_cell(s['thinking_tokens'], '.0f')}</td>"
+        f"<td>{_cell(s['wall_s'], '.1f')}</td></tr>"
+        for s in summary
+    )
+    figures = "\n".join(
+        f'<section id="{esc(p.name)}">\n<h2>{esc(p.title)}</h2>\n'
+        f'<img src="{esc(p.file)}" alt="{esc(p.title)}">\n<p>{esc(p.caption)}</p>\n</section>'
+        for p in plots
+    )
+    teachers = ", ".join(teachers_of(run))
+    made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em auto; padding: 0 1.5em;
+       max-width: 1500px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+th {{ background: #f3f3f3; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+p.meta, section p {{ color: #555; max-width: 60em; }}
+</style>
+</head>
+<body>
+<h1>{esc(title)}</h1>
+<p class="meta">Rows of <code>{esc(str(run.path))}</code>; teachers {esc(teachers)};
+written {made}. Accuracy counts a failed problem as wrong; tokens and seconds are
+means per problem.</p>
+<table>
+{head}
+{body}
+</table>
+{figures}
+</body>
+</html>
+"""

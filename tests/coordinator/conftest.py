@@ -1,0 +1,29 @@
+"""A real run to read back: `cord-coord eval`'s code path (cord and curation on five lab
+problems through the session's fleet), run once for the export and report tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cord.common.config import RunConfig
+from cord.common.lab.arith import make_problems
+from cord.common.problems import Problem
+from cord.coordinator.evaluate import evaluate
+from tests.conftest import fleet_config
+
+EVAL_STRATEGIES = ("cord", "curation")
+
+
+@pytest.fixture(scope="session")
+def lab_eval(fleet: tuple[Path, RunConfig], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The eval folder (``<dir>/cord/traces.jsonl``, ``<dir>/curation/…``) of five lab
+    problems; `eval`'s own state namespace keeps it apart from other tests' problems."""
+    tmp = tmp_path_factory.mktemp("lab-eval")
+    _, cfg = fleet_config(fleet, tmp / "run.yaml")
+    problems = [Problem(**p.to_json()) for p in make_problems(5, seed=7171)]
+    report: dict[str, Any] = evaluate(cfg, problems, list(EVAL_STRATEGIES), tmp / "ev")
+    assert all(m["failed"] == 0 for m in report["strategies"].values()), report
+    return tmp / "ev"
