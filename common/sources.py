@@ -337,6 +337,29 @@ def _dataset_rows(dataset: Any) -> Iterator[dict[str, Any]]:
         yield from table.to_pylist()
 
 
+def write_records(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows to a file in the format its suffix names (`BY_SUFFIX`): what `open_source`
+    reads back (the lab's `lab-problems --out`; tests)."""
+    kind = BY_SUFFIX.get(path.suffix.lower())
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif kind == "json":
+        path.write_text(json.dumps(rows, ensure_ascii=False, indent=1))
+    elif kind in ("csv", "tsv"):
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            names = list(dict.fromkeys(k for r in rows for k in r))
+            w = csv.DictWriter(f, names, delimiter="\t" if kind == "tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        raise SourceError(f"{path}: unknown format; name it {', '.join(sorted(BY_SUFFIX))}")
+
+
 # -- shared --------------------------------------------------------------------------------
 def _check_columns(where: str, columns: list[str], spec: InputSpec) -> None:
     """A field the spec names that no row can have (the source has a schema): one error

@@ -17,6 +17,7 @@ import click
 
 from cord.common.answers import ANSWER_FROM
 from cord.common.config import ConfigError, RunConfig, load_config, redact_url
+from cord.common.lab.arith import SHAPES
 from cord.common.log import configure, get_logger
 from cord.common.problems import InputSpec
 from cord.coordinator.search import lookup, strategy_names
@@ -358,12 +359,37 @@ def eval_cmd(
 @main.command("lab-problems")
 @click.option("--n", "count", type=int, default=20, show_default=True)
 @click.option("--seed", type=int, default=1000, show_default=True)
-def lab_problems(count: int, seed: int) -> None:
-    """Write N lab arithmetic problems (id, question, answer) as JSONL to stdout."""
+@click.option(
+    "--like",
+    type=click.Choice(SHAPES),
+    default="cord",
+    show_default=True,
+    help="Fields as cord's own input (id, question, answer), GSM8K or MATH write them.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a .jsonl, .json, .csv or .parquet file instead of JSONL to stdout.",
+)
+def lab_problems(count: int, seed: int, like: str, out_path: str | None) -> None:
+    """Write N lab arithmetic problems (the bundled models can solve them), as JSONL to
+    stdout or to a file in the format --out names; --like gsm8k|math shapes them as
+    those datasets do, to try enqueue's field mapping."""
     from cord.common.lab.arith import make_problems
+    from cord.common.sources import SourceError, write_records
 
-    for p in make_problems(count, seed):
-        click.echo(json.dumps(p.to_json()))
+    rows = [p.shaped(cast(Any, like)) for p in make_problems(count, seed)]
+    if out_path is None:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    try:
+        write_records(rows, Path(out_path))
+    except SourceError as e:
+        raise click.BadParameter(str(e), param_hint="--out") from e
+    click.echo(f"wrote {len(rows)} problems ({like}) to {out_path}", err=True)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

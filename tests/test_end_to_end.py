@@ -185,3 +185,52 @@ def test_fleet_with_vllm_pools(vllm_urls, tmp_path, redis_url, redis_client, nam
         assert row["final_answer"] and row["strategy"] == "cord"
         assert 0 < row["stats"]["cached_prompt_tokens"] <= row["stats"]["prompt_tokens"]
     assert "alpha" in teachers  # the vLLM teacher wrote chosen steps
+
+
+def test_gsm8k_and_math_shaped_parquet_in_a_training_set_and_a_report_out(fleet, tmp_path):
+    """The path issue 16 promises a user: datasets shaped as GSM8K and MATH write them,
+    enqueued with the mapping flags, run, exported for SFT and reported."""
+    import datasets
+
+    config, _ = fleet_config(fleet, tmp_path / "run.yaml")
+    gsm8k, math = tmp_path / "gsm8k.parquet", tmp_path / "math.parquet"
+    for like, path, seed in (("gsm8k", gsm8k, 161601), ("math", math, 161602)):
+        made = cli("lab-problems", "--n", 3, "--seed", seed, "--like", like, "--out", path)
+        assert made.exit_code == 0, made.output
+    result = cli("enqueue", "--config", config, gsm8k, "--answer-from", "gsm8k")
+    assert "enqueued 3 new problem(s)" in result.output, result.output
+    mapping = ["--question-field", "problem", "--answer-field", "solution"]
+    mapping += ["--answer-from", "boxed", "--id-field", "unique_id"]
+    result = cli("enqueue", "--config", config, math, *mapping)
+    assert "enqueued 3 new problem(s)" in result.output, result.output
+
+    out = tmp_path / "out"
+    result = cli("run", "--config", config, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    expected = {p.question: p.answer for p in make_problems(3, 161601) + make_problems(3, 161602)}
+    assert {r["question"]: r["reference_answer"] for r in rows} == expected
+    by_id = {r["id"]: r for r in rows}
+    assert {f"lab/arith-161602-{i}.json" for i in range(3)} <= set(by_id)
+    # The worked solutions the references came from travel with the rows.
+    worked = [r for r in rows if "answer" in r]
+    assert len(worked) == 3 and sum("solution" in r for r in rows) == 3
+    assert all(r["answer"].endswith(f"#### {r['reference_answer']}") for r in worked)
+
+    sft = tmp_path / "sft.parquet"
+    result = cli("export", "--in", out, "--format", "parquet", "--out", sft)
+    assert result.exit_code == 0, result.output
+    loaded = datasets.load_dataset("parquet", data_files=str(sft), split="train")
+    assert sorted(loaded["id"]) == sorted(by_id)
+    for got in loaded:
+        row = by_id[got["id"]]
+        assert got["messages"] == row["messages"] and got["score"] == row["score"]
+        assert got["correct"] == row["correct"] and got["completion"] == row["messages"][1:]
+
+    report = tmp_path / "report"
+    result = cli("report", "--in", out, "--out", report)
+    assert result.exit_code == 0, result.output
+    html = (report / "index.html").read_text()
+    pngs = sorted(report.glob("*.png"))
+    assert pngs and all(f'src="{p.name}"' in html for p in pngs)
+    assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)

@@ -18,6 +18,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from cord.common.prompts import step_header
 
@@ -28,6 +29,10 @@ LAB_TEMPLATE = "{question}"
 # Held-out sets: the evaluation problems and the demo's.
 EVAL_SEED, EVAL_N = 7, 1000
 DEMO_SEED, DEMO_N = 900001, 100
+
+
+Shape = Literal["cord", "gsm8k", "math"]
+SHAPES: tuple[Shape, ...] = ("cord", "gsm8k", "math")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,25 @@ class ArithProblem:
 
     def to_json(self) -> dict[str, str]:
         return {"id": self.id, "question": self.question, "answer": self.answer}
+
+    def shaped(self, like: Shape) -> dict[str, str]:
+        """The problem as a dataset of that kind writes it (`cord-coord lab-problems
+        --like`), to try the field mapping on problems the lab's models can solve:
+        `gsm8k`, a `question` and an `answer` that works it out and ends in ``#### N``
+        (no id); `math`, a `problem`, a `solution` with the answer in ``\\boxed{N}``, a
+        `level`, a `type` and a `unique_id`."""
+        if like == "gsm8k":
+            work = "\n".join(solution_lines(self.terms))
+            return {"question": self.question, "answer": f"{work}\n#### {self.answer}"}
+        if like == "math":
+            return {
+                "problem": self.question,
+                "solution": f"Adding the terms in order gives $\\boxed{{{self.answer}}}$.",
+                "level": "Level 1",
+                "type": "Arithmetic",
+                "unique_id": f"lab/{self.id}.json",
+            }
+        return self.to_json()
 
 
 def random_terms(
