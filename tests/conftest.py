@@ -5,6 +5,7 @@ the bundled tiny models, run configs in unique namespaces, and fleets of real
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,3 +267,38 @@ def vllm_urls() -> Iterator[dict[str, str]]:
     finally:
         for s in servers.values():
             s.close()
+
+
+# -- Debian's headless Chromium (the `browser` tests) -----------------------------------
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Headless in a sandboxless container, with nothing reaching outside (machine notes);
+# file:// pages may load the images beside them (cord-coord report).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--allow-file-access-from-files",
+    "--virtual-time-budget=5000",
+]
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+
+
+def chromium(
+    args: list[str], url: str, profile: Path, window: str = "1400,900"
+) -> subprocess.CompletedProcess[str]:
+    """One headless Chromium run on `url` (`--dump-dom`, `--screenshot=...`)."""
+    assert CHROMIUM is not None
+    window_flags = [f"--window-size={window}", f"--user-data-dir={profile}"]
+    return subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, *window_flags, *args, url],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )

@@ -8,7 +8,6 @@ import base64
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ from cord.coordinator.driver import Coordinator
 from cord.coordinator.metrics import serve_coordinator
 from cord.coordinator.status import fleet_status
 from cord.coordinator.store import Store
+from tests.conftest import chromium, needs_chromium
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 POOLS = ("alpha", "beta", "gamma", "meta")
@@ -338,34 +338,8 @@ def test_flower_refuses_requests_without_credentials(flower):
     assert _get(f"{flower}/workers", auth=None)[0] == 401
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# Headless in a sandboxless container, with nothing reaching outside (machine notes).
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,900",
-    "--virtual-time-budget=5000",
-]
-
-
-def chromium(args: list[str], url: str, profile: Path) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    return subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+@needs_chromium
 def test_flower_dashboard_shows_the_workers_in_chromium(flower, tmp_path):
     url = flower.replace("http://", f"http://{AUTH[0]}:{AUTH[1]}@") + "/workers"
     # The dashboard lists workers once their event heartbeats (every 2 s) have arrived.

@@ -4,8 +4,6 @@ they were drawn from; the page in headless Chromium."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from cord.common.matching import judge
 from cord.coordinator.cli import main
 from cord.coordinator.report import Plot, Report, write_report
 from cord.coordinator.rundir import read_run_dir
+from tests.conftest import chromium, needs_chromium
 from tests.coordinator.conftest import EVAL_STRATEGIES
 from tests.coordinator.test_export import raw_traces
 
@@ -145,32 +144,8 @@ def test_one_strategy_has_no_strategy_comparison(lab_eval, tmp_path):
     assert html.count("<tr>") == 2  # the head and cord's line
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--allow-file-access-from-files",
-    "--virtual-time-budget=5000",
-]
-
-
-def chromium(args: list[str], url: str, profile: Path) -> subprocess.CompletedProcess[str]:
-    assert CHROMIUM is not None
-    return subprocess.run(
-        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-
-
 @pytest.mark.browser
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+@needs_chromium
 def test_the_page_opens_in_chromium(report, tmp_path):
     url = report.index.resolve().as_uri()
     dom = chromium(["--dump-dom"], url, tmp_path / "profile").stdout
@@ -179,7 +154,7 @@ def test_the_page_opens_in_chromium(report, tmp_path):
     # The screenshot (the whole page: a tall window) shows the plots' own colours, so
     # the browser loaded and drew the PNGs beside the page.
     shot = tmp_path / "report.png"
-    chromium(["--window-size=1400,4200", f"--screenshot={shot}"], url, tmp_path / "profile")
+    chromium([f"--screenshot={shot}"], url, tmp_path / "profile", window="1400,4200")
     assert shot.read_bytes()[:8] == PNG
     for name in ("step_teachers", "strategies"):
         p = plot(report, name)
