@@ -33,14 +33,14 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
 from cord.common.problems import Checked, InputSpec, LineError, duplicate
-from cord.common.sources import Result, Source, open_source
+from cord.common.sources import Result, Source, open_source, raw_bytes
 from cord.coordinator.store import Store
 
 ERRORS_KEPT = 50  # errors the report holds (and the CLI prints); all are counted
@@ -97,8 +97,8 @@ class _Check:
             "CREATE TABLE seen (id TEXT PRIMARY KEY, line INTEGER NOT NULL) WITHOUT ROWID"
         )
         self.db.execute("BEGIN")
-        self.valid: list[tuple[bytes, Checked]] = []
-        self.bad: list[tuple[bytes, LineError]] = []
+        self.valid: list[tuple[Any, Checked]] = []  # (source form, result): `Result`
+        self.bad: list[tuple[Any, LineError]] = []
         self.size = 0
 
     def run(self, results: Iterable[Result]) -> None:
@@ -106,9 +106,10 @@ class _Check:
             for raw, result in results:
                 if isinstance(result, LineError):
                     self.bad.append((raw, result))
+                    self.size += len(raw) if isinstance(raw, bytes) else 0
                 else:
                     self.valid.append((raw, result))
-                self.size += len(raw)
+                    self.size += len(result.stored)
                 if len(self.valid) + len(self.bad) >= CHUNK_LINES or self.size >= CHUNK_BYTES:
                     self._flush()
             self._flush()
@@ -145,7 +146,7 @@ class _Check:
             self._error(raw, err)
         self.valid, self.bad, self.size = [], [], 0
 
-    def _error(self, raw: bytes, err: LineError) -> None:
+    def _error(self, raw: Any, err: LineError) -> None:
         report = self.report
         report.error_count += 1
         if len(report.errors) < ERRORS_KEPT:
@@ -153,7 +154,7 @@ class _Check:
         if self.rejects_path is not None:
             if self.rejects is None:
                 self.rejects = open(self.rejects_path, "w", encoding="utf-8")  # noqa: SIM115
-            row = {**err.to_json(), "raw": raw.decode("utf-8", "replace")}
+            row = {**err.to_json(), "raw": raw_bytes(raw).decode("utf-8", "replace")}
             self.rejects.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
