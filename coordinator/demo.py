@@ -7,7 +7,6 @@ stops everything it started (the whole process tree, also on Ctrl-C or an error)
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from cord.common.config import RunConfig
 from cord.common.keys import Keys
 from cord.common.matching import MatchMethod, row_correct, stated_answer
 from cord.common.redis_server import ping, start_redis
+from cord.coordinator.rundir import read_jsonl
 
 
 class ProcessGroup:
@@ -101,8 +101,7 @@ def wait_for_workers(
 def summarize(traces: Path, failed: Path, match: MatchMethod = "math") -> dict[str, Any]:
     """The run's figures. A row is right as its `correct` says (`match` decides for rows
     written without one)."""
-    rows = [json.loads(x) for x in traces.read_text().splitlines()] if traces.exists() else []
-    fails = [json.loads(x) for x in failed.read_text().splitlines()] if failed.exists() else []
+    rows, fails = read_jsonl(traces), read_jsonl(failed)
     correct = sum(row_correct(r, match) for r in rows)
     teachers: dict[str, int] = {}
     for r in rows:

@@ -14,7 +14,6 @@ from wrong final traces (AUROC).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import uuid
@@ -29,6 +28,7 @@ from cord.common.keys import Keys
 from cord.common.matching import MatchMethod, row_correct
 from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.rundir import read_jsonl
 from cord.coordinator.search import lookup
 from cord.coordinator.store import Store
 
@@ -72,12 +72,6 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-
-
 def run_strategy(
     cfg: RunConfig, strategy: str, problems: list[Problem], out_dir: Path, tag: str
 ) -> StrategyResult:
@@ -95,8 +89,8 @@ def run_strategy(
         wall = time.monotonic() - start
     finally:
         _drop(client, state_ns)
-    rows = _read(coord.writer.traces)
-    failed = len(_read(coord.writer.failed))
+    rows = read_jsonl(coord.writer.traces)
+    failed = len(read_jsonl(coord.writer.failed))
     return StrategyResult(strategy, rows, failed, wall, len(problems), cfg.eval.match)
 
 
