@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -80,11 +80,16 @@ def random_terms(
 def make_problems(
     n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS
 ) -> list[ArithProblem]:
+    return list(iter_problems(n, seed, min_terms, max_terms))
+
+
+def iter_problems(
+    n: int, seed: int, min_terms: int = MIN_TERMS, max_terms: int = MAX_TERMS
+) -> Iterator[ArithProblem]:
+    """`make_problems`, one at a time (a million of them need no list)."""
     rng = random.Random(seed)
-    return [
-        ArithProblem(id=f"arith-{seed}-{i}", terms=random_terms(rng, min_terms, max_terms))
-        for i in range(n)
-    ]
+    for i in range(n):
+        yield ArithProblem(id=f"arith-{seed}-{i}", terms=random_terms(rng, min_terms, max_terms))
 
 
 def held_out_terms() -> set[tuple[int, ...]]:

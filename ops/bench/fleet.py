@@ -56,6 +56,7 @@ from cord.common.messages import EngineStats, Heartbeat, Score
 from cord.common.problems import Problem
 from cord.common.redis_server import ping, start_redis
 from cord.coordinator.driver import Coordinator, Observer
+from cord.coordinator.rundir import read_jsonl
 from cord.coordinator.search import Outcome, Search, Work, make_search
 from cord.coordinator.store import Store
 
@@ -467,8 +468,8 @@ def run_fleet(
             coordinator_cpu = process_cpu_s() - cpu_before
             workers_after = fleet.cpu_s() if fleet else {}
             engine = fleet.engine_delta(engine_before) if fleet else {}
-            rows = _read_rows(coord.writer.traces)
-            failed = len(_read_rows(coord.writer.failed))
+            rows = read_jsonl(coord.writer.traces)
+            failed = len(read_jsonl(coord.writer.failed))
         finally:
             drop_namespace(coord.redis, state_ns)
     return FleetRun(
@@ -486,12 +487,6 @@ def run_fleet(
         timer.phase_s,
         engine,
     )
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x]
 
 
 # -- the same search in one process ------------------------------------------------------
