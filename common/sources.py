@@ -141,10 +141,6 @@ def open_source(location: str | Path, spec: InputSpec = DEFAULT_INPUT) -> Source
     raise SourceError(f"{where}: no such file or folder (nor a Hub dataset name)")
 
 
-def scan_source(location: str | Path, spec: InputSpec = DEFAULT_INPUT) -> Iterator[Result]:
-    return open_source(location, spec).scan()
-
-
 # -- files -------------------------------------------------------------------------------
 def _jsonl(path: Path, spec: InputSpec) -> Iterator[Result]:
     with open(path, "rb") as f:

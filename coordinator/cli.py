@@ -19,6 +19,7 @@ from cord.common.answers import ANSWER_FROM
 from cord.common.config import ConfigError, RunConfig, load_config, redact_url
 from cord.common.lab.arith import SHAPES
 from cord.common.log import configure, get_logger
+from cord.common.matching import MATCH_METHODS
 from cord.common.problems import InputSpec
 from cord.coordinator.search import lookup, strategy_names
 
@@ -519,7 +520,7 @@ def _run_dir_options(f: Any) -> Any:
             ),
             click.option(
                 "--match",
-                type=click.Choice(["math", "exact"]),
+                type=click.Choice(MATCH_METHODS),
                 default=None,
                 help="Judge every row's answer again with this method (default: keep the "
                 "rows' own `correct`; rows without one are judged with math).",
