@@ -115,7 +115,9 @@ def test_sigterm_hands_back_a_task_that_outlives_the_grace(
     keys = Keys(namespace)
     proc = start_worker(config, tmp_path / "worker.log")
     try:
-        stream, req, queue = run_until_started(cfg, redis_client, items=16, max_new_tokens=900)
+        # 64 rows of 900 tokens: about 6 s on the 2-core machine of 2026-12-06, four times
+        # the grace (16 rows took 1.5 s there and finished before it ran out).
+        stream, req, queue = run_until_started(cfg, redis_client, items=64, max_new_tokens=900)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
