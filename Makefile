@@ -47,13 +47,13 @@ lint: venv
 
 # Train the lab's tiny models again (deterministic, about 40 minutes on 2 cores).
 lab-models: venv
-	$(BIN)/python -m cord.common.lab.train --out models
+	$(BIN)/cord-lab train --out models
 
 # The lab's comparison of strategies on 300 held-out problems (docs/lab.md).
 LAB_STRATEGIES ?= cord,curation,mcts,single:alpha,single:beta,single:gamma,greedy,random,longest
 lab-eval: venv
 	mkdir -p data
-	$(BIN)/cord-coord lab-problems --n 300 --seed 7 > data/lab-eval-300.jsonl
+	$(BIN)/cord-lab problems --n 300 --seed 7 > data/lab-eval-300.jsonl
 	$(BIN)/cord-coord eval --config $(CONFIG) --problems data/lab-eval-300.jsonl \
 		--strategies $(LAB_STRATEGIES) --start-workers --out data/eval
 

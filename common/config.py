@@ -1,8 +1,8 @@
 """The run config: one pydantic model, loaded from YAML and validated once at the edge.
 
-Errors name the field and the fix. Environment overrides use one prefix, ``CORD_``, and
-are read here only: ``CORD_REDIS_URL`` overrides ``redis_url`` and ``CORD_NAMESPACE``
-overrides ``namespace``. docs/config.md is the reference for every field.
+Errors name the field and the fix. ``CORD_REDIS_URL`` overrides ``redis_url`` and
+``CORD_NAMESPACE`` overrides ``namespace`` (`cord.common.env`). docs/config.md is the
+reference for every field.
 """
 
 from __future__ import annotations
@@ -12,270 +12,27 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    Tag,
-    TypeAdapter,
-    ValidationError,
-    model_validator,
-)
+from pydantic import Field, ValidationError, model_validator
 
-from cord.common import prompts
+from cord.common import env, prompts
 from cord.common.keys import queue_name
 from cord.common.messages import TaskKind
-from cord.common.problems import InputSpec
-
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
-ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
+from cord.common.pools import (
+    ENGINES,
+    META_PROVER_MAX_BATCH,
+    NAME_PATTERN,
+    AnyModelSpec,
+    ModelName,
+    ModelSpec,
+    Strict,
+)
 
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message names the field and the fix."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _PoolSpec(_Strict):
-    """What every pool has, whatever runs its model. A pool's spec is one of the engine
-    models below (`ModelSpec`, a union on `engine`): each holds only its own settings."""
-
-    name: ModelName
-    model: str | None = Field(
-        default=None,
-        description="HF path or hub id; relative paths resolve against the config "
-        "(required for teachers; a meta-prover that names a teacher uses the teacher's)",
-    )
-    temperature: float | None = Field(
-        default=None, ge=0.0, description="overrides search.temperature"
-    )
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    device: str = "cpu"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_batch: int = Field(default=16, ge=1, description="items per task sent to this pool")
-
-    @property
-    def task_slots(self) -> int:
-        """Tasks one worker of this pool runs at once (an in-worker engine: one)."""
-        return 1
-
-
-# Threads of a pool's compute on a CPU: the hf engine's torch threads, a CPU vLLM
-# server's OpenMP threads. Several workers or servers share a host here, and threads that
-# outnumber the cores spin against each other: four CPU vLLM servers with vLLM's default
-# (a thread per core) ran the 12-problem bench 5x slower than with one thread each.
-CpuThreads = Annotated[
-    int,
-    Field(ge=1, description="threads per worker (or CPU server) on CPU; 1 unless it has the host"),
-]
-
-
-class HFSpec(_PoolSpec):
-    """`engine: hf`: transformers + torch inside the worker (workers/engines/hf.py)."""
-
-    engine: Literal["hf"] = "hf"
-    prefix_cache_tokens: int = Field(
-        default=65536, ge=0, description="LRU prefix KV cache size in tokens; 0 = off"
-    )
-    cpu_threads: CpuThreads = 1
-
-
-class BenchSpec(_PoolSpec):
-    """`engine: bench`: placeholder text at once, for overhead benchmarks only."""
-
-    engine: Literal["bench"] = "bench"
-
-
-class _ServerSpec(_PoolSpec):
-    """An inference server per worker, launched and supervised or attached
-    (workers/engines/server.py). Each engine names its own url/launch/port/args fields;
-    `server_url`, `launch`, `port` and `extra_args` read them for the supervisor."""
-
-    startup_timeout_s: float = Field(
-        default=900.0, gt=0, description="wait this long for a launched server to be ready"
-    )
-    request_timeout_s: float = Field(
-        default=600.0, gt=0, description="a request longer than this fails, retryable"
-    )
-    health_timeout_s: float = Field(
-        default=30.0, gt=0, description="timeout of one health probe of the server"
-    )
-    health_interval_s: float = Field(
-        default=30.0, gt=0, description="a launched server is probed this often"
-    )
-    concurrency: int = Field(
-        default=4,
-        ge=1,
-        description="tasks a worker runs at once: their requests reach the server together, "
-        "which batches them (one task at a time leaves it idle between tasks and draining "
-        "at the end of each)",
-    )
-
-    @property
-    def task_slots(self) -> int:
-        return self.concurrency
-
-    @property
-    def server_url(self) -> str | None:
-        raise NotImplementedError
-
-    @property
-    def launch(self) -> list[str]:
-        raise NotImplementedError
-
-    @property
-    def port(self) -> int | None:
-        raise NotImplementedError
-
-    @property
-    def extra_args(self) -> list[str]:
-        raise NotImplementedError
-
-
-class SGLangSpec(_ServerSpec):
-    """`engine: sglang` (workers/engines/sglang.py)."""
-
-    engine: Literal["sglang"] = "sglang"
-    sglang_url: str | None = Field(
-        default=None,
-        description="attach to this running SGLang server (http://host:port) instead of "
-        "launching one; nothing is restarted then",
-    )
-    sglang_launch: list[str] = Field(
-        default=["python", "-m", "sglang.launch_server"],
-        min_length=1,
-        description="the command that starts the server (the worker adds --model-path, "
-        "--host, --port, ...); a first word `python` is the worker's own interpreter",
-    )
-    sglang_port: int | None = Field(
-        default=None, ge=1, le=65535, description="port of the launched server; None = a free one"
-    )
-    sglang_args: list[str] = Field(
-        default=[], description="extra launch_server arguments, e.g. [--context-length, '32768']"
-    )
-    sglang_deterministic: bool = Field(
-        default=True,
-        description="launch with --enable-deterministic-inference: SGLang honours a "
-        "request's sampling_seed only then (a re-sent item samples the same text)",
-    )
-    tp_size: int = Field(default=1, ge=1, description="tensor parallel GPUs of the server")
-    mem_fraction_static: float | None = Field(
-        default=None, gt=0.0, lt=1.0, description="GPU memory for weights and KV; None = SGLang's"
-    )
-
-    @property
-    def server_url(self) -> str | None:
-        return self.sglang_url
-
-    @property
-    def launch(self) -> list[str]:
-        return self.sglang_launch
-
-    @property
-    def port(self) -> int | None:
-        return self.sglang_port
-
-    @property
-    def extra_args(self) -> list[str]:
-        return self.sglang_args
-
-
-class VLLMSpec(_ServerSpec):
-    """`engine: vllm` (workers/engines/vllm.py): vLLM's OpenAI-compatible server."""
-
-    engine: Literal["vllm"] = "vllm"
-    vllm_url: str | None = Field(
-        default=None,
-        description="attach to this running vLLM server (http://host:port) instead of "
-        "launching one; nothing is restarted then",
-    )
-    vllm_launch: list[str] = Field(
-        default=["python", "-m", "vllm.entrypoints.openai.api_server"],
-        min_length=1,
-        description="the command that starts the server (the worker adds --model, --host, "
-        "--port, ...); a first word `python` is the worker's own interpreter",
-    )
-    vllm_port: int | None = Field(
-        default=None, ge=1, le=65535, description="port of the launched server; None = a free one"
-    )
-    vllm_args: list[str] = Field(
-        default=[],
-        description="extra api_server arguments, e.g. [--gpu-memory-utilization, '0.85']",
-    )
-    max_model_len: int | None = Field(
-        default=None, ge=1, description="--max-model-len of the launched server; None = vLLM's"
-    )
-    tensor_parallel_size: int = Field(
-        default=1, ge=1, description="--tensor-parallel-size of the launched server"
-    )
-    gpu_memory_utilization: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="--gpu-memory-utilization; None = vLLM's"
-    )
-    cpu_kvcache_gib: float = Field(
-        default=1.0,
-        gt=0,
-        description="GiB of KV cache of a launched server on device cpu "
-        "(--kv-cache-memory-bytes; vLLM's own default takes far more)",
-    )
-    cpu_threads: CpuThreads = 1
-
-    @property
-    def server_url(self) -> str | None:
-        return self.vllm_url
-
-    @property
-    def launch(self) -> list[str]:
-        return self.vllm_launch
-
-    @property
-    def port(self) -> int | None:
-        return self.vllm_port
-
-    @property
-    def extra_args(self) -> list[str]:
-        return self.vllm_args
-
-
-META_PROVER_MAX_BATCH = 32  # scoring items per task unless meta_prover.max_batch says
-
-ENGINES: tuple[str, ...] = ("hf", "sglang", "vllm", "bench")
-
-
-def _engine_of(value: Any) -> str:
-    """The union's tag: `engine` as written (hf when left out)."""
-    if isinstance(value, dict):
-        engine = value.get("engine", "hf")
-        return engine if engine in ENGINES else str(engine)
-    return str(getattr(value, "engine", "hf"))
-
-
-# One model pool: a teacher or the meta-prover, one spec class per engine.
-ModelSpec = Annotated[
-    Annotated[HFSpec, Tag("hf")]
-    | Annotated[SGLangSpec, Tag("sglang")]
-    | Annotated[VLLMSpec, Tag("vllm")]
-    | Annotated[BenchSpec, Tag("bench")],
-    Discriminator(
-        _engine_of,
-        custom_error_type="engine",
-        custom_error_message=f"unknown engine; use one of {', '.join(ENGINES)}",
-    ),
-]
-AnyModelSpec = HFSpec | SGLangSpec | VLLMSpec | BenchSpec
-ServerSpec = _ServerSpec
-_MODEL_SPEC: TypeAdapter[AnyModelSpec] = TypeAdapter(ModelSpec)
-
-
-def model_spec(**fields: Any) -> AnyModelSpec:
-    """A pool's spec from its fields (`engine` picks the class; hf when left out)."""
-    return _MODEL_SPEC.validate_python(fields)
-
-
-class PromptSpec(_Strict):
+class PromptSpec(Strict):
     template: str = Field(
         default=prompts.DEFAULT_TEMPLATE,
         description="the user turn; {question} is replaced by the problem's question",
@@ -291,7 +48,42 @@ class PromptSpec(_Strict):
         return prompts.user_prompt(question, self.template)
 
 
-class SearchSpec(_Strict):
+# How a record writes its reference answer (`cord.coordinator.inputs.answers`): the whole
+# field, the text after GSM8K's last `####`, or the last `\boxed{...}` (MATH).
+AnswerFrom = Literal["field", "gsm8k", "boxed"]
+
+
+class InputSpec(Strict):
+    """Where a record keeps its question, reference answer and id (the run config's
+    ``input:``; each has a ``cord-coord enqueue``/``eval`` flag that overrides it)."""
+
+    question_field: str | None = Field(
+        default=None,
+        description="the field with the question; default `question`, or its alias `problem`",
+    )
+    answer_field: str = Field(
+        default="answer", description="the field with the reference answer (or the text it is in)"
+    )
+    answer_from: AnswerFrom = Field(
+        default="field",
+        description="how the reference is written in `answer_field`: `field`, the whole "
+        "value; `gsm8k`, the text after the last `####`; `boxed`, the last `\\boxed{...}`",
+    )
+    id_field: str | None = Field(
+        default=None,
+        description="the field with each problem's id (then every record needs one); "
+        "default `id` where a record has it, else a digest of the question",
+    )
+    split: str | None = Field(
+        default=None,
+        description="a dataset folder's or Hub dataset's split (default: its only split)",
+    )
+    subset: str | None = Field(
+        default=None, description="a Hub dataset's configuration (`load_dataset`'s name)"
+    )
+
+
+class SearchSpec(Strict):
     strategy: str = "cord"
     beam_width: int = Field(default=4, ge=1)
     samples_per_beam: int = Field(default=1, ge=1, description="samples per teacher per beam")
@@ -326,36 +118,24 @@ class SearchSpec(_Strict):
     )
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _known_strategy(self) -> SearchSpec:
-        # The registry of strategies lives with them (coordinator/search/); it imports
-        # this module, so it is read here when a config is checked, not at import.
-        from cord.coordinator.search import lookup, strategy_names
 
-        if lookup(self.strategy) is None:
-            raise ValueError(
-                f"unknown strategy {self.strategy!r}; use one of {', '.join(strategy_names())}"
-            )
-        return self
-
-
-class OutputSpec(_Strict):
+class OutputSpec(Strict):
     dir: str = "data"
     traces_prefix: str = "traces"
     failed_prefix: str = "failed"
     keep_alternatives: bool = True
 
 
-class EvalSpec(_Strict):
+class EvalSpec(Strict):
     match: Literal["math", "exact"] = Field(
         default="math",
         description="how a final answer is checked against the reference "
-        "(cord.common.matching): `math` compares them as mathematics with math-verify, "
+        "(cord.coordinator.matching): `math` compares them as mathematics with math-verify, "
         "exact matching where it finds nothing to compare; `exact` only exact matching",
     )
 
 
-class ReliabilitySpec(_Strict):
+class ReliabilitySpec(Strict):
     task_timeout_s: float = Field(default=600.0, gt=0, description="re-dispatch a task after this")
     max_attempts: int = Field(
         default=3, ge=1, description="tries per task before the problem fails"
@@ -406,7 +186,7 @@ class ReliabilitySpec(_Strict):
     )
 
 
-class RoutingSpec(_Strict):
+class RoutingSpec(Strict):
     affinity: bool = Field(
         default=True,
         description="send a problem's work to the worker of each pool that served it before "
@@ -421,7 +201,7 @@ class RoutingSpec(_Strict):
     )
 
 
-class MetricsSpec(_Strict):
+class MetricsSpec(Strict):
     """Prometheus endpoints; a port left out (None) turns that endpoint off."""
 
     host: str = Field(
@@ -446,7 +226,7 @@ class MetricsSpec(_Strict):
 K8S_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 
 
-class RedisDeploySpec(_Strict):
+class RedisDeploySpec(Strict):
     """The Redis a cluster fleet uses (`cord-coord ops render`, docs/deploy.md)."""
 
     in_cluster: bool = Field(
@@ -472,7 +252,7 @@ class RedisDeploySpec(_Strict):
         return self
 
 
-class DeploySpec(_Strict):
+class DeploySpec(Strict):
     """How `cord-coord ops render` lays the fleet out on Kubernetes and SkyPilot.
 
     Per-pool settings are maps from pool name to value; pools not named get the default."""
@@ -490,9 +270,9 @@ class DeploySpec(_Strict):
     models_mount: str = Field(default="/models", pattern=r"^/", description="where it is mounted")
     gpu_resource: str = "nvidia.com/gpu"
     default_gpus: int = Field(default=1, ge=0, description="GPUs per worker")
-    gpus: dict[ModelName, Annotated[int, Field(ge=0)]] = {}
+    gpus: dict[ModelName, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
     default_max_replicas: int = Field(default=4, ge=1, description="workers per pool at most")
-    max_replicas: dict[ModelName, Annotated[int, Field(ge=1)]] = {}
+    max_replicas: dict[ModelName, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     cpu: str = Field(default="4", description="CPU request of a worker")
     memory: str = Field(default="32Gi", description="memory request of a worker")
     spot: Literal["gke", "karpenter", "none"] = Field(
@@ -515,7 +295,7 @@ class DeploySpec(_Strict):
     cooldown_s: int = Field(default=300, ge=0, description="KEDA cooldownPeriod before zero")
     coordinator_storage: str = Field(default="10Gi", description="the coordinator's output volume")
     accelerator: str = Field(default="A100", description="SkyPilot accelerator type")
-    accelerators: dict[ModelName, str] = {}
+    accelerators: dict[ModelName, str] = Field(default_factory=dict)
     infra: str | None = Field(default=None, description="SkyPilot resources.infra, e.g. aws")
     redis: RedisDeploySpec = RedisDeploySpec()
 
@@ -540,7 +320,7 @@ class DeploySpec(_Strict):
         return f"{self.accelerator}:{n}" if n else None
 
 
-class RunConfig(_Strict):
+class RunConfig(Strict):
     redis_url: str = "redis://127.0.0.1:6379/0"
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
     teachers: list[ModelSpec] = Field(min_length=1)
@@ -577,11 +357,6 @@ class RunConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"teachers: names must be unique, {dupes} repeat")
-        single = self.search.strategy.partition("single:")[2]
-        if single and single not in names:
-            raise ValueError(
-                f"search.strategy: {self.search.strategy!r} names no teacher; use one of {names}"
-            )
         mp = self.meta_prover
         if mp.model is None and mp.name not in names:
             raise ValueError(
@@ -709,9 +484,9 @@ def config_from_dict(
     data: dict, source: str = "config", overrides: dict | None = None
 ) -> RunConfig:
     data = dict(data)
-    if url := os.environ.get("CORD_REDIS_URL"):
+    if url := env.redis_url():
         data["redis_url"] = url
-    if ns := os.environ.get("CORD_NAMESPACE"):
+    if ns := env.namespace():
         data["namespace"] = ns
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)

@@ -4,18 +4,19 @@ readable console lines when it is. Bind `problem_id`, `teacher`, `step`, `task_i
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any
 
 import structlog
+
+from cord.common import env
 
 _configured = False
 
 
 def configure(level: str | None = None, json: bool | None = None) -> None:
     global _configured
-    level_name = (level or os.environ.get("CORD_LOG_LEVEL") or "INFO").upper()
+    level_name = (level or env.log_level() or "INFO").upper()
     use_json = (not sys.stderr.isatty()) if json is None else json
     renderer: Any = (
         structlog.processors.JSONRenderer()

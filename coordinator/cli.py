@@ -15,13 +15,11 @@ from typing import Any, cast
 
 import click
 
-from cord.common.answers import ANSWER_FROM
-from cord.common.config import ConfigError, RunConfig, load_config, redact_url
-from cord.common.lab.arith import SHAPES
+from cord.common.config import ConfigError, InputSpec, RunConfig, load_config, redact_url
 from cord.common.log import configure, get_logger
-from cord.common.matching import MATCH_METHODS
-from cord.common.problems import InputSpec
-from cord.coordinator.search import lookup, strategy_names
+from cord.coordinator.inputs.answers import ANSWER_FROM
+from cord.coordinator.matching import MATCH_METHODS
+from cord.coordinator.search import lookup, strategy_names, strategy_of
 
 config_option = click.option(
     "--config",
@@ -43,7 +41,9 @@ out_option = click.option(
 
 def _load(config_path: str) -> RunConfig:
     try:
-        return load_config(config_path)
+        cfg = load_config(config_path)
+        strategy_of(cfg, config_path)
+        return cfg
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
 
@@ -123,8 +123,8 @@ def enqueue(
     2) unless --skip-invalid is given. The first bad records are printed, then how many
     more; memory stays bounded at any size (temporary files about the source's size,
     under TMPDIR)."""
-    from cord.common.sources import SourceError, open_source
-    from cord.coordinator.intake import enqueue_source
+    from cord.coordinator.inputs.intake import enqueue_source
+    from cord.coordinator.inputs.sources import SourceError, open_source
 
     cfg = _load(config_path)
     try:
@@ -323,9 +323,8 @@ def eval_cmd(
     **flags: str | None,
 ) -> None:
     """Run the problems through the live workers once per strategy and compare them."""
-    from cord.common.problems import read_problems
-    from cord.common.sources import SourceError
     from cord.coordinator.evaluate import evaluate, format_table
+    from cord.coordinator.inputs.sources import SourceError, read_problems
 
     cfg = _load(config_path)
     try:
@@ -355,42 +354,6 @@ def eval_cmd(
     else:
         report = evaluate(cfg, problems, names, out)
     click.echo(json.dumps(report) if as_json else format_table(report))
-
-
-@main.command("lab-problems")
-@click.option("--n", "count", type=int, default=20, show_default=True)
-@click.option("--seed", type=int, default=1000, show_default=True)
-@click.option(
-    "--like",
-    type=click.Choice(SHAPES),
-    default="cord",
-    show_default=True,
-    help="Fields as cord's own input (id, question, answer), GSM8K or MATH write them.",
-)
-@click.option(
-    "--out",
-    "out_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write a .jsonl, .json, .csv or .parquet file instead of JSONL to stdout.",
-)
-def lab_problems(count: int, seed: int, like: str, out_path: str | None) -> None:
-    """Write N lab arithmetic problems (the bundled models can solve them), as JSONL to
-    stdout or to a file in the format --out names; --like gsm8k|math shapes them as
-    those datasets do, to try enqueue's field mapping."""
-    from cord.common.lab.arith import make_problems
-    from cord.common.sources import SourceError, write_records
-
-    rows = [p.shaped(cast(Any, like)) for p in make_problems(count, seed)]
-    if out_path is None:
-        for row in rows:
-            click.echo(json.dumps(row))
-        return
-    try:
-        write_records(rows, Path(out_path))
-    except SourceError as e:
-        raise click.BadParameter(str(e), param_hint="--out") from e
-    click.echo(f"wrote {len(rows)} problems ({like}) to {out_path}", err=True)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -454,7 +417,7 @@ def flower(
 @click.option("--foreground", is_flag=True, help="Run the server in the foreground (Procfile).")
 def redis_up(config_path: str | None, url: str | None, data_dir: str, foreground: bool) -> None:
     """Start a local Redis (with AOF) unless one already answers at the URL."""
-    from cord.common.redis_server import RedisUnavailable, ping, start_redis
+    from cord.coordinator.redis_server import RedisUnavailable, ping, start_redis
 
     target = url or (_load(config_path).redis_url if config_path else None)
     if target is None:
@@ -493,7 +456,7 @@ def ops_render(config_path: str, out_dir: str) -> None:
     Kubernetes: per pool a worker Deployment and a KEDA ScaledObject on its queues, the
     coordinator, Redis with AOF, Flower behind basic auth. SkyPilot: per pool a managed
     spot job task. Queue names, models and the config itself come from the config."""
-    from cord.ops.deploy.render import render_config, write_rendered
+    from cord.coordinator.deploy.render import render_config, write_rendered
 
     try:
         rendered = render_config(config_path)

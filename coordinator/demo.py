@@ -22,8 +22,8 @@ import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
-from cord.common.matching import MatchMethod, row_correct, stated_answer
-from cord.common.redis_server import ping, start_redis
+from cord.coordinator.matching import MatchMethod, row_correct, stated_answer
+from cord.coordinator.redis_server import ping, start_redis
 from cord.coordinator.rundir import read_jsonl
 
 
@@ -196,7 +196,7 @@ def run_demo(
     cfg: RunConfig, config_path: str, problems: str, out_dir: Path, fresh: bool, run_dir: Path
 ) -> None:
     from cord.coordinator.driver import Coordinator
-    from cord.coordinator.intake import enqueue_file
+    from cord.coordinator.inputs.intake import enqueue_file
 
     with local_fleet(cfg, config_path, run_dir) as client:
         if fresh:

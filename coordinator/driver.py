@@ -39,7 +39,7 @@ from cord.common.messages import Generation, Score, TaskRequest, TaskResult
 from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.output import JsonlWriter
 from cord.coordinator.routing import Router
-from cord.coordinator.search import Outcome, Search, Work, make_search
+from cord.coordinator.search import Outcome, Search, Work, make_search, strategy_of
 from cord.coordinator.store import Store
 
 Event = Callable[[str, str], None]  # (kind: done|failed, problem id)
@@ -96,6 +96,7 @@ class Coordinator:
         state_namespace: str | None = None,
         observer: Observer | None = None,
     ) -> None:
+        strategy_of(cfg)  # a config the workers accept may name no strategy we know
         self.cfg = cfg
         self.id = coordinator_id or new_coordinator_id()
         self.follow = follow

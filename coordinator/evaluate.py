@@ -6,7 +6,7 @@ wall times compare. Curation's N (trajectories per teacher) and MCTS's token bud
 matched to the tokens CoRD generated on the same problems unless the config sets
 `search.curation_samples` / `search.mcts_tokens`.
 Reported per strategy: answer accuracy of the produced traces (a row's `correct`, as
-`cord.common.matching` decided it with the config's `eval.match`; a failure counts as
+`cord.coordinator.matching` decided it with the config's `eval.match`; a failure counts as
 wrong), mean S, mean generated tokens per problem (every token any teacher generated for
 it: kept, discarded and the final answers), wall seconds; and how well S separates right
 from wrong final traces (AUROC).
@@ -25,11 +25,11 @@ import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
-from cord.common.matching import MatchMethod, row_correct
-from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.matching import MatchMethod, row_correct
 from cord.coordinator.rundir import read_jsonl
-from cord.coordinator.search import lookup
+from cord.coordinator.search import lookup, strategy_of
 from cord.coordinator.store import Store
 
 
@@ -77,7 +77,7 @@ def run_strategy(
 ) -> StrategyResult:
     search = cfg.search.model_copy(update={"strategy": strategy})
     scfg = cfg.model_copy(update={"search": search})
-    RunConfig.model_validate(scfg.model_dump())  # strategy names a teacher, etc.
+    strategy_of(scfg)  # single:<teacher> names a teacher of the config, etc.
     state_ns = f"{cfg.namespace}:eval:{tag}:{strategy}"
     folder = out_dir / strategy.replace(":", "-")
     coord = Coordinator(scfg, str(folder), state_namespace=state_ns)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cord.common.matching import MatchMethod, judge
+from cord.coordinator.matching import MatchMethod, judge
 
 
 class RunDirError(Exception):

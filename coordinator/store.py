@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from cord.common.keys import Keys
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
 
 # KEYS: problems, queue; ARGV: id, json ... -> number of new problems
 _ENQUEUE = """

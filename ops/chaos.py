@@ -38,9 +38,9 @@ import click
 import redis
 import yaml
 
-from cord.common.lab.arith import make_problems
-from cord.common.matching import row_correct
-from cord.common.redis_server import start_redis
+from cord.coordinator.matching import row_correct
+from cord.coordinator.redis_server import start_redis
+from cord.lab.arith import make_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = ("id", "question", "reference_answer", "steps", "final_answer", "score", "messages")

@@ -21,7 +21,7 @@ import redis
 import yaml
 
 from cord.common.config import RunConfig, load_config
-from cord.common.redis_server import ping, start_redis
+from cord.coordinator.redis_server import ping, start_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -239,7 +239,7 @@ def vllm_urls() -> Iterator[dict[str, str]]:
     and supervised as a `cord-worker` launches its own; tests attach to them."""
     import threading
 
-    from cord.common.config import model_spec
+    from cord.common.pools import model_spec
     from cord.workers.engines.vllm import VLLMServer
 
     require_vllm()

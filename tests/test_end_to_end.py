@@ -9,17 +9,18 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cord.common import prompts
-from cord.common.lab.arith import make_problems
-from cord.common.matching import judge
 from cord.common.scoring import predictive_score
 from cord.coordinator.cli import main
+from cord.coordinator.matching import judge
+from cord.lab.arith import make_problems
+from cord.lab.cli import main as lab
 from tests.conftest import MODELS, VLLM_TEST, Fleet, base_config, fleet_config, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-def cli(*args):
-    result = CliRunner().invoke(main, list(map(str, args)), catch_exceptions=False)
+def cli(*args, group=main):
+    result = CliRunner().invoke(group, list(map(str, args)), catch_exceptions=False)
     return result
 
 
@@ -64,7 +65,7 @@ def test_ten_problems_through_the_fleet(fleet, tmp_path, redis_client):
         chosen_teachers.update(s["teacher"] for s in steps)
         assert row["score"] == steps[-1]["score"] and 0.0 < row["score"] <= 1.0
         assert row["answer_teacher"] == steps[-1]["teacher"]
-        # Whether the answer is right, decided as cord.common.matching decides it.
+        # Whether the answer is right, decided as cord.coordinator.matching decides it.
         verdict = judge(row["final_answer"], source.answer, cfg.eval.match)
         assert isinstance(row["correct"], bool) and row["correct"] == verdict.correct
         assert row["correct_by"] == verdict.by
@@ -188,14 +189,14 @@ def test_fleet_with_vllm_pools(vllm_urls, tmp_path, redis_url, redis_client, nam
 
 
 def test_gsm8k_and_math_shaped_parquet_in_a_training_set_and_a_report_out(fleet, tmp_path):
-    """The path issue 16 promises a user: datasets shaped as GSM8K and MATH write them,
+    """The path the README shows a user: datasets shaped as GSM8K and MATH write them,
     enqueued with the mapping flags, run, exported for SFT and reported."""
     import datasets
 
     config, _ = fleet_config(fleet, tmp_path / "run.yaml")
     gsm8k, math = tmp_path / "gsm8k.parquet", tmp_path / "math.parquet"
     for like, path, seed in (("gsm8k", gsm8k, 161601), ("math", math, 161602)):
-        made = cli("lab-problems", "--n", 3, "--seed", seed, "--like", like, "--out", path)
+        made = cli("problems", "--n", 3, "--seed", seed, "--like", like, "--out", path, group=lab)
         assert made.exit_code == 0, made.output
     result = cli("enqueue", "--config", config, gsm8k, "--answer-from", "gsm8k")
     assert "enqueued 3 new problem(s)" in result.output, result.output

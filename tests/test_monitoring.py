@@ -27,12 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from cord.common.celery_app import make_celery
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, queue_name
-from cord.common.lab.arith import make_problems
-from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.metrics import serve_coordinator
 from cord.coordinator.status import fleet_status
 from cord.coordinator.store import Store
+from cord.lab.arith import make_problems
 from tests.conftest import chromium, needs_chromium
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

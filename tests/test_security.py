@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from cord.common.lab.arith import make_problems
-from cord.common.redis_server import redis_binary
+from cord.coordinator.redis_server import redis_binary
+from cord.lab.arith import make_problems
 from tests.conftest import MODELS, _free_port, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

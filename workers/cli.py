@@ -25,6 +25,7 @@ import click
 import redis
 from celery import signals
 
+from cord.common import env
 from cord.common.celery_app import make_celery
 from cord.common.config import ConfigError, load_config, redact_url
 from cord.common.keys import Keys, private_queue
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
 
 
-@click.command(context_settings={"auto_envvar_prefix": "CORD_WORKER"})
+@click.command(context_settings={"auto_envvar_prefix": env.WORKER_PREFIX})
 @click.option(
     "--config",
     "config_path",

@@ -35,6 +35,8 @@ from typing import Any, Literal
 
 import click
 
+from cord.common import env
+
 METADATA_URL = "http://169.254.169.254"
 Provider = Literal["aws", "gcp"]
 
@@ -311,7 +313,7 @@ def _pid_file_reader(path: str) -> Callable[[], int | None]:
     "--metadata-url",
     default=METADATA_URL,
     show_default=True,
-    envvar="CORD_SPOT_METADATA_URL",
+    envvar=env.SPOT_METADATA_URL,
     help="Base URL of the metadata service (tests point it at a local server).",
 )
 @click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds per poll.")

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cord.common.config import RunConfig
-from cord.common.problems import Problem
+from cord.common.config import ConfigError, RunConfig
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.search.base import Outcome, Search, Work, WorkKey
 from cord.coordinator.search.cord import CordSearch, by_score, longest, random_order
 from cord.coordinator.search.curation import CurationSearch
@@ -96,11 +96,20 @@ def lookup(name: str) -> tuple[Strategy, str] | None:
     return strategy, arg
 
 
-def strategy_of(cfg: RunConfig) -> tuple[Strategy, str]:
-    found = lookup(cfg.search.strategy)
-    if found is None:  # config validation refuses such names first
-        raise ValueError(f"unknown strategy {cfg.search.strategy!r}")
-    return found
+def strategy_of(cfg: RunConfig, source: str = "config") -> tuple[Strategy, str]:
+    """The strategy `cfg` runs and its argument. A name the registry does not know, or a
+    ``single:`` that names no teacher, is a `ConfigError` naming `source`: the check of
+    ``search.strategy`` is the coordinator's (the workers never read it), made where it
+    loads a config (`cord-coord`, `Coordinator`, `eval`)."""
+    name = cfg.search.strategy
+    found = lookup(name)
+    if found is None:
+        problem = f"unknown strategy {name!r}; use one of {', '.join(strategy_names())}"
+    elif found[0].argument == "teacher" and found[1] not in cfg.teacher_names:
+        problem = f"{name!r} names no teacher; use one of {cfg.teacher_names}"
+    else:
+        return found
+    raise ConfigError(f"{source}: invalid run config:\n  search.strategy: {problem}")
 
 
 def make_search(problem: Problem, cfg: RunConfig) -> Search:

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict
 
 from cord.common import prompts
 from cord.common.config import RunConfig
-from cord.common.matching import judge
 from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem, TaskKind
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.matching import judge
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ class Search(ABC):
         }
 
     def _correctness(self, final: str) -> dict[str, Any]:
-        """`correct` and how it was decided (`cord.common.matching`), where the reference
+        """`correct` and how it was decided (`cord.coordinator.matching`), where the reference
         is known."""
         if not self.problem.answer.strip():
             return {}

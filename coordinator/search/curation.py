@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from cord.common import prompts
 from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.search.base import (
     Outcome,
     Search,

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from cord.common import prompts
 from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.search.base import Outcome, Search, Stats, Step, Trajectory, Work, WorkKey
 from cord.coordinator.search.curation import split_steps
 

@@ -2,7 +2,7 @@
 
     python ops/bench/backlog.py --problems 1000000 --admit-seconds 75 [--json PATH]
 
-1. Writes `--problems` lab problems (``cord.common.lab.arith.iter_problems(n, seed)``:
+1. Writes `--problems` lab problems (``cord.lab.arith.iter_problems(n, seed)``:
    `make_problems`'s, one at a time, streamed to disk) to a temporary JSONL file, as
    ``cord-coord lab-problems`` prints them.
 2. Times ``cord-coord enqueue`` on it, run as a subprocess into a fresh namespace:
@@ -62,9 +62,9 @@ from fleet import (
 )
 
 from cord.common.config import allow_bench_engine
-from cord.common.lab.arith import iter_problems
 from cord.common.log import configure
 from cord.coordinator.driver import Coordinator
+from cord.lab.arith import iter_problems
 
 # Not a seed of the lab's training, evaluation or demo sets, nor of fleet.py's.
 BACKLOG_SEED = 4244

@@ -26,8 +26,8 @@ import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from cord.common import prompts
-from cord.common.config import HFSpec
 from cord.common.messages import ExpandItem, ScoreItem
+from cord.common.pools import HFSpec
 from cord.workers.engines.hf import HFEngine
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -50,15 +50,15 @@ import yaml
 
 from cord.common.config import RunConfig, allow_bench_engine, config_from_dict
 from cord.common.keys import Keys
-from cord.common.lab.arith import make_problems
 from cord.common.log import configure
 from cord.common.messages import EngineStats, Heartbeat, Score
-from cord.common.problems import Problem
-from cord.common.redis_server import ping, start_redis
 from cord.coordinator.driver import Coordinator, Observer
+from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.redis_server import ping, start_redis
 from cord.coordinator.rundir import read_jsonl
 from cord.coordinator.search import Outcome, Search, Work, make_search
 from cord.coordinator.store import Store
+from cord.lab.arith import make_problems
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = ROOT / "examples" / "demo.yaml"

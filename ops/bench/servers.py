@@ -79,10 +79,10 @@ from fleet import (
 )
 
 from cord.common.config import RoutingSpec, RunConfig, allow_bench_engine
-from cord.common.lab.arith import make_problems
 from cord.common.log import configure
 from cord.common.messages import EngineStats
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
+from cord.lab.arith import make_problems
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 LONG_POSITIONS = 4096  # the long-prefix runs' model copies and servers

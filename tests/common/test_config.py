@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import ConfigError, VLLMSpec, config_from_dict, load_config, redact_url
+from cord.common.config import ConfigError, config_from_dict, load_config, redact_url
+from cord.common.pools import VLLMSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,11 +45,6 @@ def test_meta_prover_without_model_must_name_a_teacher():
     ("patch", "field", "words"),
     [
         ({"search": {"beam_width": 0}}, "search.beam_width", "greater than or equal to 1"),
-        (
-            {"search": {"strategy": "beam"}},
-            "search",
-            "unknown strategy 'beam'; use one of cord, greedy, random, longest, mcts",
-        ),
         ({"search": {"beem_width": 2}}, "search.beem_width", "unknown field"),
         ({"teachers": []}, "teachers", "at least 1"),
         (

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from cord.common.config import RunConfig
-from cord.common.lab.arith import make_problems
-from cord.common.problems import Problem
 from cord.coordinator.evaluate import evaluate
+from cord.coordinator.inputs.problems import Problem
+from cord.lab.arith import make_problems
 from tests.conftest import fleet_config
 
 EVAL_STRATEGIES = ("cord", "curation")

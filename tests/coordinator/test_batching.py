@@ -5,11 +5,11 @@ what waits, and that the bookkeeping empties as the work is answered."""
 import pytest
 
 from cord.common.keys import Keys, queue_name
-from cord.common.lab.arith import make_problems
-from cord.common.problems import Problem
 from cord.coordinator.inflight import HOLD_S, Batch, InFlight
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.routing import Router
 from cord.coordinator.search import make_search
+from cord.lab.arith import make_problems
 
 pytestmark = [pytest.mark.redis]
 

@@ -15,11 +15,11 @@ import yaml
 
 from cord.common.config import load_config
 from cord.common.keys import Keys, queue_name
-from cord.common.lab.arith import make_problems
-from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
-from cord.coordinator.intake import enqueue_file
+from cord.coordinator.inputs.intake import enqueue_file
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.store import Store
+from cord.lab.arith import make_problems
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

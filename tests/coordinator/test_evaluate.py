@@ -5,10 +5,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from cord.common.lab.arith import EVAL_SEED, make_problems
-from cord.common.matching import judge, row_correct
 from cord.coordinator.cli import main
 from cord.coordinator.evaluate import StrategyResult, auroc, format_table
+from cord.coordinator.matching import judge, row_correct
+from cord.lab.arith import EVAL_SEED, make_problems
 from tests.conftest import fleet_config
 
 
@@ -17,7 +17,7 @@ def test_answers_are_judged(method):
     assert judge("The final answer is 23.", "23", method).correct
     assert not judge("The final answer is 230.", "23", method).correct
     assert not judge("", "23", method).correct
-    # The answer the trace states, not a substring of its text (cord.common.matching).
+    # The answer the trace states, not a substring of its text (cord.coordinator.matching).
     assert judge("Paris.", "paris", method).correct
     assert not judge("It is Paris, of course.", "paris", method).correct
 

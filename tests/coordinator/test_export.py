@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from cord.common.matching import judge
 from cord.coordinator.cli import main
 from cord.coordinator.export import COLUMNS
+from cord.coordinator.matching import judge
 from tests.coordinator.conftest import EVAL_STRATEGIES
 
 LOADERS = {"jsonl": "json", "parquet": "parquet"}

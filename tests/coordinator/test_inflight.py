@@ -17,10 +17,10 @@ import redis
 
 from cord.common.config import load_config
 from cord.common.keys import Keys
-from cord.common.lab.arith import make_problems
-from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.store import Store
+from cord.lab.arith import make_problems
 from tests.conftest import Fleet, base_config, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]

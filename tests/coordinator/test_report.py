@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
 
-from cord.common.matching import judge
 from cord.coordinator.cli import main
+from cord.coordinator.matching import judge
 from cord.coordinator.report import Plot, Report, write_report
 from cord.coordinator.rundir import read_run_dir
 from tests.conftest import chromium, needs_chromium

@@ -11,12 +11,12 @@ import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, private_queue, queue_name
-from cord.common.lab.arith import make_problems
 from cord.common.messages import Heartbeat
-from cord.common.problems import Problem
 from cord.coordinator.driver import Coordinator, Observer
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.routing import Router
 from cord.coordinator.store import Store
+from cord.lab.arith import make_problems
 from tests.conftest import Fleet, fleet_config
 
 pytestmark = [pytest.mark.redis]

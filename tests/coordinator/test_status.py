@@ -8,7 +8,7 @@ import pytest
 
 from cord.common.keys import Keys
 from cord.common.messages import Heartbeat, TokenCounts
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.status import completion_eta, fleet_status, format_status
 from cord.coordinator.store import Store
 

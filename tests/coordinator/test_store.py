@@ -4,7 +4,7 @@ import time
 import pytest
 
 from cord.common.keys import Keys
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.store import Store
 
 pytestmark = pytest.mark.redis

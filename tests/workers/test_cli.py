@@ -18,8 +18,8 @@ import pytest
 from cord.common.celery_app import make_celery
 from cord.common.config import load_config
 from cord.common.keys import TASK_NAMES, Keys, queue_name
-from cord.common.lab import tinymodels
 from cord.common.messages import TaskRequest, TaskResult
+from cord.lab import tinymodels
 from cord.workers.engines.server import request_json
 from tests.conftest import MODELS, write_config
 

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import HFSpec
 from cord.common.keys import Keys
 from cord.common.messages import Heartbeat, TaskRequest, TaskResult
+from cord.common.pools import HFSpec
 from cord.workers.engines.hf import HFEngine
 from cord.workers.tasks import WorkerRuntime
 

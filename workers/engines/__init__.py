@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cord.common.config import AnyModelSpec
 from cord.common.messages import AnswerItem, EngineStats, ExpandItem, Generation, Score, ScoreItem
+from cord.common.pools import AnyModelSpec
 from cord.workers.engines.base import EngineError
 
 __all__ = ["Engine", "EngineError", "load_engine"]

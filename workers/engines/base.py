@@ -29,7 +29,6 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from cord.common import prompts
-from cord.common.config import AnyModelSpec
 from cord.common.messages import (
     AnswerItem,
     EngineStats,
@@ -39,6 +38,7 @@ from cord.common.messages import (
     Score,
     ScoreItem,
 )
+from cord.common.pools import AnyModelSpec
 from cord.common.scoring import predictive_score
 
 

@@ -26,7 +26,6 @@ import time
 from typing import Any
 
 from cord.common import prompts
-from cord.common.config import BenchSpec
 from cord.common.messages import (
     AnswerItem,
     EngineStats,
@@ -36,6 +35,7 @@ from cord.common.messages import (
     Score,
     ScoreItem,
 )
+from cord.common.pools import BenchSpec
 
 
 def parse_options(model: str) -> dict[str, int]:

@@ -43,8 +43,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from cord.common.config import HFSpec
 from cord.common.messages import FinishReason
+from cord.common.pools import HFSpec
 from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from cord.common.config import ServerSpec
 from cord.common.log import get_logger
+from cord.common.pools import ServerSpec
 from cord.workers.engines.base import EngineError
 
 _PROBE_FAILURES = 2  # in a row before a running server is replaced: one slow probe is no death

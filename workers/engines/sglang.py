@@ -33,7 +33,7 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
-from cord.common.config import SGLangSpec
+from cord.common.pools import SGLangSpec
 from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
 from cord.workers.engines.server import RequestRejected, ServerSupervisor, request_json
 

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPException
 from typing import Any
 
-from cord.common.config import VLLMSpec
+from cord.common.pools import VLLMSpec
 from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
 from cord.workers.engines.server import RequestRejected, ServerSupervisor, request_json
 

@@ -4,10 +4,10 @@ beam it keeps, when trajectories complete, who writes the answer, and the output
 import pytest
 
 from cord.common import prompts
-from cord.common.config import config_from_dict
+from cord.common.config import ConfigError, config_from_dict
 from cord.common.messages import Generation, Score
-from cord.common.problems import Problem
-from cord.coordinator.search import lookup, make_search, strategy_names
+from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.search import lookup, make_search, strategy_names, strategy_of
 from cord.coordinator.search.base import Stats, Trajectory
 from cord.coordinator.search.cord import CordSearch
 
@@ -333,6 +333,24 @@ def test_the_registry_is_the_one_list_of_strategies():
     assert lookup("single") is None and lookup("cord:x") is None and lookup("beam") is None
     with pytest.raises(ValueError, match="unknown strategy 'beam'; use one of cord, greedy"):
         make(strategy="beam")
+
+
+def test_the_coordinator_names_an_unknown_strategy_as_a_config_error():
+    """The workers never read `search.strategy`: the coordinator's edge checks it (the
+    CLI, `Coordinator`, `eval`), with the config's name and the field."""
+    data = {
+        "teachers": [{"name": "alpha", "model": "m/a"}],
+        "meta_prover": {"name": "alpha"},
+        "search": {"strategy": "beam"},
+    }
+    cfg = config_from_dict(data)  # what a worker loads
+    with pytest.raises(ConfigError) as err:
+        strategy_of(cfg, "run.yaml")
+    assert str(err.value).splitlines() == [
+        "run.yaml: invalid run config:",
+        "  search.strategy: unknown strategy 'beam'; use one of cord, greedy, random, "
+        "longest, mcts, curation, single:<teacher>",
+    ]
 
 
 def test_failure_rows_name_the_configured_strategy():

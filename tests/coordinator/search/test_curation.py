@@ -4,8 +4,8 @@ import pytest
 
 from cord.common.config import ConfigError, config_from_dict
 from cord.common.messages import Generation, Score
-from cord.common.problems import Problem
-from cord.coordinator.search import make_search
+from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.search import make_search, strategy_of
 from cord.coordinator.search.curation import split_steps
 
 PROBLEM = Problem(id="p", question="What is 1 + 2 + 3?", answer="6")
@@ -77,8 +77,8 @@ def test_single_teacher_writes_one_trajectory():
 
 
 def test_single_must_name_a_teacher():
-    with pytest.raises(ConfigError, match="names no teacher"):
-        cfg("single:gamma")
+    with pytest.raises(ConfigError, match=r"search\.strategy: 'single:gamma' names no teacher"):
+        strategy_of(cfg("single:gamma"))
 
 
 def run_step(search, work, values):

@@ -5,7 +5,7 @@ import math
 
 from cord.common.config import config_from_dict
 from cord.common.messages import Generation, Score
-from cord.common.problems import Problem
+from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.search import make_search
 from cord.coordinator.search.mcts import MctsSearch
 

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def load() -> None:
         # Like SGLang: the port answers (503) while the model loads.
-        from cord.common.config import HFSpec
+        from cord.common.pools import HFSpec
         from cord.workers.engines.hf import HFEngine
 
         dtype = _DTYPES.get(args.dtype, "auto")

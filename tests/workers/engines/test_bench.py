@@ -9,8 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from cord.common import config as config_module
-from cord.common.config import ConfigError, config_from_dict, model_spec
+from cord.common.config import ConfigError, config_from_dict
 from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
+from cord.common.pools import model_spec
 from cord.workers.engines import load_engine
 from cord.workers.engines.bench import BenchEngine, parse_options
 from tests.conftest import write_config

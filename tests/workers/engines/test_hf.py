@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cord.common import prompts
-from cord.common.config import HFSpec
-from cord.common.lab import tinymodels
 from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
+from cord.common.pools import HFSpec
 from cord.common.scoring import predictive_score
+from cord.lab import tinymodels
 from cord.workers.engines.hf import HFEngine
 
 MODELS = Path(__file__).resolve().parents[3] / "models"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import HFSpec
 from cord.common.messages import ExpandItem, ScoreItem
+from cord.common.pools import HFSpec
 from cord.workers.engines.hf import HFEngine
 
 MODELS = Path(__file__).resolve().parents[3] / "models"

@@ -22,9 +22,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from cord.common import prompts
-from cord.common.config import model_spec
 from cord.common.log import get_logger
 from cord.common.messages import ExpandItem, ScoreItem
+from cord.common.pools import model_spec
 from cord.workers.engines import load_engine
 from cord.workers.engines.base import IdOutput, IdRequest, expand_texts
 from cord.workers.engines.hf import HFEngine

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from cord.common import prompts
-from cord.common.config import model_spec
-from cord.common.lab.arith import make_problems, solution_steps
 from cord.common.messages import ExpandItem, ScoreItem
+from cord.common.pools import model_spec
+from cord.lab.arith import make_problems, solution_steps
 from cord.workers.engines.base import IdRequest, expand_texts
 from cord.workers.engines.hf import HFEngine
 from cord.workers.engines.vllm import VLLMEngine, VLLMServer

@@ -2,17 +2,16 @@
 lab's format, and the meta-prover's S tells a right trajectory from a wrong one."""
 
 import re
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cord.common.config import HFSpec
-from cord.common.lab.arith import as_steps, make_problems, solution_lines
 from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
+from cord.common.pools import HFSpec
+from cord.lab.arith import as_steps, make_problems, solution_lines
 from cord.workers.engines.hf import HFEngine
+from tests.conftest import MODELS
 
-MODELS = Path(__file__).resolve().parents[3] / "models"
 LINE = re.compile(r"^ \d+( \+ \d+)*$")
 PROBLEMS = make_problems(12, seed=5150)
 

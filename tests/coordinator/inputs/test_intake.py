@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from cord.common.config import load_config
-from cord.common.problems import Problem
-from cord.coordinator import intake
 from cord.coordinator.cli import main
+from cord.coordinator.inputs import intake
+from cord.coordinator.inputs.problems import Problem
 from tests.test_bench import load
 
 pytestmark = pytest.mark.redis

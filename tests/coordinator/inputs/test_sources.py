@@ -13,8 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cord.common.problems import InputSpec, default_id, read_problems
-from cord.common.sources import SourceError, open_source
+from cord.common.config import InputSpec
+from cord.coordinator.inputs.problems import default_id
+from cord.coordinator.inputs.sources import SourceError, open_source, read_problems
 
 GSM8K = {
     "question": [

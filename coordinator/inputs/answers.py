@@ -6,16 +6,17 @@
   the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces included (`last_boxed`).
 
 `extract(text, how)` is what `--answer-from field|gsm8k|boxed` does to a reference answer
-on the way in; `cord.common.matching` uses `last_boxed` for the answer a trace states.
+on the way in; `cord.coordinator.matching` uses `last_boxed` for the answer a trace states.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import get_args
 
-AnswerFrom = Literal["field", "gsm8k", "boxed"]
-ANSWER_FROM: tuple[AnswerFrom, ...] = ("field", "gsm8k", "boxed")
+from cord.common.config import AnswerFrom
+
+ANSWER_FROM: tuple[AnswerFrom, ...] = get_args(AnswerFrom)
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _GSM8K_NUMBER_NOISE = str.maketrans("", "", ",$")

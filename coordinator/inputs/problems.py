@@ -4,17 +4,16 @@ Fields, by default: ``question`` (alias ``problem``), ``answer`` (the reference;
 needs it), optional ``id`` (default: a digest of the question); `InputSpec` (the run
 config's ``input:``, the ``--question-field``/``--answer-field``/``--id-field`` and
 ``--answer-from`` flags) names other fields and says how the reference is written
-(`cord.common.answers`). Question and answer must be text. Every other field is carried
-through to the output row under ``meta``. The whole source is checked before anything is
+(`answers`). Question and answer must be text. Every other field is carried through to
+the output row (`Problem.meta`). The whole source is checked before anything is
 enqueued; each bad record yields a `LineError` naming the line (JSONL) or row (other
 formats, counted from 1), the field, what is wrong and the fix.
 
 The rules live in `check_record` (one record), `check_line` (one JSONL line) and `scan`
 (a stream of JSONL lines: blank lines, UTF-8, the truncated last line, the empty file);
-`cord.common.sources` reads the other formats into `check_record`. All hold one record
-at a time, so `cord.coordinator.intake` checks a source of any size in bounded memory;
-`read_problems` is the same check with every problem kept (and duplicate ids found with a
-dict), for callers that want the problems as a list (`cord-coord eval`, tests).
+`sources` reads the other formats into `check_record`. All hold one record at a time, so
+`intake` checks a source of any size in bounded memory; `sources.read_problems` is the
+same check with every problem kept, for callers that want a list (`cord-coord eval`).
 
 A valid line becomes a `Checked`: the problem's fields and its stored form, the bytes
 `Problem.model_dump_json()` gives, made without building the model (a fifth of the cost
@@ -29,13 +28,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
-from cord.common.answers import AnswerFrom, extract, where_missing
+from cord.common.config import AnswerFrom, InputSpec
+from cord.coordinator.inputs.answers import extract, where_missing
 
 
 class Problem(BaseModel):
@@ -47,52 +46,21 @@ class Problem(BaseModel):
     meta: dict[str, Any] = {}
 
 
-class InputSpec(BaseModel):
-    """Where a record keeps its question, reference answer and id (the run config's
-    ``input:``; each has a ``cord-coord enqueue``/``eval`` flag that overrides it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    question_field: str | None = Field(
-        default=None,
-        description="the field with the question; default `question`, or its alias `problem`",
+def plan_of(spec: InputSpec) -> Plan:
+    """The spec as `check_record` reads it, once per source (a pydantic model's
+    attributes cost a lookup a record; a tuple's do not)."""
+    consumed = {spec.id_field or "id"}
+    consumed |= {spec.question_field} if spec.question_field else {"question", "problem"}
+    if spec.answer_from == "field":
+        consumed.add(spec.answer_field)
+    return Plan(
+        spec.question_field,
+        spec.answer_field,
+        spec.answer_from,
+        spec.id_field,
+        frozenset(consumed),
+        2 if spec.answer_from == "field" else 1,
     )
-    answer_field: str = Field(
-        default="answer", description="the field with the reference answer (or the text it is in)"
-    )
-    answer_from: AnswerFrom = Field(
-        default="field",
-        description="how the reference is written in `answer_field`: `field`, the whole "
-        "value; `gsm8k`, the text after the last `####`; `boxed`, the last `\\boxed{...}`",
-    )
-    id_field: str | None = Field(
-        default=None,
-        description="the field with each problem's id (then every record needs one); "
-        "default `id` where a record has it, else a digest of the question",
-    )
-    split: str | None = Field(
-        default=None,
-        description="a dataset folder's or Hub dataset's split (default: its only split)",
-    )
-    subset: str | None = Field(
-        default=None, description="a Hub dataset's configuration (`load_dataset`'s name)"
-    )
-
-    def plan(self) -> Plan:
-        """The spec as `check_record` reads it, once per source (a pydantic model's
-        attributes cost a lookup a record; a tuple's do not)."""
-        consumed = {self.id_field or "id"}
-        consumed |= {self.question_field} if self.question_field else {"question", "problem"}
-        if self.answer_from == "field":
-            consumed.add(self.answer_field)
-        return Plan(
-            self.question_field,
-            self.answer_field,
-            self.answer_from,
-            self.id_field,
-            frozenset(consumed),
-            2 if self.answer_from == "field" else 1,
-        )
 
 
 class Plan(NamedTuple):
@@ -107,7 +75,7 @@ class Plan(NamedTuple):
 
 
 DEFAULT_INPUT = InputSpec()
-DEFAULT_PLAN = DEFAULT_INPUT.plan()
+DEFAULT_PLAN = plan_of(DEFAULT_INPUT)
 
 
 @dataclass(frozen=True)
@@ -221,7 +189,7 @@ def check_record(
     obj: dict[str, Any], line: int, plan: Plan = DEFAULT_PLAN, unit: str = "line"
 ) -> Checked | LineError:
     """One record's rules: a usable question, reference answer and id, where `plan` (an
-    `InputSpec.plan()`) says they are; `line` (counted from 1) and `unit` name the
+    `plan_of(spec)`) says they are; `line` (counted from 1) and `unit` name the
     record in an error."""
     qfield = plan.question_field
     if qfield is None:
@@ -317,7 +285,7 @@ def scan(
     for a rejects file). Duplicate ids are the caller's to find: the ids seen so far
     are the one thing that grows with the file. An empty file yields one error, line 0."""
     seen_any = False
-    plan = spec.plan()
+    plan = plan_of(spec)
     for index, raw_line in enumerate(lines, start=1):
         # Only the file's last line can lack the newline (`split(b"\n")`'s last piece).
         last = not raw_line.endswith(b"\n")
@@ -368,27 +336,3 @@ def duplicate(line: int, pid: str, first: int, field: str = "id", unit: str = "l
         "give each problem its own id",
         unit,
     )
-
-
-def read_problems(
-    source: str | Path, spec: InputSpec = DEFAULT_INPUT
-) -> tuple[list[Problem], list[LineError]]:
-    """Read and check a whole source (any format `cord.common.sources` reads): the valid
-    problems and every bad record. Holds them all in memory; `cord.coordinator.intake`
-    enqueues a source of any size without. Raises `SourceError` when the source itself
-    cannot be read."""
-    from cord.common.sources import open_source
-
-    problems: list[Problem] = []
-    errors: list[LineError] = []
-    seen: dict[str, int] = {}
-    src = open_source(source, spec)
-    for _raw, result in src.scan():
-        if isinstance(result, LineError):
-            errors.append(result)
-        elif result.id in seen:
-            errors.append(duplicate(result.line, result.id, seen[result.id], *src.id_error))
-        else:
-            seen[result.id] = result.line
-            problems.append(result.problem())
-    return problems, errors

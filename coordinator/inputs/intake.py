@@ -4,9 +4,9 @@ unless asked to skip bad ones (then they go, with reasons, to a rejects file).
 In bounded memory at any size (a 1M-problem file once took 1.1 GB to enqueue,
 holding every line and every `Problem`), in two passes over temporary files:
 
-1. Check: stream the source's records through `cord.common.sources` (a JSONL file
+1. Check: stream the source's records through `cord.coordinator.inputs.sources` (a JSONL file
    in binary, for exact line numbers and UTF-8 errors, through
-   `cord.common.problems.scan`; CSV, Parquet, Arrow datasets a batch at a time), a
+   `cord.coordinator.inputs.problems.scan`; CSV, Parquet, Arrow datasets a batch at a time), a
    chunk of records at a time. Duplicate ids are found with
    an index on disk: SQLite (stdlib) with the id as primary key and the line of its first
    valid occurrence, the one structure that grows with the file, in a temporary folder
@@ -37,10 +37,10 @@ from typing import IO, Any
 
 import redis
 
-from cord.common.config import RunConfig
+from cord.common.config import InputSpec, RunConfig
 from cord.common.keys import Keys
-from cord.common.problems import Checked, InputSpec, LineError, duplicate
-from cord.common.sources import Result, Source, open_source, raw_bytes
+from cord.coordinator.inputs.problems import Checked, LineError, duplicate
+from cord.coordinator.inputs.sources import Result, Source, open_source, raw_bytes
 from cord.coordinator.store import Store
 
 ERRORS_KEPT = 50  # errors the report holds (and the CLI prints); all are counted

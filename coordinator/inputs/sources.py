@@ -1,12 +1,12 @@
 """Where problems come from: a JSONL, JSON, CSV/TSV or Parquet file, a folder made by
 `datasets.save_to_disk` (or any folder `datasets.load_dataset` reads), or a Hub dataset
-name, all read record by record into `cord.common.problems.check_record`.
+name, all read record by record into `cord.coordinator.inputs.problems.check_record`.
 
 `open_source(location, spec)` finds what `location` is and opens it; whatever is wrong
 with the source as a whole (no such file, an unknown format, a split that is not there,
 a field no record has, a Hub dataset neither reachable nor cached) is a `SourceError`
 raised then, before anything is read, with the fix. `Source.scan()` then yields each
-record's result as `cord.common.problems.scan` does for JSONL lines: the record as bytes
+record's result as `cord.coordinator.inputs.problems.scan` does for JSONL lines: the record as bytes
 (for a rejects file) and a `Checked` or a `LineError` naming its row.
 
 Memory: JSONL, CSV, Parquet (a row group's batch at a time) and Arrow datasets (memory-
@@ -33,12 +33,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from cord.common.problems import (
+from cord.common.config import InputSpec
+from cord.coordinator.inputs.problems import (
     DEFAULT_INPUT,
     Checked,
-    InputSpec,
     LineError,
+    Problem,
     check_record,
+    duplicate,
+    plan_of,
     scan,
 )
 
@@ -194,7 +197,7 @@ def _csv(path: Path, spec: InputSpec, delimiter: str) -> Iterator[Result]:
                 yield b"", LineError(0, None, "the file is empty", "give a header row", "row")
                 return
             _check_columns(str(path), list(header), spec)
-            plan = spec.plan()
+            plan = plan_of(spec)
             rows = 0
             for rows, rec in enumerate(reader, start=1):
                 if None in rec:
@@ -390,7 +393,7 @@ def _check_columns(where: str, columns: list[str], spec: InputSpec) -> None:
 def _records(rows: Iterable[Any], spec: InputSpec, empty: str) -> Iterator[Result]:
     """Rows counted from 1 through `check_record`; an empty source is one error."""
     count = 0
-    plan = spec.plan()
+    plan = plan_of(spec)
     for count, rec in enumerate(rows, start=1):
         if not isinstance(rec, dict):
             yield (
@@ -417,3 +420,25 @@ def raw_bytes(raw: Any) -> bytes:
     buf = io.StringIO()
     json.dump(raw, buf, ensure_ascii=False, default=str)
     return buf.getvalue().encode("utf-8", "replace")
+
+
+def read_problems(
+    source: str | Path, spec: InputSpec = DEFAULT_INPUT
+) -> tuple[list[Problem], list[LineError]]:
+    """Read and check a whole source (any format `open_source` reads): the valid
+    problems and every bad record. Holds them all in memory; `intake` enqueues a source
+    of any size without. Raises `SourceError` when the source itself
+    cannot be read."""
+    problems: list[Problem] = []
+    errors: list[LineError] = []
+    seen: dict[str, int] = {}
+    src = open_source(source, spec)
+    for _raw, result in src.scan():
+        if isinstance(result, LineError):
+            errors.append(result)
+        elif result.id in seen:
+            errors.append(duplicate(result.line, result.id, seen[result.id], *src.id_error))
+        else:
+            seen[result.id] = result.line
+            problems.append(result.problem())
+    return problems, errors

@@ -11,7 +11,7 @@ chat templates, as the paper's pool is heterogeneous:
 The paper's pool (R1-Distill, Phi-4-reasoning, QwQ as teachers and QwQ as meta-prover)
 has the same shape: different architectures, tokenizers and chat templates.
 
-`python -m cord.common.lab.train` trains them (models/); this module only builds them.
+`cord-lab train` trains them (models/); this module only builds them.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from cord.common import prompts
-from cord.common.lab.arith import (
+from cord.lab.arith import (
     LAB_TEMPLATE,
     final_answer_text,
     make_problems,

@@ -15,7 +15,6 @@ and the held-out sets (evaluation, demo) are removed from the training stream.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -23,7 +22,6 @@ from typing import Literal
 from cord.common.prompts import step_header
 
 MIN_TERMS, MAX_TERMS = 4, 12
-_NUMBER = re.compile(r"-?\d+")
 # The lab's user turn: the question alone (the run config's prompt.template).
 LAB_TEMPLATE = "{question}"
 # Held-out sets: the evaluation problems and the demo's.
@@ -148,12 +146,3 @@ def weak_lines(
 
 def final_answer_text(answer: str) -> str:
     return f"The final answer is {answer}."
-
-
-def extract_answer(text: str) -> str | None:
-    """The number a final answer states ("The final answer is 23." -> "23")."""
-    match = re.search(r"final answer is\s*(-?\d+)", text)
-    if match:
-        return match.group(1)
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None

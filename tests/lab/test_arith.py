@@ -1,8 +1,7 @@
 import random
 
-from cord.common.lab.arith import (
+from cord.lab.arith import (
     WEAKNESSES,
-    extract_answer,
     held_out_terms,
     make_problems,
     solution_steps,
@@ -53,9 +52,3 @@ def test_problem_sets_are_deterministic_and_held_out_is_known():
     assert make_problems(5, 3) != make_problems(5, 4)
     held = held_out_terms()
     assert all(p.terms in held for p in make_problems(300, 7))
-
-
-def test_extract_answer():
-    assert extract_answer("The final answer is 23.") == "23"
-    assert extract_answer("so 12 then 40") == "40"
-    assert extract_answer("none") is None

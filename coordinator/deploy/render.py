@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from cord.common.config import ConfigError, RunConfig, load_config
-from cord.ops.deploy.k8s import k8s_files, termination_grace_s
+from cord.coordinator.deploy.k8s import k8s_files, termination_grace_s
 
 HEADER = "# Rendered by `cord-coord ops render`"
 # cord-spot-watch exits with this (EX_TEMPFAIL) when a notice stopped the worker; the

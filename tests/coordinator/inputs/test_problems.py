@@ -1,6 +1,7 @@
 import json
 
-from cord.common.problems import Checked, check_line, default_id, parse_line, read_problems
+from cord.coordinator.inputs.problems import Checked, check_line, default_id, parse_line
+from cord.coordinator.inputs.sources import read_problems
 
 
 def write(tmp_path, data: bytes):

@@ -5,8 +5,15 @@ import threading
 
 import pytest
 
-from cord.common.lab.arith import final_answer_text
-from cord.common.matching import Verdict, judge, normalize, row_correct, stated_answer
+from cord.coordinator.matching import (
+    Verdict,
+    judge,
+    normalize,
+    row_correct,
+    stated_answer,
+    stated_number,
+)
+from cord.lab.arith import final_answer_text
 
 
 def test_a_fraction_equals_its_decimal_under_math_only():
@@ -115,3 +122,9 @@ def test_row_correct_reads_the_recorded_verdict():
     # The coordinator's verdict stands (it used the run's method).
     assert not row_correct({**row, "correct": False, "correct_by": "exact"})
     assert row_correct({"final_answer": "", "reference_answer": "7", "correct": True})
+
+
+def test_stated_number():
+    assert stated_number("The final answer is 23.") == "23"
+    assert stated_number("so 12 then 40") == "40"
+    assert stated_number("none") is None

@@ -15,7 +15,7 @@ from cord.common.celery_app import make_celery
 from cord.common.config import config_from_dict, load_config
 from cord.common.keys import queue_name
 from cord.coordinator.cli import main
-from cord.ops.deploy.render import NOTICE_EXIT_CODE, render_config
+from cord.coordinator.deploy.render import NOTICE_EXIT_CODE, render_config
 from tests.conftest import ROOT, write_config
 
 DEMO = ROOT / "examples" / "demo.yaml"

@@ -24,8 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cord.common.answers import last_boxed
-from cord.common.lab.arith import extract_answer
+from cord.coordinator.inputs.answers import last_boxed
 
 MatchMethod = Literal["math", "exact"]
 MATCH_METHODS: tuple[MatchMethod, ...] = ("math", "exact")
@@ -35,6 +34,8 @@ MATCH_METHODS: tuple[MatchMethod, ...] = ("math", "exact")
 PARSE_TIMEOUT_S = 5
 VERIFY_TIMEOUT_S = 5
 
+_NUMBER = re.compile(r"-?\d+")
+_FINAL_NUMBER = re.compile(r"final answer is\s*(-?\d+)")
 _FINAL_IS = re.compile(r"final answer is\s*:?[ \t]*([^\n]*)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.\s")
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
@@ -99,7 +100,7 @@ def stated_answer(final_answer: str) -> str | None:
     """The answer a final answer states: the content of its last ``\\boxed{...}``; else
     what follows its last "final answer is" (to the end of that sentence, surrounding
     ``$`` and the closing period dropped: "The final answer is 46." -> "46"); else its
-    last number (`cord.common.lab.arith.extract_answer`: integers); else None."""
+    last integer (`stated_number`); else None."""
     boxed = last_boxed(final_answer)
     if boxed is not None:
         return boxed
@@ -110,7 +111,17 @@ def stated_answer(final_answer: str) -> str | None:
         said = _trim(tail[: end.start()] if end else tail)
         if said:
             return said
-    return extract_answer(final_answer)
+    return stated_number(final_answer)
+
+
+def stated_number(text: str) -> str | None:
+    """The integer a text states: the one after "final answer is" ("The final answer is
+    23." -> "23"), else its last one; None when it has none."""
+    match = _FINAL_NUMBER.search(text)
+    if match:
+        return match.group(1)
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
 
 
 def normalize(answer: str) -> str:

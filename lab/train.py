@@ -1,7 +1,7 @@
 """Train the lab's tiny models on the CPU, deterministically, and write their cards.
 
-    python -m cord.common.lab.train --out models          # all four, about 40 minutes
-    python -m cord.common.lab.train --out /tmp/m --only alpha --scale 0.2
+    cord-lab train --out models          # all four, about 40 minutes
+    cord-lab train --out /tmp/m --only alpha --scale 0.2
 
 Teachers learn the step format of `arith` from traces in which the additions they are
 weak at are wrong at a stated rate (their weaknesses do not overlap: at every step some
@@ -26,19 +26,19 @@ import torch
 from transformers import PreTrainedModel
 
 from cord.common import prompts
-from cord.common.lab import tinymodels
-from cord.common.lab.arith import (
+from cord.common.scoring import predictive_score
+from cord.coordinator.matching import stated_number
+from cord.lab import tinymodels
+from cord.lab.arith import (
     LAB_TEMPLATE,
     WEAKNESSES,
     as_steps,
-    extract_answer,
     final_answer_text,
     held_out_terms,
     make_problems,
     random_terms,
     weak_lines,
 )
-from cord.common.scoring import predictive_score
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def teacher_accuracy(
             if line.startswith(prompts.STEP_PREFIX) and "." in line
         ]
         formatted += bool(lines) and prompts.THINK_CLOSE in text
-        right += extract_answer(answer) == p.answer
+        right += stated_number(answer) == p.answer
         prev = list(p.terms)
         for line in lines:
             try:
@@ -331,7 +331,7 @@ def write_card(
         f"- training: {trained['steps']} steps of {recipe.batch} examples, AdamW lr "
         f"{recipe.lr:g}, cosine schedule, seed {recipe.seed}, one CPU thread; "
         f"{trained['train_s']:.0f} s; final loss {trained['final_loss']:.4f}",
-        f"- reproduce: `python -m cord.common.lab.train --out models --only {spec.name}`",
+        f"- reproduce: `cord-lab train --out models --only {spec.name}`",
         "",
         "## Alone",
         "```json",
