@@ -15,16 +15,16 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import click
 import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
-from cord.coordinator.matching import MatchMethod, row_correct, stated_answer
+from cord.coordinator.matching import stated_answer
 from cord.coordinator.redis_server import ping, start_redis
-from cord.coordinator.rundir import read_jsonl
+from cord.coordinator.rows import Summary, TraceRow, summarize
+from cord.coordinator.rundir import read_failures, read_traces
 
 
 class ProcessGroup:
@@ -98,56 +98,37 @@ def wait_for_workers(
     raise click.ClickException(f"workers not ready after {timeout_s:.0f}s; see {group.log_dir}")
 
 
-def summarize(traces: Path, failed: Path, match: MatchMethod = "math") -> dict[str, Any]:
-    """The run's figures. A row is right as its `correct` says (`match` decides for rows
-    written without one)."""
-    rows, fails = read_jsonl(traces), read_jsonl(failed)
-    correct = sum(row_correct(r, match) for r in rows)
-    teachers: dict[str, int] = {}
-    for r in rows:
-        for s in r["steps"]:
-            teachers[s["teacher"]] = teachers.get(s["teacher"], 0) + 1
-    prompt = sum(r["stats"]["prompt_tokens"] for r in rows)
-    cached = sum(r["stats"]["cached_prompt_tokens"] for r in rows)
-    return {
-        "traces": len(rows),
-        "failed": len(fails),
-        "accuracy": round(correct / len(rows), 3) if rows else None,
-        "mean_score": round(sum(r["score"] for r in rows) / len(rows), 4) if rows else None,
-        "mean_steps": round(sum(len(r["steps"]) for r in rows) / len(rows), 2) if rows else None,
-        "chosen_steps_by_teacher": teachers,
-        "prefix_cache_hit": round(cached / prompt, 3) if prompt else None,
-        "match": match,
-        "rows": rows,
-    }
-
-
-def print_summary(summary: dict[str, Any], out_dir: Path, wall_s: float) -> None:
+def print_summary(rows: list[TraceRow], summary: Summary, traces: Path, wall_s: float) -> None:
+    """A line per problem (the first 20), then the run's figures (`rows.summarize`)."""
     click.echo("")
     click.echo(
         f"{'id':<18} {'reference':>9} {'answer':>8} {'ok':>3} {'S':>7} {'steps':>5}  teachers"
     )
-    for r in summary["rows"][:20]:
-        got = stated_answer(r["final_answer"] or "") or "-"
-        ok = "yes" if row_correct(r, summary.get("match", "math")) else "no"
-        who = "".join(s["teacher"][0] for s in r["steps"])
+    for r in rows[:20]:
+        got = stated_answer(r.final_answer) or "-"
+        ok = "yes" if r.right else "no"
+        who = "".join(t[0] for t in r.teachers)
         click.echo(
-            f"{r['id'][:18]:<18} {r['reference_answer']:>9} {got[:8]:>8} {ok:>3} "
-            f"{r['score']:>7.4f} {len(r['steps']):>5}  {who}"
+            f"{r.id[:18]:<18} {r.reference_answer:>9} {got[:8]:>8} {ok:>3} "
+            f"{r.score:>7.4f} {len(r.steps):>5}  {who}"
         )
-    if len(summary["rows"]) > 20:
-        click.echo(f"... and {len(summary['rows']) - 20} more")
+    if len(rows) > 20:
+        click.echo(f"... and {len(rows) - 20} more")
     click.echo("")
     click.echo(
-        f"traces {summary['traces']}, failed {summary['failed']}, "
-        f"answer accuracy {summary['accuracy']}, mean S {summary['mean_score']}, "
-        f"mean steps {summary['mean_steps']}"
+        f"traces {summary.traces}, failed {summary.failed}, "
+        f"answer accuracy {_round(summary.accuracy, 3)}, "
+        f"mean S {_round(summary.mean_score, 4)}, mean steps {_round(summary.mean_steps, 2)}"
     )
     click.echo(
-        f"chosen steps by teacher {summary['chosen_steps_by_teacher']}, "
-        f"prefix-cache hit share {summary['prefix_cache_hit']}, wall {wall_s:.1f}s"
+        f"chosen steps by teacher {summary.steps_by_teacher}, "
+        f"prefix-cache hit share {_round(summary.cache_hit_share, 3)}, wall {wall_s:.1f}s"
     )
-    click.echo(f"dataset: {out_dir / 'traces.jsonl'}")
+    click.echo(f"dataset: {traces}")
+
+
+def _round(x: float | None, digits: int) -> float | None:
+    return None if x is None else round(x, digits)
 
 
 @contextmanager
@@ -208,10 +189,8 @@ def run_demo(
             raise click.ClickException("\n".join(str(e) for e in report.errors))
         click.echo(f"enqueued {report.added} problem(s) from {problems}")
         start = time.monotonic()
-        Coordinator(cfg, str(out_dir)).run()
-        summary = summarize(
-            out_dir / f"{cfg.output.traces_prefix}.jsonl",
-            out_dir / f"{cfg.output.failed_prefix}.jsonl",
-            cfg.eval.match,
-        )
-        print_summary(summary, out_dir, time.monotonic() - start)
+        coord = Coordinator(cfg, str(out_dir))
+        coord.run()
+        rows = read_traces(coord.writer.traces)
+        summary = summarize(rows, read_failures(coord.writer.failed))
+        print_summary(rows, summary, coord.writer.traces, time.monotonic() - start)

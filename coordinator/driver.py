@@ -39,6 +39,7 @@ from cord.common.messages import Generation, Score, TaskRequest, TaskResult
 from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.output import JsonlWriter
 from cord.coordinator.routing import Router
+from cord.coordinator.rows import FailureRow, TraceRow
 from cord.coordinator.search import Outcome, Search, Work, make_search, strategy_of
 from cord.coordinator.store import Store
 
@@ -59,9 +60,12 @@ class Observer:
 class Closing:
     """A problem whose search ended: its row waits to be written and marked done."""
 
-    row: dict[str, Any]
-    failed: bool
+    row: TraceRow | FailureRow
     written: bool = False
+
+    @property
+    def failed(self) -> bool:
+        return isinstance(self.row, FailureRow)
 
 
 @dataclass
@@ -411,15 +415,15 @@ class Coordinator:
         self.router.forget(pid)
         return self.searches.pop(pid, None)
 
-    def _finish(self, pid: str, row: dict[str, Any]) -> None:
+    def _finish(self, pid: str, row: TraceRow) -> None:
         if self._forget(pid) is not None:
-            self._closing[pid] = Closing(row, failed=False)
+            self._closing[pid] = Closing(row)
             self._dirty.pop(pid, None)
 
     def _fail(self, pid: str, reason: str) -> None:
         search = self._forget(pid)
         if search is not None:
-            self._closing[pid] = Closing(search.failure_row(reason), failed=True)
+            self._closing[pid] = Closing(search.failure_row(reason))
             self._dirty.pop(pid, None)
 
     def _close(self, pid: str, c: Closing) -> None:
@@ -432,14 +436,14 @@ class Coordinator:
             if self.store.renew(self.id, [pid], self.lease_s):  # fencing: still ours?
                 self._drop_lost(pid)
                 return
-            self.writer.write(c.row, failed=c.failed)
+            self.writer.write(c.row)
             c.written = True
         self.store.finish(pid, failed=c.failed)
         self._closing.pop(pid)
         kind = "failed" if c.failed else "done"
-        if c.failed:
+        if isinstance(c.row, FailureRow):
             self.counters.failed += 1
-            self.log.warning("problem_failed", problem_id=pid, reason=c.row.get("reason"))
+            self.log.warning("problem_failed", problem_id=pid, reason=c.row.reason)
         else:
             self.counters.done += 1
             self.log.info("problem_done", problem_id=pid)

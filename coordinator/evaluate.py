@@ -5,11 +5,10 @@ and its own output folder, against the same workers and queues, one after the ot
 wall times compare. Curation's N (trajectories per teacher) and MCTS's token budget are
 matched to the tokens CoRD generated on the same problems unless the config sets
 `search.curation_samples` / `search.mcts_tokens`.
-Reported per strategy: answer accuracy of the produced traces (a row's `correct`, as
-`cord.coordinator.matching` decided it with the config's `eval.match`; a failure counts as
-wrong), mean S, mean generated tokens per problem (every token any teacher generated for
-it: kept, discarded and the final answers), wall seconds; and how well S separates right
-from wrong final traces (AUROC).
+Reported per strategy: the figures of its rows (`rows.summarize`: accuracy, a failure
+counting as wrong, as each row's `correct` says with the config's `eval.match`; mean S;
+mean generated tokens per problem, every token any teacher generated for it; AUROC, how
+well S separates right from wrong traces; ...) and the wall seconds of its whole run.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,49 +27,22 @@ from cord.common.config import RunConfig
 from cord.common.keys import Keys
 from cord.coordinator.driver import Coordinator
 from cord.coordinator.inputs.problems import Problem
-from cord.coordinator.matching import MatchMethod, row_correct
-from cord.coordinator.rundir import read_jsonl
+from cord.coordinator.rows import FailureRow, TraceRow, summarize
+from cord.coordinator.rundir import read_failures, read_traces
 from cord.coordinator.search import lookup, strategy_of
 from cord.coordinator.store import Store
-
-
-def auroc(positives: list[float], negatives: list[float]) -> float | None:
-    """P(S of a right trace > S of a wrong one), ties half: the Mann-Whitney AUROC."""
-    if not positives or not negatives:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
 
 
 @dataclass
 class StrategyResult:
     strategy: str
-    rows: list[dict[str, Any]]
-    failed: int
-    wall_s: float
-    problems: int
-    match: MatchMethod = "math"
+    rows: list[TraceRow]
+    failed: list[FailureRow]
+    wall_s: float  # the strategy's whole run
 
     def metrics(self) -> dict[str, Any]:
-        correct = [row_correct(r, self.match) for r in self.rows]
-        scores = [r["score"] for r in self.rows]
-        tokens = [sum(r["stats"]["tokens_by_teacher"].values()) for r in self.rows]
-        right = [s for s, c in zip(scores, correct, strict=True) if c]
-        wrong = [s for s, c in zip(scores, correct, strict=True) if not c]
-        n = max(1, self.problems)
-        return {
-            "accuracy": round(sum(correct) / n, 4),
-            "mean_score": round(sum(scores) / len(scores), 4) if scores else None,
-            "tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
-            "wall_s": round(self.wall_s, 2),
-            "problems": self.problems,
-            "failed": self.failed,
-            "auroc": _round(auroc(right, wrong)),
-        }
-
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 4)
+        """The rows' figures (`rows.Summary`) and the run's wall seconds."""
+        return {**summarize(self.rows, self.failed).model_dump(), "wall_s": round(self.wall_s, 2)}
 
 
 def run_strategy(
@@ -89,9 +62,8 @@ def run_strategy(
         wall = time.monotonic() - start
     finally:
         _drop(client, state_ns)
-    rows = read_jsonl(coord.writer.traces)
-    failed = len(read_jsonl(coord.writer.failed))
-    return StrategyResult(strategy, rows, failed, wall, len(problems), cfg.eval.match)
+    rows, failed = read_traces(coord.writer.traces), read_failures(coord.writer.failed)
+    return StrategyResult(strategy, rows, failed, wall)
 
 
 def _drop(client: redis.Redis, ns: str) -> None:
@@ -100,32 +72,31 @@ def _drop(client: redis.Redis, ns: str) -> None:
         client.delete(*keys)
 
 
-def matched_curation_samples(cfg: RunConfig, cord: StrategyResult) -> int:
+def matched_curation_samples(cfg: RunConfig, cord: Sequence[TraceRow]) -> int:
     """N for curation: the smallest N whose generated tokens reach CoRD's (CoRD's tokens
     per problem over what one whole trajectory, thinking and answer, costs per teacher),
     so CoRD is compared with a curation that had at least its budget."""
-    per_trace = [r["stats"]["thinking_tokens"] + r["stats"]["answer_tokens"] for r in cord.rows]
-    per_problem = [sum(r["stats"]["tokens_by_teacher"].values()) for r in cord.rows]
+    per_trace = [r.stats.thinking_tokens + r.stats.answer_tokens for r in cord]
     if not per_trace or sum(per_trace) == 0:
         return cfg.search.beam_width * cfg.search.samples_per_beam
     trace = sum(per_trace) / len(per_trace)
-    tokens = sum(per_problem) / len(per_problem)
+    tokens = summarize(cord).mean_generated_tokens or 0.0
     return max(1, math.ceil(tokens / (len(cfg.teachers) * trace) - 1e-9))
 
 
-def matched_mcts_tokens(cord: StrategyResult) -> int | None:
+def matched_mcts_tokens(cord: Sequence[TraceRow]) -> int | None:
     """MCTS's budget: CoRD's mean generated tokens per problem."""
-    per_problem = [sum(r["stats"]["tokens_by_teacher"].values()) for r in cord.rows]
-    return math.ceil(sum(per_problem) / len(per_problem)) if per_problem else None
+    tokens = summarize(cord).mean_generated_tokens
+    return math.ceil(tokens) if tokens else None
 
 
 def _matched(cfg: RunConfig, strategy: str, cord: StrategyResult) -> dict[str, int]:
     """The search settings that give `strategy` CoRD's budget, unless the config fixes
     them."""
     if strategy == "curation" and cfg.search.curation_samples is None:
-        return {"curation_samples": matched_curation_samples(cfg, cord)}
+        return {"curation_samples": matched_curation_samples(cfg, cord.rows)}
     if strategy == "mcts" and cfg.search.mcts_tokens is None:
-        tokens = matched_mcts_tokens(cord)
+        tokens = matched_mcts_tokens(cord.rows)
         return {"mcts_tokens": tokens} if tokens else {}
     return {}
 
@@ -152,13 +123,8 @@ def evaluate(
             run_cfg = cfg.model_copy(update={"search": cfg.search.model_copy(update=update)})
         results[strategy] = run_strategy(run_cfg, strategy, problems, out_dir, tag)
     report["strategies"] = {s: results[s].metrics() for s in strategies}
-    pooled_right: list[float] = []
-    pooled_wrong: list[float] = []
-    for r in results.values():
-        for row in r.rows:
-            right = row_correct(row, cfg.eval.match)
-            (pooled_right if right else pooled_wrong).append(row["score"])
-    report["auroc_all"] = _round(auroc(pooled_right, pooled_wrong))
+    every = [row for r in results.values() for row in r.rows]
+    report["auroc_all"] = summarize(every).auroc
     report["problems"] = len(problems)
     report["out"] = str(out_dir)
     return report
@@ -172,11 +138,14 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for name, m in report["strategies"].items():
         lines.append(
-            f"{name:<16} {m['accuracy']:>8.3f} {_fmt(m['mean_score'])} {_fmt(m['tokens'], '.0f')} "
-            f"{m['wall_s']:>8.1f} {m['failed']:>6} {_fmt(m['auroc'], '.3f', 6)}"
+            f"{name:<16} {_fmt(m['accuracy'], '.3f')} {_fmt(m['mean_score'])} "
+            f"{_fmt(m['mean_generated_tokens'], '.0f')} {m['wall_s']:>8.1f} {m['failed']:>6} "
+            f"{_fmt(m['auroc'], '.3f', 6)}"
         )
+    auroc_all = report["auroc_all"]
     lines.append(
-        f"S separates right from wrong final traces (all strategies): AUROC {report['auroc_all']}"
+        "S separates right from wrong final traces (all strategies): AUROC "
+        + ("-" if auroc_all is None else f"{auroc_all:.4f}")
     )
     if "curation_samples" in report:
         lines.append(

@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 
+from cord.coordinator.rows import TraceRow
 from cord.coordinator.rundir import RunDir
 
 Format = Literal["jsonl", "parquet", "hf"]
@@ -89,45 +90,44 @@ class ExportResult:
         return self.total - self.written
 
 
-def training_row(row: dict[str, Any]) -> dict[str, Any]:
+def training_row(row: TraceRow) -> dict[str, Any]:
     """One trace row as a training-set row (`SCHEMA`). The row must carry its verdict
-    (`rundir.read_run_dir` adds it to rows of older runs)."""
-    messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    stats = row.get("stats") or {}
-    by_teacher = stats.get("tokens_by_teacher") or {}
+    (`rundir` gives rows of older runs theirs)."""
+    messages = [m.model_dump() for m in row.messages]
+    by_teacher = row.stats.tokens_by_teacher
     return {
-        "id": str(row["id"]),
+        "id": row.id,
         "messages": messages,
         "prompt": messages[:-1],
         "completion": messages[-1:],
-        "question": row.get("question"),
-        "reference_answer": row.get("reference_answer"),
-        "final_answer": row.get("final_answer") or "",
-        "correct": bool(row["correct"]),
-        "correct_by": row.get("correct_by"),
-        "score": float(row["score"]),
-        "strategy": row.get("strategy"),
-        "teachers": [str(s["teacher"]) for s in row.get("steps") or []],
-        "answer_teacher": row.get("answer_teacher"),
-        "steps": len(row.get("steps") or []),
-        "thinking_tokens": int(stats.get("thinking_tokens", 0)),
-        "answer_tokens": int(stats.get("answer_tokens", 0)),
-        "generated_tokens": int(sum(by_teacher.values())),
-        "tokens_by_teacher": [{"teacher": t, "tokens": int(n)} for t, n in by_teacher.items()],
-        "wall_s": float(stats.get("wall_s", 0.0)),
+        "question": row.question,
+        "reference_answer": row.reference_answer,
+        "final_answer": row.final_answer,
+        "correct": row.right,
+        "correct_by": row.correct_by,
+        "score": row.score,
+        "strategy": row.strategy,
+        "teachers": row.teachers,
+        "answer_teacher": row.answer_teacher,
+        "steps": len(row.steps),
+        "thinking_tokens": row.stats.thinking_tokens,
+        "answer_tokens": row.stats.answer_tokens,
+        "generated_tokens": row.generated_tokens,
+        "tokens_by_teacher": [{"teacher": t, "tokens": n} for t, n in by_teacher.items()],
+        "wall_s": row.stats.wall_s,
     }
 
 
 def select(
-    rows: list[dict[str, Any]], correct_only: bool = False, min_score: float | None = None
-) -> tuple[list[dict[str, Any]], int, int]:
+    rows: list[TraceRow], correct_only: bool = False, min_score: float | None = None
+) -> tuple[list[TraceRow], int, int]:
     """The rows the filters keep, and how many each filter dropped (--correct-only
     first, then --min-score among the rest)."""
     kept, not_correct, below = [], 0, 0
     for row in rows:
-        if correct_only and not row["correct"]:
+        if correct_only and not row.right:
             not_correct += 1
-        elif min_score is not None and float(row["score"]) < min_score:
+        elif min_score is not None and row.score < min_score:
             below += 1
         else:
             kept.append(row)

@@ -10,8 +10,8 @@ Two methods (the run config's ``eval.match``):
   normalized, equals the reference, normalized (`normalize`). Never a substring test.
 
 `judge` returns a `Verdict`: whether it matched and how that was decided, which every
-trace row records (``correct``, ``correct_by``); ``cord-coord eval``, the demo and the
-chaos check read it back with `row_correct`.
+trace row records (``correct``, ``correct_by``); `rundir` judges rows of older runs,
+written without one, the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import functools
 import logging
 import re
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,15 +84,6 @@ def judge(final_answer: str, reference: str, method: MatchMethod = "math") -> Ve
     if decided is None:
         return Verdict(_exact(final_answer, reference), "exact-fallback")
     return Verdict(decided, "math-verify")
-
-
-def row_correct(row: Mapping[str, Any], method: MatchMethod = "math") -> bool:
-    """Whether a trace row's final answer is right: the `correct` its coordinator
-    recorded, else (a row written before rows carried it) `judge` with `method`."""
-    recorded = row.get("correct")
-    if isinstance(recorded, bool):
-        return recorded
-    return judge(row["final_answer"] or "", row["reference_answer"], method).correct
 
 
 def stated_answer(final_answer: str) -> str | None:

@@ -1,4 +1,5 @@
-"""JSONL output: ``<dir>/traces.jsonl`` and ``<dir>/failed.jsonl``.
+"""JSONL output: ``<dir>/traces.jsonl`` and ``<dir>/failed.jsonl``, a `TraceRow` or a
+`FailureRow` (`cord.coordinator.rows`) per line.
 
 Each row is appended whole (one write, flushed and fsynced) under an exclusive file
 lock, so two coordinators sharing a folder never interleave. A torn last line (power loss
@@ -8,10 +9,10 @@ mid-write) is cut off on open.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 from pathlib import Path
-from typing import Any
+
+from cord.coordinator.rows import FailureRow, RowId, TraceRow
 
 
 class JsonlWriter:
@@ -25,9 +26,9 @@ class JsonlWriter:
         for path in (self.traces, self.failed):
             repair_torn_tail(path)
 
-    def write(self, row: dict[str, Any], failed: bool = False) -> None:
-        data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-        with open(self.failed if failed else self.traces, "ab") as f:
+    def write(self, row: TraceRow | FailureRow) -> None:
+        data = row.model_dump_json().encode("utf-8") + b"\n"
+        with open(self.failed if isinstance(row, FailureRow) else self.traces, "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 f.write(data)
@@ -41,13 +42,14 @@ class JsonlWriter:
 
 
 def read_ids(path: Path) -> set[str]:
+    """The ids of the rows in `path` (after `repair_torn_tail`: every line is whole)."""
     ids: set[str] = set()
     if not path.exists():
         return ids
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
-                ids.add(str(json.loads(line)["id"]))
+                ids.add(RowId.model_validate_json(line).id)
     return ids
 
 

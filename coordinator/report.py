@@ -28,7 +28,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cord.coordinator.evaluate import auroc
+from cord.coordinator.rows import Summary, auroc, summarize
 from cord.coordinator.rundir import RunDir
 
 # Fixed colours: teachers in the order they are met, strategies likewise.
@@ -56,20 +56,18 @@ class Plot:
 class Report:
     index: Path
     plots: list[Plot]
-    summary: list[dict[str, Any]]
+    summary: dict[str, Summary]  # by strategy, and "all" when there are several
 
 
 def teachers_of(run: RunDir) -> list[str]:
     """Teachers in the order the rows' configs list them, then any other that wrote."""
     seen: dict[str, None] = {}
     for row in run.traces:
-        for name in (row.get("models") or {}).get("teachers") or {}:
-            seen.setdefault(str(name), None)
+        for name in row.models.teachers:
+            seen.setdefault(name, None)
     for row in run.traces:
-        for s in row.get("steps") or []:
-            seen.setdefault(str(s["teacher"]), None)
-        for name in (row.get("stats") or {}).get("tokens_by_teacher") or {}:
-            seen.setdefault(str(name), None)
+        for name in (*row.teachers, *row.stats.tokens_by_teacher):
+            seen.setdefault(name, None)
     return list(seen)
 
 
@@ -77,46 +75,13 @@ def _palette(names: list[str], colors: list[str]) -> dict[str, str]:
     return {n: colors[i % len(colors)] for i, n in enumerate(names)}
 
 
-def _tokens(row: dict[str, Any]) -> dict[str, int]:
-    return {
-        str(k): int(v) for k, v in (row.get("stats") or {}).get("tokens_by_teacher", {}).items()
-    }
-
-
-def _mean(xs: list[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
-# -- the summary table ---------------------------------------------------------------
-def summarize(run: RunDir) -> list[dict[str, Any]]:
-    """One line per strategy, and one for all of them when there are several. Accuracy
-    is over problems: a failed problem counts as wrong (as `cord-coord eval` counts)."""
-    groups = [(r.strategy, r.traces, r.failed) for r in run.runs]
-    if len(groups) > 1:
-        groups.append(("all", run.traces, run.failed))
-    lines = []
-    for name, traces, failed in groups:
-        problems = len(traces) + len(failed)
-        right = [r["score"] for r in traces if r["correct"]]
-        wrong = [r["score"] for r in traces if not r["correct"]]
-        lines.append(
-            {
-                "strategy": name,
-                "problems": problems,
-                "traces": len(traces),
-                "failed": len(failed),
-                "correct": len(right),
-                "accuracy": len(right) / problems if problems else None,
-                "mean_score": _mean([float(r["score"]) for r in traces]),
-                "auroc": auroc(right, wrong),
-                "generated_tokens": _mean([float(sum(_tokens(r).values())) for r in traces]),
-                "thinking_tokens": _mean(
-                    [float((r.get("stats") or {}).get("thinking_tokens", 0)) for r in traces]
-                ),
-                "wall_s": _mean([float((r.get("stats") or {}).get("wall_s", 0.0)) for r in traces]),
-            }
-        )
-    return lines
+def summaries(run: RunDir) -> dict[str, Summary]:
+    """One summary per strategy (`rows.summarize`), and one of all of them when there are
+    several."""
+    out = {r.strategy: summarize(r.traces, r.failed) for r in run.runs}
+    if len(run.runs) > 1:
+        out["all"] = summarize(run.traces, run.failed)
+    return out
 
 
 # -- plots ---------------------------------------------------------------------------
@@ -135,10 +100,10 @@ def plot_strategies(run: RunDir, path: Path) -> Plot | None:
     """Accuracy and mean S per strategy, side by side; None for a single strategy."""
     if len(run.runs) < 2:
         return None
-    lines = {line["strategy"]: line for line in summarize(run) if line["strategy"] != "all"}
+    lines = {r.strategy: summarize(r.traces, r.failed) for r in run.runs}
     names = list(lines)
-    accuracy = {n: lines[n]["accuracy"] or 0.0 for n in names}
-    mean_s = {n: lines[n]["mean_score"] or 0.0 for n in names}
+    accuracy = {n: lines[n].accuracy or 0.0 for n in names}
+    mean_s = {n: lines[n].mean_score or 0.0 for n in names}
     fig = Figure(figsize=(max(8.0, 1.6 * len(names)), 3.8), dpi=DPI, layout="constrained")
     ax1, ax2 = fig.subplots(1, 2)
     for ax, values, color, label in (
@@ -165,8 +130,8 @@ def plot_strategies(run: RunDir, path: Path) -> Plot | None:
 
 def plot_score_right_wrong(run: RunDir, path: Path) -> Plot:
     """Histograms of S, right traces beside wrong ones (all strategies)."""
-    right = [float(r["score"]) for r in run.traces if r["correct"]]
-    wrong = [float(r["score"]) for r in run.traces if not r["correct"]]
+    right = [r.score for r in run.traces if r.right]
+    wrong = [r.score for r in run.traces if not r.right]
     series = [(k, v, c) for k, v, c in (("right", right, RIGHT), ("wrong", wrong, WRONG)) if v]
     every = right + wrong
     lo, hi = min(0.0, *every), max(1.0, *every)
@@ -205,11 +170,11 @@ def plot_step_teachers(run: RunDir, path: Path) -> Plot:
     colors = _palette(teachers, TEACHER_COLORS)
     data: dict[str, dict[str, list[int]]] = {}
     for r in run.runs:
-        depth = max((len(row.get("steps") or []) for row in r.traces), default=0)
+        depth = max((len(row.steps) for row in r.traces), default=0)
         counts = {t: [0] * depth for t in teachers}
         for row in r.traces:
-            for i, s in enumerate(row.get("steps") or []):
-                counts[str(s["teacher"])][i] += 1
+            for i, teacher in enumerate(row.teachers):
+                counts[teacher][i] += 1
         data[r.strategy] = counts
     fig, axes = _grid(len(data))
     for ax, (strategy, counts) in zip(axes, data.items(), strict=True):
@@ -243,8 +208,9 @@ def plot_tokens_per_teacher(run: RunDir, path: Path) -> Plot:
     colors = _palette(teachers, TEACHER_COLORS)
     data: dict[str, dict[str, list[int]]] = {}
     for r in run.runs:
-        used = [t for t in teachers if any(t in _tokens(row) for row in r.traces)]
-        data[r.strategy] = {t: [_tokens(row).get(t, 0) for row in r.traces] for t in used}
+        by_teacher = [row.stats.tokens_by_teacher for row in r.traces]
+        used = [t for t in teachers if any(t in tokens for tokens in by_teacher)]
+        data[r.strategy] = {t: [tokens.get(t, 0) for tokens in by_teacher] for t in used}
     fig, axes = _grid(len(data))
     for ax, (strategy, per_teacher) in zip(axes, data.items(), strict=True):
         names = list(per_teacher)
@@ -274,10 +240,7 @@ def plot_tokens_per_teacher(run: RunDir, path: Path) -> Plot:
 
 def plot_wall_time(run: RunDir, path: Path) -> Plot:
     """Histogram of wall seconds per problem, one series per strategy."""
-    data = {
-        r.strategy: [float((row.get("stats") or {}).get("wall_s", 0.0)) for row in r.traces]
-        for r in run.runs
-    }
+    data = {r.strategy: [row.stats.wall_s for row in r.traces] for r in run.runs}
     colors = _palette(list(data), STRATEGY_COLORS)
     series = [(s, v) for s, v in data.items() if v]
     fig = Figure(figsize=(8, 3.8), dpi=DPI, layout="constrained")
@@ -317,7 +280,7 @@ def write_report(run: RunDir, out_dir: str | Path) -> Report:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = [p for p in (plot(run, out / f"{plot.__name__[5:]}.png") for plot in PLOTS) if p]
-    summary = summarize(run)
+    summary = summaries(run)
     index = out / "index.html"
     index.write_text(render_html(run, plots, summary), encoding="utf-8")
     return Report(index, plots, summary)
@@ -329,7 +292,7 @@ def _cell(x: Any, spec: str = "") -> str:
     return html.escape(format(x, spec) if spec else str(x))
 
 
-def render_html(run: RunDir, plots: list[Plot], summary: list[dict[str, Any]]) -> str:
+def render_html(run: RunDir, plots: list[Plot], summary: dict[str, Summary]) -> str:
     esc = html.escape
     title = f"cord report: {run.path.resolve().name}"
     head = (
@@ -338,13 +301,13 @@ def render_html(run: RunDir, plots: list[Plot], summary: list[dict[str, Any]]) -
         "<th>thinking tokens</th><th>wall s</th></tr>"
     )
     body = "\n".join(
-        f"<tr><td>{_cell(s['strategy'])}</td><td>{s['problems']}</td><td>{s['traces']}</td>"
-        f"<td>{s['failed']}</td><td>{_cell(s['accuracy'], '.3f')}</td>"
-        f"<td>{_cell(s['mean_score'], '.4f')}</td><td>{_cell(s['auroc'], '.3f')}</td>"
-        f"<td>{_cell(s['generated_tokens'], '.0f')}</td>"
-        f"<td>{_cell(s['thinking_tokens'], '.0f')}</td>"
-        f"<td>{_cell(s['wall_s'], '.1f')}</td></tr>"
-        for s in summary
+        f"<tr><td>{_cell(name)}</td><td>{s.problems}</td><td>{s.traces}</td>"
+        f"<td>{s.failed}</td><td>{_cell(s.accuracy, '.3f')}</td>"
+        f"<td>{_cell(s.mean_score, '.4f')}</td><td>{_cell(s.auroc, '.3f')}</td>"
+        f"<td>{_cell(s.mean_generated_tokens, '.0f')}</td>"
+        f"<td>{_cell(s.mean_thinking_tokens, '.0f')}</td>"
+        f"<td>{_cell(s.mean_wall_s, '.1f')}</td></tr>"
+        for name, s in summary.items()
     )
     figures = "\n".join(
         f'<section id="{esc(p.name)}">\n<h2>{esc(p.title)}</h2>\n'

@@ -1,10 +1,12 @@
-"""Reading a finished run's rows back: the one reader behind `export` and `report`.
+"""Reading a finished run's rows back: the one reader behind `export`, `report`, `eval`,
+the demo's summary, the chaos check and the benchmarks.
 
 A run folder is either what `cord-coord run` writes (``traces.jsonl`` and
 ``failed.jsonl``, under the prefixes of ``output.traces_prefix`` / ``failed_prefix``) or
-what `cord-coord eval` writes (one such folder per strategy). Rows keep the verdict
-they were written with (``correct``, ``correct_by``); rows of older runs, written before
-verdicts were, are judged here, the way a run judges them now.
+what `cord-coord eval` writes (one such folder per strategy). Each line is parsed once
+into its model (`cord.coordinator.rows`); rows keep the verdict they were written with
+(``correct``, ``correct_by``), and rows of older runs, written before verdicts were, are
+judged here, the way a run judges them now.
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from cord.coordinator.matching import MatchMethod, judge
+from cord.coordinator.rows import FailureRow, TraceRow
+
+R = TypeVar("R", bound=BaseModel)
 
 
 class RunDirError(Exception):
@@ -27,13 +34,13 @@ class StrategyRun:
 
     strategy: str
     folder: Path
-    traces: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
+    traces: list[TraceRow] = field(default_factory=list)
+    failed: list[FailureRow] = field(default_factory=list)
     files: tuple[str, str] = ("traces.jsonl", "failed.jsonl")  # the names read in `folder`
 
     @property
     def problems(self) -> int:
-        return len({str(r["id"]) for r in (*self.traces, *self.failed)})
+        return len({r.id for r in (*self.traces, *self.failed)})
 
 
 @dataclass
@@ -42,11 +49,11 @@ class RunDir:
     runs: list[StrategyRun]
 
     @property
-    def traces(self) -> list[dict[str, Any]]:
+    def traces(self) -> list[TraceRow]:
         return [row for run in self.runs for row in run.traces]
 
     @property
-    def failed(self) -> list[dict[str, Any]]:
+    def failed(self) -> list[FailureRow]:
         return [row for run in self.runs for row in run.failed]
 
     @property
@@ -54,28 +61,57 @@ class RunDir:
         return [run.strategy for run in self.runs]
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Every row of a JSONL file. An unterminated last line that does not parse is a row
-    still being written (a run in progress) and is left out; any other bad line is an
-    error naming the file and line."""
+def read_rows(path: Path, model: type[R], bad: list[str] | None = None) -> list[R]:
+    """Every row of a JSONL file as `model`. An unterminated last line that does not
+    parse is a row still being written (a run in progress) and is left out; any other bad
+    line is an error naming the file and line, or, given a `bad` list, is added to it
+    (the chaos check counts such rows as invalid)."""
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows: list[dict[str, Any]] = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    rows: list[R] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):  # no newline after it: torn, or still being written
+            rows.append(model.model_validate_json(line))
+        except ValidationError as e:
+            not_json = _json_error(line)
+            if not_json and number == len(lines):  # no newline after it: still written
                 break
-            raise RunDirError(f"{path}:{number}: not JSON ({e.msg})") from e
-        if not isinstance(row, dict) or "id" not in row:
-            raise RunDirError(f"{path}:{number}: not a row (an object with an id)")
-        rows.append(row)
+            why = f"not JSON ({not_json})" if not_json else f"not a row ({_first(e)})"
+            error = f"{path}:{number}: {why}"
+            if bad is None:
+                raise RunDirError(error) from e
+            bad.append(error)
     return rows
+
+
+def read_traces(path: Path, match: MatchMethod | None = None) -> list[TraceRow]:
+    """The trace rows of `path`, each with its verdict (`add_verdict`)."""
+    rows = read_rows(path, TraceRow)
+    for row in rows:
+        add_verdict(row, match)
+    return rows
+
+
+def read_failures(path: Path) -> list[FailureRow]:
+    return read_rows(path, FailureRow)
+
+
+def _json_error(line: str) -> str | None:
+    """What is wrong with `line` as JSON; None when it is JSON."""
+    try:
+        json.loads(line)
+    except json.JSONDecodeError as e:
+        return e.msg
+    return None
+
+
+def _first(err: ValidationError) -> str:
+    e = err.errors()[0]
+    where = ".".join(str(p) for p in e["loc"])
+    return f"{where}: {e['msg']}" if where else e["msg"]
 
 
 def read_run_dir(
@@ -106,12 +142,10 @@ def read_run_dir(
         )
     runs = []
     for folder in folders:
-        traces = read_jsonl(folder / traces_name)
-        failed = read_jsonl(folder / failed_name)
-        names = {str(r.get("strategy")) for r in (*traces, *failed) if r.get("strategy")}
+        traces = read_traces(folder / traces_name, match)
+        failed = read_failures(folder / failed_name)
+        names = {r.strategy for r in (*traces, *failed) if r.strategy}
         strategy = names.pop() if len(names) == 1 else folder.name
-        for row in traces:
-            add_verdict(row, match)
         runs.append(StrategyRun(strategy, folder, traces, failed, (traces_name, failed_name)))
     if not any(run.traces for run in runs):
         failures = sum(len(run.failed) for run in runs)
@@ -122,14 +156,10 @@ def read_run_dir(
     return RunDir(root, runs)
 
 
-def add_verdict(row: dict[str, Any], match: MatchMethod | None = None) -> None:
+def add_verdict(row: TraceRow, match: MatchMethod | None = None) -> None:
     """Set ``correct`` / ``correct_by`` on a trace row that lacks them, or on every row
     when `match` names a method to judge by again."""
-    if match is None and isinstance(row.get("correct"), bool):
-        row.setdefault("correct_by", None)
+    if match is None and row.correct is not None:
         return
-    verdict = judge(
-        str(row.get("final_answer") or ""), str(row["reference_answer"]), match or "math"
-    )
-    row["correct"] = bool(verdict.correct)
-    row["correct_by"] = verdict.by
+    verdict = judge(row.final_answer, row.reference_answer, match or "math")
+    row.correct, row.correct_by = verdict.correct, verdict.by

@@ -38,12 +38,12 @@ import click
 import redis
 import yaml
 
-from cord.coordinator.matching import row_correct
 from cord.coordinator.redis_server import start_redis
+from cord.coordinator.rows import FailureRow, TraceRow, summarize
+from cord.coordinator.rundir import read_rows
 from cord.lab.arith import make_problems
 
 ROOT = Path(__file__).resolve().parents[1]
-ROW_FIELDS = ("id", "question", "reference_answer", "steps", "final_answer", "score", "messages")
 
 
 def free_port() -> int:
@@ -290,29 +290,24 @@ class Chaos:
         return time.monotonic() - start
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def check(ids: list[str], out: Path) -> dict[str, Any]:
-    traces, failed = read_rows(out / "traces.jsonl"), read_rows(out / "failed.jsonl")
-    seen = Counter(str(r["id"]) for r in [*traces, *failed])
+    """Every id exactly once across traces and failures, and every row valid: a trace
+    row that parses (`rows.TraceRow`) with a user turn and an assistant turn that closes
+    its thinking, and steps; a failure row with its reason."""
+    invalid: list[str] = []
+    traces = read_rows(out / "traces.jsonl", TraceRow, invalid)
+    failed = read_rows(out / "failed.jsonl", FailureRow, invalid)
+    seen = Counter(r.id for r in [*traces, *failed])
     missing = sorted(set(ids) - set(seen))
     twice = sorted(i for i, n in seen.items() if n > 1)
     unknown = sorted(set(seen) - set(ids))
-    invalid = []
     for r in traces:
-        bad = [f for f in ROW_FIELDS if f not in r]
-        roles = [m.get("role") for m in r.get("messages", [])]
-        content = r["messages"][-1]["content"] if r.get("messages") else ""
-        if bad or roles != ["user", "assistant"] or "</think>" not in content or not r["steps"]:
-            invalid.append(r["id"])
-    for r in failed:
-        if not r.get("reason"):
-            invalid.append(r["id"])
-    correct = sum(row_correct(r) for r in traces)
+        roles = [m.role for m in r.messages]
+        content = r.messages[-1].content if r.messages else ""
+        if roles != ["user", "assistant"] or "</think>" not in content or not r.steps:
+            invalid.append(r.id)
+    invalid += [r.id for r in failed if not r.reason]
+    accuracy = summarize(traces, failed).accuracy
     return {
         "traces": len(traces),
         "failed": len(failed),
@@ -320,9 +315,9 @@ def check(ids: list[str], out: Path) -> dict[str, Any]:
         "duplicated": twice,
         "unknown": unknown,
         "invalid": invalid,
-        "accuracy": round(correct / len(traces), 3) if traces else None,
+        "accuracy": None if accuracy is None else round(accuracy, 3),
         "ok": not (missing or twice or unknown or invalid),
-        "failure_reasons": sorted({r["reason"][:120] for r in failed}),
+        "failure_reasons": sorted({r.reason[:120] for r in failed}),
     }
 
 

@@ -1,11 +1,12 @@
-"""What every search strategy shares: the work it asks for, the trajectory types, the
-output row. A strategy is a pure state machine over one problem: it never talks to Redis
-or Celery. The driver feeds it results and dispatches the work it returns, so the same
-strategy runs through the fleet or in one process."""
+"""What every search strategy shares: the work it asks for, the trajectory type, the
+rows it ends in (`cord.coordinator.rows`). A strategy is a pure state machine over one
+problem: it never talks to Redis or Celery. The driver feeds it results and dispatches
+the work it returns, so the same strategy runs through the fleet or in one process."""
 
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -18,6 +19,17 @@ from cord.common.config import RunConfig
 from cord.common.messages import AnswerItem, ExpandItem, Generation, Score, ScoreItem, TaskKind
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.matching import judge
+from cord.coordinator.rows import (
+    Alternative,
+    FailureRow,
+    Message,
+    Models,
+    RowStats,
+    Stats,
+    Step,
+    ThinkingFinish,
+    TraceRow,
+)
 
 
 @dataclass(frozen=True)
@@ -56,16 +68,7 @@ class Outcome:
     work: list[Work] = field(default_factory=list)
     commit: bool = False
     steps: int = 0
-    row: dict[str, Any] | None = None
-
-
-class Step(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    index: int
-    text: str
-    teacher: str
-    score: float | None  # S when the step was chosen; None where only whole traces are scored
-    tokens: int
+    row: TraceRow | None = None
 
 
 class Trajectory(BaseModel):
@@ -74,7 +77,7 @@ class Trajectory(BaseModel):
     tokens: int = 0
     score: float = 0.0
     complete: bool = False
-    finish: str | None = None  # how thinking ended: think_end, eos, budget
+    finish: ThinkingFinish | None = None  # how thinking ended
     final_answer: str | None = None
     answer_teacher: str | None = None
     answer_tokens: int = 0
@@ -86,27 +89,6 @@ class Trajectory(BaseModel):
     @property
     def last_teacher(self) -> str | None:
         return self.steps[-1].teacher if self.steps else None
-
-
-class Stats(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    tokens_by_teacher: dict[str, int] = {}
-    expansions: int = 0
-    scorings: int = 0
-    answers: int = 0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    wall_s: float = 0.0
-
-    def add_generation(self, teacher: str, g: Generation) -> None:
-        self.tokens_by_teacher[teacher] = self.tokens_by_teacher.get(teacher, 0) + g.tokens
-        self.prompt_tokens += g.prompt_tokens
-        self.cached_prompt_tokens += g.cached_tokens
-
-    def add_score(self, s: Score) -> None:
-        self.scorings += 1
-        self.prompt_tokens += s.prompt_tokens
-        self.cached_prompt_tokens += s.cached_tokens
 
 
 def item_seed(run_seed: int, key: str) -> int:
@@ -164,7 +146,7 @@ class Search(ABC):
     def finished(self) -> bool: ...
 
     @abstractmethod
-    def row(self) -> dict[str, Any]:
+    def row(self) -> TraceRow:
         """The output row of a finished search."""
 
     def snapshot(self) -> dict[str, Any]:
@@ -246,6 +228,7 @@ class Search(ABC):
 
     # -- rows: traces and failures, from one place ----------------------------------
     def _row_head(self) -> dict[str, Any]:
+        """The fields every row has, over the problem's own input fields."""
         p = self.problem
         return {
             **p.meta,
@@ -255,61 +238,73 @@ class Search(ABC):
             "strategy": self.cfg.search.strategy,
         }
 
-    def failure_row(self, reason: str) -> dict[str, Any]:
+    def failure_row(self, reason: str) -> FailureRow:
         """The row of a problem that could not be finished, with its committed state."""
-        return {
+        return FailureRow(
             **self._row_head(),
-            "reason": reason,
-            "state": self.snapshot(),
-            "failed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
+            reason=reason,
+            state=self.snapshot(),
+            failed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
 
     def _correctness(self, final: str) -> dict[str, Any]:
-        """`correct` and how it was decided (`cord.coordinator.matching`), where the reference
-        is known."""
+        """`correct` and how it was decided (`cord.coordinator.matching`), where the
+        reference is known."""
         if not self.problem.answer.strip():
             return {}
         verdict = judge(final, self.problem.answer, self.cfg.eval.match)
         return {"correct": verdict.correct, "correct_by": verdict.by}
 
-    def trace_row(self, best: Trajectory, others: list[Trajectory], stats: Stats) -> dict[str, Any]:
+    def trace_row(self, best: Trajectory, others: list[Trajectory], stats: Stats) -> TraceRow:
         cfg = self.cfg
         final = best.final_answer or ""
-        row = self._row_head()
-        row.update(
-            {
-                "steps": [s.model_dump() for s in best.steps],
-                "final_answer": final,
-                **self._correctness(final),
-                "answer_teacher": best.answer_teacher,
-                "score": best.score,
-                "thinking_finish": best.finish,
-                "messages": [
-                    {"role": "user", "content": self.user},
-                    {"role": "assistant", "content": prompts.assistant_message(best.texts, final)},
-                ],
-                "stats": {
-                    **stats.model_dump(),
-                    "steps": len(best.steps),
-                    "thinking_tokens": best.tokens,
-                    "answer_tokens": best.answer_tokens,
-                },
-                "models": {
-                    "teachers": {t.name: t.model for t in cfg.teachers},
-                    "meta_prover": {cfg.meta_prover.name: cfg.pool(cfg.meta_prover.name).model},
-                },
-                "alternatives": [
-                    {
-                        "steps": [s.model_dump() for s in t.steps],
-                        "final_answer": t.final_answer,
-                        "answer_teacher": t.answer_teacher,
-                        "score": t.score,
-                        "thinking_finish": t.finish,
-                    }
-                    for t in others
-                ]
-                if cfg.output.keep_alternatives
-                else [],
-            }
+        alternatives = [
+            Alternative(
+                steps=t.steps,
+                final_answer=t.final_answer,
+                answer_teacher=t.answer_teacher,
+                score=t.score,
+                thinking_finish=t.finish,
+            )
+            for t in others
+        ]
+        return TraceRow(
+            **self._row_head(),
+            steps=best.steps,
+            final_answer=final,
+            **self._correctness(final),
+            answer_teacher=best.answer_teacher,
+            score=best.score,
+            thinking_finish=best.finish,
+            messages=[
+                Message(role="user", content=self.user),
+                Message(role="assistant", content=prompts.assistant_message(best.texts, final)),
+            ],
+            stats=RowStats(
+                **stats.model_dump(),
+                steps=len(best.steps),
+                thinking_tokens=best.tokens,
+                answer_tokens=best.answer_tokens,
+            ),
+            models=Models(
+                teachers={t.name: t.model for t in cfg.teachers},
+                meta_prover={cfg.meta_prover.name: cfg.pool(cfg.meta_prover.name).model},
+            ),
+            alternatives=alternatives if cfg.output.keep_alternatives else [],
         )
-        return row
+
+
+_HEADER = re.compile(r"\n(?=" + re.escape(prompts.STEP_PREFIX) + r" \d+\.)")
+
+
+def split_steps(text: str, teacher: str, tokens: int, first: int = 1) -> list[Step]:
+    """Steps of a trajectory written in one go from step `first` on (the headers the
+    teacher wrote split it), tokens shared out by length (exact in total)."""
+    parts = [p.rstrip() for p in _HEADER.split(prompts.step_header(first) + text) if p.strip()]
+    sizes = [len(p) for p in parts]
+    counts = [tokens * s // sum(sizes) for s in sizes]
+    counts[-1] += tokens - sum(counts)
+    return [
+        Step(index=i, text=p, teacher=teacher, score=None, tokens=n)
+        for i, (p, n) in enumerate(zip(parts, counts, strict=True), start=first)
+    ]

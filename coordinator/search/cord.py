@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,11 +26,10 @@ from cord.common import prompts
 from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
 from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.rows import Stats, Step, TraceRow
 from cord.coordinator.search.base import (
     Outcome,
     Search,
-    Stats,
-    Step,
     Trajectory,
     Work,
     WorkKey,
@@ -260,7 +258,7 @@ class CordSearch(Search):
             return all(t.final_answer is not None for t in st.completed)
         return st.completed[self._best_index()].final_answer is not None
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> TraceRow:
         st = self.state
         best = self._best_index()
         others = sorted(

@@ -13,26 +13,20 @@ headers the teacher wrote.
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict
 
-from cord.common import prompts
 from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
 from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.rows import Stats, TraceRow
 from cord.coordinator.search.base import (
     Outcome,
     Search,
-    Stats,
-    Step,
     Trajectory,
     Work,
     WorkKey,
+    split_steps,
 )
-
-_HEADER = re.compile(r"\n(?=" + re.escape(prompts.STEP_PREFIX) + r" \d+\.)")
 
 
 class Written(BaseModel):
@@ -47,19 +41,6 @@ class CurationState(BaseModel):
     written: dict[str, Written] = {}  # by expand key
     chosen: str | None = None
     stats: Stats = Stats()
-
-
-def split_steps(text: str, teacher: str, tokens: int, first: int = 1) -> list[Step]:
-    """Steps of a trajectory written in one go from step `first` on (the headers the
-    teacher wrote split it), tokens shared out by length (exact in total)."""
-    parts = [p.rstrip() for p in _HEADER.split(prompts.step_header(first) + text) if p.strip()]
-    sizes = [len(p) for p in parts]
-    counts = [tokens * s // sum(sizes) for s in sizes]
-    counts[-1] += tokens - sum(counts)
-    return [
-        Step(index=i, text=p, teacher=teacher, score=None, tokens=n)
-        for i, (p, n) in enumerate(zip(parts, counts, strict=True), start=first)
-    ]
 
 
 class CurationSearch(Search):
@@ -155,7 +136,7 @@ class CurationSearch(Search):
     def finished(self) -> bool:
         return self.state.chosen is not None and self._best().final_answer is not None
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> TraceRow:
         best = self._best()
         others = sorted(
             (

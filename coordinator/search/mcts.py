@@ -21,7 +21,6 @@ and scored first.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -29,8 +28,8 @@ from cord.common import prompts
 from cord.common.config import RunConfig
 from cord.common.messages import Generation, Score
 from cord.coordinator.inputs.problems import Problem
-from cord.coordinator.search.base import Outcome, Search, Stats, Step, Trajectory, Work, WorkKey
-from cord.coordinator.search.curation import split_steps
+from cord.coordinator.rows import Stats, Step, TraceRow
+from cord.coordinator.search.base import Outcome, Search, Trajectory, Work, WorkKey, split_steps
 
 
 class Node(BaseModel):
@@ -266,7 +265,7 @@ class MctsSearch(Search):
         st = self.state
         return st.chosen is not None and st.nodes[st.chosen].trajectory.final_answer is not None
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> TraceRow:
         st = self.state
         assert st.chosen is not None
         best = st.nodes[st.chosen].trajectory

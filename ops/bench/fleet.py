@@ -55,7 +55,8 @@ from cord.common.messages import EngineStats, Heartbeat, Score
 from cord.coordinator.driver import Coordinator, Observer
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.redis_server import ping, start_redis
-from cord.coordinator.rundir import read_jsonl
+from cord.coordinator.rows import TraceRow, summarize
+from cord.coordinator.rundir import read_failures, read_traces
 from cord.coordinator.search import Outcome, Search, Work, make_search
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
@@ -402,7 +403,7 @@ class StepTimer(Observer):
 @dataclass
 class FleetRun:
     wall_s: float
-    rows: list[dict[str, Any]]
+    rows: list[TraceRow]
     failed: int
     summary: dict[str, Any]
     step_latencies: list[float] = field(default_factory=list)
@@ -468,8 +469,8 @@ def run_fleet(
             coordinator_cpu = process_cpu_s() - cpu_before
             workers_after = fleet.cpu_s() if fleet else {}
             engine = fleet.engine_delta(engine_before) if fleet else {}
-            rows = read_jsonl(coord.writer.traces)
-            failed = len(read_jsonl(coord.writer.failed))
+            rows = read_traces(coord.writer.traces)
+            failed = len(read_failures(coord.writer.failed))
         finally:
             drop_namespace(coord.redis, state_ns)
     return FleetRun(
@@ -493,7 +494,7 @@ def run_fleet(
 @dataclass
 class InProcessRun:
     wall_s: float
-    rows: list[dict[str, Any]]
+    rows: list[TraceRow]
     calls: int
     cpu_s: float = 0.0
 
@@ -530,7 +531,7 @@ def run_in_process(
     waiting = deque(problems)
     searches: dict[str, Search] = {}
     outbox: dict[tuple[str, str], list[tuple[str, Work]]] = defaultdict(list)
-    rows: list[dict[str, Any]] = []
+    rows: list[TraceRow] = []
     calls = 0
 
     def apply(pid: str, outcome: Outcome) -> None:
@@ -689,10 +690,10 @@ def cord_curation_pairs(
     """`pairs` CoRD/curation pairs through `fleet`; `first` is CoRD's run on
     ``make(problems, seed)``, which sets curation's N and opens the first pair. Pair k
     runs on ``make(problems, seed + k)``."""
-    from cord.coordinator.evaluate import StrategyResult, matched_curation_samples
+    from cord.coordinator.evaluate import matched_curation_samples
 
     cfg = fleet.cfg
-    n = matched_curation_samples(cfg, StrategyResult("cord", first.rows, first.failed, 0, 0))
+    n = matched_curation_samples(cfg, first.rows)
     search = cfg.search.model_copy(update={"strategy": "curation", "curation_samples": n})
     cur_cfg = cfg.model_copy(update={"search": search})
     paired: list[tuple[FleetRun, FleetRun]] = []
@@ -724,31 +725,27 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[index]
 
 
-def tokens_of(rows: list[dict[str, Any]]) -> float:
+def tokens_of(rows: list[TraceRow]) -> float:
     """Mean generated tokens per problem (all teachers, kept and discarded, answers)."""
-    if not rows:
-        return 0.0
-    return sum(sum(r["stats"]["tokens_by_teacher"].values()) for r in rows) / len(rows)
+    return summarize(rows).mean_generated_tokens or 0.0
 
 
-def cache_share(rows: list[dict[str, Any]]) -> float | None:
-    prompt = sum(r["stats"]["prompt_tokens"] for r in rows)
-    cached = sum(r["stats"]["cached_prompt_tokens"] for r in rows)
-    return round(cached / prompt, 4) if prompt else None
+def cache_share(rows: list[TraceRow]) -> float | None:
+    share = summarize(rows).cache_hit_share
+    return None if share is None else round(share, 4)
 
 
-def same_rows(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> float | None:
+def same_rows(a: list[TraceRow], b: list[TraceRow]) -> float | None:
     """Share of problems whose chosen trajectory (step texts and teachers) and final
     answer are the same in both runs."""
 
-    def content(r: dict[str, Any]) -> tuple[Any, ...]:
-        steps = tuple((s["text"], s["teacher"]) for s in r["steps"])
-        return (steps, r["final_answer"])
+    def content(r: TraceRow) -> tuple[Any, ...]:
+        return (tuple((s.text, s.teacher) for s in r.steps), r.final_answer)
 
-    by_id = {r["id"]: content(r) for r in b}
+    by_id = {r.id: content(r) for r in b}
     if not a:
         return None
-    return round(sum(by_id.get(r["id"]) == content(r) for r in a) / len(a), 4)
+    return round(sum(by_id.get(r.id) == content(r) for r in a) / len(a), 4)
 
 
 def emit(figures: dict[str, Any], json_path: str | None) -> None:

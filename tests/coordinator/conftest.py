@@ -11,6 +11,7 @@ import pytest
 from cord.common.config import RunConfig
 from cord.coordinator.evaluate import evaluate
 from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.rows import FailureRow, TraceRow
 from cord.lab.arith import make_problems
 from tests.conftest import fleet_config
 
@@ -27,3 +28,25 @@ def lab_eval(fleet: tuple[Path, RunConfig], tmp_path_factory: pytest.TempPathFac
     report: dict[str, Any] = evaluate(cfg, problems, list(EVAL_STRATEGIES), tmp / "ev")
     assert all(m["failed"] == 0 for m in report["strategies"].values()), report
     return tmp / "ev"
+
+
+def trace_row(pid: str, **fields: Any) -> TraceRow:
+    """A trace row with every field a row must have, `fields` over them (and, as a
+    problem's own input fields do, beside them)."""
+    base: dict[str, Any] = {
+        "id": pid,
+        "question": f"question of {pid}",
+        "reference_answer": "7",
+        "steps": [],
+        "final_answer": "The final answer is 7.",
+        "score": 0.5,
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+    }
+    return TraceRow.model_validate({**base, **fields})
+
+
+def failure_row(pid: str, reason: str = "it failed", **fields: Any) -> FailureRow:
+    return FailureRow.model_validate(
+        {"id": pid, "question": f"question of {pid}", "reference_answer": "7", "reason": reason}
+        | fields
+    )

@@ -6,10 +6,12 @@ import pytest
 from click.testing import CliRunner
 
 from cord.coordinator.cli import main
-from cord.coordinator.evaluate import StrategyResult, auroc, format_table
-from cord.coordinator.matching import judge, row_correct
+from cord.coordinator.evaluate import StrategyResult, format_table
+from cord.coordinator.matching import judge
+from cord.coordinator.rows import auroc, summarize
 from cord.lab.arith import EVAL_SEED, make_problems
 from tests.conftest import fleet_config
+from tests.coordinator.conftest import failure_row, trace_row
 
 
 @pytest.mark.parametrize("method", ["math", "exact"])
@@ -22,28 +24,20 @@ def test_answers_are_judged(method):
     assert not judge("It is Paris, of course.", "paris", method).correct
 
 
-def _row(final, reference, score, **extra):
-    stats = {"tokens_by_teacher": {"alpha": 10}}
-    return {
-        "final_answer": final,
-        "reference_answer": reference,
-        "score": score,
-        "stats": stats,
-        **extra,
-    }
-
-
 def test_accuracy_and_auroc_use_the_rows_verdicts():
     rows = [
-        _row(r"\frac{1}{2}", "0.5", 0.9),  # no `correct`: judged with the run's method
-        _row("The final answer is 7.", "7", 0.8, correct=True, correct_by="math-verify"),
-        _row("The final answer is 7.", "7", 0.1, correct=False, correct_by="exact"),
+        trace_row("a", final_answer="The final answer is 7.", score=0.8, correct=True),
+        trace_row("b", final_answer="The final answer is 7.", score=0.1, correct=False),
+        trace_row("c", final_answer="The final answer is 9.", score=0.9, correct=True),
     ]
-    math = StrategyResult("cord", rows, failed=1, wall_s=1.0, problems=4).metrics()
-    assert math["accuracy"] == 0.5 and math["auroc"] == 1.0
-    exact = StrategyResult("cord", rows, 1, 1.0, 4, match="exact").metrics()
-    assert exact["accuracy"] == 0.25 and exact["auroc"] == 0.5
-    assert [row_correct(r, "exact") for r in rows] == [False, True, False]
+    result = StrategyResult("cord", rows, [failure_row("d")], wall_s=1.5)
+    m = result.metrics()
+    assert m["accuracy"] == 0.5 and m["problems"] == 4 and m["failed"] == 1
+    assert m["auroc"] == 1.0 and m["wall_s"] == 1.5  # the strategy's run, not a mean
+    # One function for every summary: eval's figures are `rows.summarize`'s.
+    assert {k: v for k, v in m.items() if k != "wall_s"} == summarize(
+        rows, [failure_row("d")]
+    ).model_dump()
 
 
 def test_auroc():
@@ -97,13 +91,13 @@ def test_cord_beats_every_single_teacher_on_20_problems(fleet, tmp_path):
         assert len({r["id"] for r in rows}) == len(rows) == 20
         assert {r["strategy"] for r in rows} == {name}
     # a single teacher generates ~1 trajectory per problem, CoRD several per step
-    assert s["cord"]["tokens"] > s["single:alpha"]["tokens"]
+    assert s["cord"]["mean_generated_tokens"] > s["single:alpha"]["mean_generated_tokens"]
     assert "AUROC" in format_table(report)
 
 
 def test_curation_samples_match_cord_tokens():
     from cord.common.config import config_from_dict
-    from cord.coordinator.evaluate import StrategyResult, matched_curation_samples
+    from cord.coordinator.evaluate import matched_curation_samples
 
     cfg = config_from_dict(
         {
@@ -111,23 +105,19 @@ def test_curation_samples_match_cord_tokens():
             "meta_prover": {"name": "m", "model": "m"},
         }
     )
+    stats = {"thinking_tokens": 90, "answer_tokens": 10}
     rows = [
-        {
-            "stats": {
-                "thinking_tokens": 90,
-                "answer_tokens": 10,
-                "tokens_by_teacher": {"a": 200, "b": 200, "c": 200},
-            }
-        }
-    ] * 3
-    cord = StrategyResult("cord", rows, 0, 1.0, 3)
+        trace_row(str(i), stats={**stats, "tokens_by_teacher": dict.fromkeys("abc", 200)})
+        for i in range(3)
+    ]
     # 600 tokens per problem over 3 teachers x 100 tokens per whole trajectory
-    assert matched_curation_samples(cfg, cord) == 2
+    assert matched_curation_samples(cfg, rows) == 2
     # 610 would not fit in 2 per teacher: curation gets 3, never less than CoRD's budget
     more = [
-        {"stats": {**r["stats"], "tokens_by_teacher": {"a": 210, "b": 200, "c": 200}}} for r in rows
+        trace_row(str(i), stats={**stats, "tokens_by_teacher": {"a": 210, "b": 200, "c": 200}})
+        for i in range(3)
     ]
-    assert matched_curation_samples(cfg, StrategyResult("cord", more, 0, 1.0, 3)) == 3
+    assert matched_curation_samples(cfg, more) == 3
 
 
 @pytest.mark.redis
@@ -144,7 +134,7 @@ def test_mcts_and_longest_through_the_fleet(fleet, tmp_path):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
-    cord_tokens = report["strategies"]["cord"]["tokens"]
+    cord_tokens = report["strategies"]["cord"]["mean_generated_tokens"]
     assert report["mcts_tokens"] == pytest.approx(cord_tokens, abs=1)  # matched budget
     for name in ("mcts", "longest"):
         m = report["strategies"][name]

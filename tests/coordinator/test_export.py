@@ -197,7 +197,8 @@ def test_refuses_a_folder_without_traces_and_an_existing_out(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "traces.jsonl").write_text("")
-    (run / "failed.jsonl").write_text(json.dumps({"id": "p1", "reason": "x"}) + "\n")
+    failure = {"id": "p1", "question": "q", "reference_answer": "1", "reason": "x"}
+    (run / "failed.jsonl").write_text(json.dumps(failure) + "\n")
     result = export("--in", str(run), "--out", str(tmp_path / "t.jsonl"))
     assert result.exit_code == 2 and "hold no traces (1 problem(s) failed" in result.output
 

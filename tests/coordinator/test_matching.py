@@ -9,7 +9,6 @@ from cord.coordinator.matching import (
     Verdict,
     judge,
     normalize,
-    row_correct,
     stated_answer,
     stated_number,
 )
@@ -114,14 +113,6 @@ def test_judge_works_off_the_main_thread():
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown match method 'fuzzy'"):
         judge("1", "1", "fuzzy")
-
-
-def test_row_correct_reads_the_recorded_verdict():
-    row = {"final_answer": r"\frac{1}{2}", "reference_answer": "0.5"}
-    assert row_correct(row) and not row_correct(row, "exact")
-    # The coordinator's verdict stands (it used the run's method).
-    assert not row_correct({**row, "correct": False, "correct_by": "exact"})
-    assert row_correct({"final_answer": "", "reference_answer": "7", "correct": True})
 
 
 def test_stated_number():

@@ -1,15 +1,17 @@
 import json
 
 from cord.coordinator.output import JsonlWriter, read_ids, repair_torn_tail
+from tests.coordinator.conftest import failure_row, trace_row
 
 
 def test_rows_append_whole_and_ids_read_back(tmp_path):
     w = JsonlWriter(tmp_path)
-    w.write({"id": "a", "x": "ü"})
-    w.write({"id": "b"}, failed=True)
-    assert [json.loads(line) for line in w.traces.read_text(encoding="utf-8").splitlines()] == [
-        {"id": "a", "x": "ü"}
-    ]
+    trace = trace_row("a", x="ü")
+    w.write(trace)
+    w.write(failure_row("b"))
+    lines = w.traces.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [trace.model_dump(mode="json")]
+    assert json.loads(lines[0])["x"] == "ü" and "\\u" not in lines[0]  # UTF-8, not escapes
     assert w.written_ids() == ({"a"}, {"b"})
 
 

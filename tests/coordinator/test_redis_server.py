@@ -2,7 +2,7 @@ import socket
 
 import pytest
 
-from cord.common import redis_server
+from cord.coordinator import redis_server
 
 
 def free_port() -> int:

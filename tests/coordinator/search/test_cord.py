@@ -1,15 +1,24 @@
 """CoRD's beam selection as a state machine: feed it generations and scores, check the
 beam it keeps, when trajectories complete, who writes the answer, and the output row."""
 
+import json
+
 import pytest
 
 from cord.common import prompts
 from cord.common.config import ConfigError, config_from_dict
 from cord.common.messages import Generation, Score
 from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.rows import Stats
 from cord.coordinator.search import lookup, make_search, strategy_names, strategy_of
-from cord.coordinator.search.base import Stats, Trajectory
+from cord.coordinator.search.base import Trajectory
 from cord.coordinator.search.cord import CordSearch
+
+
+def on_disk(row):
+    """A row as its JSONL line holds it (what users load)."""
+    return json.loads(row.model_dump_json())
+
 
 PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6", meta={"source": "lab"})
 
@@ -135,7 +144,7 @@ def test_completion_answer_by_last_teacher_and_row():
         Generation(key=answer.item.key, text="The final answer is 6.", finish="eos", tokens=7),
     )
     assert search.finished and done.commit and done.row is not None
-    row = search.row()
+    row = on_disk(search.row())
     assert row["id"] == "p1" and row["source"] == "lab" and row["strategy"] == "cord"
     assert row["final_answer"] == "The final answer is 6." and row["answer_teacher"] == "alpha"
     assert row["correct"] is True and row["correct_by"] == "math-verify"
@@ -164,7 +173,9 @@ def test_rows_judge_the_answer_with_the_configured_method(match, verdict):
         }
     )
     search = make_search(PROBLEM, cfg)
-    row = search.trace_row(Trajectory(final_answer=r"So \boxed{\frac{12}{2}}."), [], Stats())
+    row = on_disk(
+        search.trace_row(Trajectory(final_answer=r"So \boxed{\frac{12}{2}}."), [], Stats())
+    )
     assert (row["correct"], row["correct_by"]) == verdict
 
 
@@ -221,7 +232,7 @@ def test_which_complete_trajectories_are_answered(answers):
     for w in [*first_answers, *[w for w in out if w.kind == "answer"]]:
         search.on_generation(w.key, Generation(key=w.item.key, text="6", finish="eos", tokens=1))
     assert search.finished
-    row = search.row()
+    row = on_disk(search.row())
     assert [s["text"] for s in row["steps"]] == better and row["score"] == 0.9
     assert row["final_answer"] == "6" and row["stats"]["answers"] == (1 if answers == "best" else 2)
     (alt,) = row["alternatives"]
@@ -355,7 +366,7 @@ def test_the_coordinator_names_an_unknown_strategy_as_a_config_error():
 
 def test_failure_rows_name_the_configured_strategy():
     search = make(strategy="greedy")
-    row = search.failure_row("expand on alpha failed after 3 attempt(s): boom")
+    row = on_disk(search.failure_row("expand on alpha failed after 3 attempt(s): boom"))
     assert row["strategy"] == "greedy" and row["id"] == "p1" and row["source"] == "lab"
     assert row["reason"].endswith("boom") and row["state"]["step"] == 1
     assert "correct" not in row and "correct_by" not in row  # no answer to judge

@@ -1,12 +1,20 @@
 """The baselines as state machines: curation, single, greedy and random selection."""
 
+import json
+
 import pytest
 
 from cord.common.config import ConfigError, config_from_dict
 from cord.common.messages import Generation, Score
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.search import make_search, strategy_of
-from cord.coordinator.search.curation import split_steps
+from cord.coordinator.search.base import split_steps
+
+
+def on_disk(row):
+    """A row as its JSONL line holds it (what users load)."""
+    return json.loads(row.model_dump_json())
+
 
 PROBLEM = Problem(id="p", question="What is 1 + 2 + 3?", answer="6")
 
@@ -55,8 +63,8 @@ def test_curation_writes_n_whole_trajectories_per_teacher_and_keeps_the_best():
         out[0].key,
         Generation(key=out[0].item.key, text="The final answer is 6.", finish="eos", tokens=7),
     )
-    assert search.finished and done.row is not None and done.row["strategy"] == "curation"
-    row = search.row()
+    assert search.finished and done.row is not None and done.row.strategy == "curation"
+    row = on_disk(search.row())
     assert row["strategy"] == "curation" and row["score"] == 0.9
     assert [s["teacher"] for s in row["steps"]] == ["alpha", "alpha"]
     assert row["stats"]["tokens_by_teacher"] == {"alpha": 25, "beta": 18}
@@ -73,7 +81,7 @@ def test_single_teacher_writes_one_trajectory():
     (answer,) = search.on_score(score.key, Score(key=score.item.key, score=0.4)).work
     assert answer.model == "beta"
     done = search.on_generation(answer.key, Generation(key=answer.item.key, text="6", tokens=1))
-    assert done.row is not None and done.row["strategy"] == "single:beta"
+    assert done.row is not None and done.row.strategy == "single:beta"
 
 
 def test_single_must_name_a_teacher():

@@ -1,6 +1,7 @@
 """MCTS over steps as a state machine: which leaf UCB expands, how S is backed up, when
 the token budget ends the search, and the trace it picks."""
 
+import json
 import math
 
 from cord.common.config import config_from_dict
@@ -8,6 +9,12 @@ from cord.common.messages import Generation, Score
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.search import make_search
 from cord.coordinator.search.mcts import MctsSearch
+
+
+def on_disk(row):
+    """A row as its JSONL line holds it (what users load)."""
+    return json.loads(row.model_dump_json())
+
 
 PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6")
 
@@ -96,7 +103,7 @@ def test_budget_ends_the_search_with_the_best_complete_trajectory():
     assert answer.item.steps == ["### Step 1. 6"]
     done = search.on_generation(answer.key, Generation(key=answer.item.key, text="6", tokens=1))
     assert done.row is not None and search.finished
-    row = done.row
+    row = on_disk(done.row)
     assert row["strategy"] == "mcts" and row["final_answer"] == "6" and row["score"] == 0.9
     assert [a["score"] for a in row["alternatives"]] == [0.3]
     assert row["stats"]["tokens_by_teacher"] == {"alpha": 7, "beta": 6}
@@ -118,8 +125,10 @@ def test_with_no_complete_trajectory_the_best_leaf_is_written_to_its_end():
     (score,) = search.on_generation(finish.key, gen).work
     assert score.item.steps == ["### Step 1. 1 + 5", "### Step 2. = 3", "### Step 3. 3 + 3 = 6"]
     (answer,) = search.on_score(score.key, Score(key=score.item.key, score=0.6)).work
-    row = search.on_generation(answer.key, Generation(key=answer.item.key, text="6")).row
-    assert row is not None and [s["index"] for s in row["steps"]] == [1, 2, 3]
+    done = search.on_generation(answer.key, Generation(key=answer.item.key, text="6"))
+    assert done.row is not None
+    row = on_disk(done.row)
+    assert [s["index"] for s in row["steps"]] == [1, 2, 3]
     assert row["score"] == 0.6 and row["thinking_finish"] == "think_end"
 
 
