@@ -118,14 +118,43 @@ class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class TokenCounts(_Record):
+    """Tokens by kind, the one set of counters of the engines, the workers' heartbeats
+    and their metrics (`TOKEN_KINDS`): generated; scored (reference answers' tokens
+    scored); prompt (read); cached (prompt tokens a prefix cache served)."""
+
+    generated: int = 0
+    scored: int = 0
+    prompt: int = 0
+    cached: int = 0
+
+    def add(self, other: TokenCounts) -> None:
+        for kind in TOKEN_KINDS:
+            setattr(self, kind, getattr(self, kind) + getattr(other, kind))
+
+    def minus(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(**{k: getattr(self, k) - getattr(other, k) for k in TOKEN_KINDS})
+
+    @classmethod
+    def of(cls, result: TaskResult) -> TokenCounts:
+        """The tokens of a finished task's items."""
+        gens, scores = result.generations, result.scores
+        return cls(
+            generated=sum(g.tokens for g in gens),
+            scored=sum(s.answer_tokens for s in scores),
+            prompt=sum(g.prompt_tokens for g in gens) + sum(s.prompt_tokens for s in scores),
+            cached=sum(g.cached_tokens for g in gens) + sum(s.cached_tokens for s in scores),
+        )
+
+
+TOKEN_KINDS: tuple[str, ...] = tuple(TokenCounts.model_fields)
+
+
 class EngineStats(_Record):
     """An engine's counters since it started, and its runtime's own figures."""
 
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens served from a prefix cache
-    generated_tokens: int = 0
-    scored_tokens: int = 0
+    requests: int = 0  # items served
+    tokens: TokenCounts = TokenCounts()
     busy_s: float = 0.0  # seconds inside engine calls, summed over calls run at once
     busy_wall_s: float = 0.0  # seconds with at least one engine call running
     engine: str | None = None  # set by the `bench` engine, whose figures are not data
@@ -136,12 +165,15 @@ class EngineStats(_Record):
     server_cache_hit_tokens: int | None = None  # vllm: the server's own prefix-cache counters
     server_cache_query_tokens: int | None = None
 
-
-class TokenCounts(_Record):
-    generated: int = 0
-    scored: int = 0
-    prompt: int = 0
-    cached: int = 0
+    def since(self, before: EngineStats) -> EngineStats:
+        """What the counters grew by since `before` (the benchmarks' figures of one run);
+        what is not a number (a URL) stays as it is now."""
+        grown = self.model_copy(update={"tokens": self.tokens.minus(before.tokens)})
+        for name, value in self:
+            old = getattr(before, name)
+            if isinstance(value, int | float) and isinstance(old, int | float):
+                setattr(grown, name, value - old)
+        return grown
 
 
 class Heartbeat(_Record):

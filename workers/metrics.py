@@ -13,7 +13,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -21,27 +21,15 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cord.common.messages import TaskKind, TaskResult, TokenCounts
+from cord.common.messages import TOKEN_KINDS, TaskKind, TaskResult, TokenCounts
 from cord.common.metrics import PORT_TRIES, MetricsServer, hit_share, serve
 
 if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
 
-TOKEN_KINDS = ("generated", "scored", "prompt", "cached")
 WINDOW_S = 60.0
 # Task latency: from a tiny scoring batch on a GPU to a long CPU expansion.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-
-
-def task_tokens(result: TaskResult) -> dict[str, int]:
-    """Tokens a finished task generated, scored, read as prompt and found cached."""
-    gens, scores = result.generations, result.scores
-    return {
-        "generated": sum(g.tokens for g in gens),
-        "scored": sum(s.answer_tokens for s in scores),
-        "prompt": sum(g.prompt_tokens for g in gens) + sum(s.prompt_tokens for s in scores),
-        "cached": sum(g.cached_tokens for g in gens) + sum(s.cached_tokens for s in scores),
-    }
 
 
 class TokenWindow:
@@ -57,28 +45,32 @@ class TokenWindow:
         self.window_s = window_s
         self._clock = clock
         self._start = clock()
-        self._samples: deque[tuple[float, Mapping[str, int]]] = deque()
+        self._samples: deque[tuple[float, TokenCounts]] = deque()
         self._lock = threading.Lock()  # tasks, the heartbeat and scrapes run in threads
-        self.totals = dict.fromkeys(TOKEN_KINDS, 0)
+        self._totals = TokenCounts()
 
-    def add(self, counts: Mapping[str, int]) -> None:
+    @property
+    def totals(self) -> TokenCounts:
+        with self._lock:
+            return self._totals.model_copy()
+
+    def add(self, counts: TokenCounts) -> None:
         with self._lock:
             now = self._clock()
-            self._samples.append((now, dict(counts)))
-            for k, v in counts.items():
-                self.totals[k] = self.totals.get(k, 0) + v
+            self._samples.append((now, counts))
+            self._totals.add(counts)
             self._prune(now)
 
     def per_s(self) -> dict[str, float]:
+        """Tokens per second by kind (`TOKEN_KINDS`)."""
         with self._lock:
             now = self._clock()
             self._prune(now)
             span = max(1.0, min(self.window_s, now - self._start))
-            sums = dict.fromkeys(TOKEN_KINDS, 0)
+            sums = TokenCounts()
             for _, counts in self._samples:
-                for k, v in counts.items():
-                    sums[k] = sums.get(k, 0) + v
-        return {k: v / span for k, v in sums.items()}
+                sums.add(counts)
+        return {k: getattr(sums, k) / span for k in TOKEN_KINDS}
 
     def _prune(self, now: float) -> None:
         while self._samples and self._samples[0][0] < now - self.window_s:
@@ -105,14 +97,14 @@ class WorkerMetrics:
 
     def observe(self, kind: TaskKind, result: TaskResult) -> None:
         self.latency.labels(result.model, kind).observe(result.elapsed_s)
-        self.window.add(task_tokens(result))
+        self.window.add(TokenCounts.of(result))
 
     def heartbeat_fields(self) -> dict[str, Any]:
         """Fields of the heartbeat record (`messages.Heartbeat`): `cord-coord status`
         sums them per pool."""
         rates = self.window.per_s()
         return {
-            "tokens": TokenCounts(**self.window.totals),
+            "tokens": self.window.totals,
             "tokens_per_s_1m": round(rates["generated"], 3),
             "scored_tokens_per_s_1m": round(rates["scored"], 3),
             "metrics_port": self.server.port if self.server else None,
@@ -136,7 +128,7 @@ class _RuntimeCollector(Collector):
         )
         tasks.add_metric([model], rt.tasks_done)
         yield tasks
-        totals = dict(self.metrics.window.totals)
+        totals = self.metrics.window.totals
         tokens = CounterMetricFamily(
             "cord_worker_tokens",
             "Tokens of answered tasks: generated, scored (reference answers), prompt "
@@ -144,13 +136,13 @@ class _RuntimeCollector(Collector):
             labels=["model", "kind"],
         )
         for kind in TOKEN_KINDS:
-            tokens.add_metric([model, kind], totals.get(kind, 0))
+            tokens.add_metric([model, kind], getattr(totals, kind))
         yield tokens
         yield _gauge(
             "cord_worker_cache_hit_share",
             "Cached prompt tokens over prompt tokens since the worker started.",
             model,
-            hit_share(totals["cached"], totals["prompt"]),
+            hit_share(totals.cached, totals.prompt),
         )
         yield _gauge(
             "cord_worker_tokens_per_second",

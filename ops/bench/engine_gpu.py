@@ -202,8 +202,8 @@ def main(
             before = engine.stats()
             secs, gen, extra = engine_steps(engine, batch, steps, new_tokens, words)
             st = engine.stats()
-            prompt = st.prompt_tokens - before.prompt_tokens
-            cached = st.cached_tokens - before.cached_tokens
+            prompt = st.tokens.prompt - before.tokens.prompt
+            cached = st.tokens.cached - before.tokens.cached
             row[f"engine_{label}_tok_s"] = round(gen / secs, 1)
             row[f"engine_{label}_cached_share"] = round(cached / max(1, prompt), 3)
             if label == "cache":

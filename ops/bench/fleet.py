@@ -292,19 +292,14 @@ class Fleet:
         raw = self.client.hgetall(Keys(self.cfg.namespace).workers)
         return {k.decode(): Heartbeat.model_validate_json(v).engine for k, v in raw.items()}
 
-    def engine_delta(self, before: dict[str, EngineStats]) -> dict[str, dict[str, float]]:
-        """Each worker's numeric engine counters since `before`, from heartbeats written
-        after now (the last ones may predate the end of a run)."""
+    def engine_delta(self, before: dict[str, EngineStats]) -> dict[str, EngineStats]:
+        """Each worker's engine counters since `before`, from heartbeats written after
+        now (the last ones may predate the end of a run)."""
         time.sleep(self.cfg.reliability.heartbeat_s + 0.2)
-        out: dict[str, dict[str, float]] = {}
-        for name, after in self.engine_stats().items():
-            old = before.get(name, EngineStats()).model_dump()
-            out[name] = {
-                k: v - (old.get(k) or 0)
-                for k, v in after.model_dump().items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-        return out
+        return {
+            name: after.since(before.get(name, EngineStats()))
+            for name, after in self.engine_stats().items()
+        }
 
 
 def _proc_stats() -> dict[int, tuple[int, float]]:
@@ -414,7 +409,7 @@ class FleetRun:
     worker_cpu_s: dict[str, float] = field(default_factory=dict)
     wait_s: float = 0.0  # `StepTimer`: results waiting for their step's selection
     phase_s: float = 0.0
-    engine: dict[str, dict[str, float]] = field(default_factory=dict)  # by worker, over the run
+    engine: dict[str, EngineStats] = field(default_factory=dict)  # by worker, over the run
 
     @property
     def selection_wait_share(self) -> float | None:
@@ -603,7 +598,7 @@ class PairRuns:
         models ran per problem (prompt tokens not served from a prefix cache, by the
         servers' own counters where they have them, and generated tokens)."""
         wall = sum(r.wall_s for r in runs)
-        busy = [e.get("busy_wall_s", 0.0) for r in runs for e in r.engine.values()]
+        busy = [e.busy_wall_s for r in runs for e in r.engine.values()]
         workers = max(1, len(runs[0].engine)) if runs else 1
         cpu = sum(sum(r.worker_cpu_s.values()) for r in runs)
         meta = sum(
@@ -612,12 +607,12 @@ class PairRuns:
         prefill = generated = scoring = 0.0
         for r in runs:
             for name, e in r.engine.items():
-                if e.get("server_cache_query_tokens"):
-                    computed = e["server_cache_query_tokens"] - e.get("server_cache_hit_tokens", 0)
+                if e.server_cache_query_tokens:
+                    computed = e.server_cache_query_tokens - (e.server_cache_hit_tokens or 0)
                 else:
-                    computed = e.get("prompt_tokens", 0) - e.get("cached_tokens", 0)
+                    computed = e.tokens.prompt - e.tokens.cached
                 prefill += computed
-                generated += e.get("generated_tokens", 0)
+                generated += e.tokens.generated
                 if name.startswith(f"{self.meta}-"):
                     scoring += computed
         tokens = prefill + generated

@@ -96,9 +96,7 @@ def server_share(stats: dict[str, EngineStats]) -> float | None:
 
 def run_server_share(run: FleetRun) -> float | None:
     """The servers' own prefix-cache share over one run (their counters' deltas)."""
-    hits = sum(e.get("server_cache_hit_tokens", 0) for e in run.engine.values())
-    queries = sum(e.get("server_cache_query_tokens", 0) for e in run.engine.values())
-    return round(hits / queries, 4) if queries else None
+    return server_share(run.engine)
 
 
 @click.group()
@@ -253,11 +251,8 @@ class AffinityPairs:
         out: dict[str, Any] = {}
         for i, tag in enumerate(("affinity", "no_affinity")):
             runs = [pair[i] for pair in self.runs]
-            hits = sum(e.get("server_cache_hit_tokens", 0) for r in runs for e in r.engine.values())
-            queries = sum(
-                e.get("server_cache_query_tokens", 0) for r in runs for e in r.engine.values()
-            )
-            out[f"{share}_{tag}"] = round(hits / queries, 4) if queries else None
+            engines = {f"{i}:{name}": e for i, r in enumerate(runs) for name, e in r.engine.items()}
+            out[f"{share}_{tag}"] = server_share(engines)
             out[f"{ratio}_{tag}_wall_s"] = ",".join(f"{r.wall_s:.2f}" for r in runs)
             out[f"{ratio}_{tag}_done"] = sum(len(r.rows) for r in runs)
         walls = [a.wall_s / b.wall_s for a, b in self.runs]

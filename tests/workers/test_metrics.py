@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from cord.common.messages import Generation, Score, TaskResult
-from cord.workers.metrics import TokenWindow, task_tokens
+from cord.common.messages import TokenCounts
+from cord.workers.metrics import TokenWindow
 
 
 class Clock:
@@ -18,39 +18,24 @@ def test_window_rate_covers_only_the_last_minute():
     clock = Clock()
     w = TokenWindow(window_s=60, clock=clock)
     clock.now += 120  # serving for two minutes
-    w.add({"generated": 600})
+    w.add(TokenCounts(generated=600))
     clock.now += 30
-    w.add({"generated": 300, "scored": 60})
+    w.add(TokenCounts(generated=300, scored=60))
     assert w.per_s() == {"generated": 15.0, "scored": 1.0, "prompt": 0.0, "cached": 0.0}
     clock.now += 45  # the first task is now 75 s old
     assert w.per_s()["generated"] == 5.0
     clock.now += 60
     assert w.per_s()["generated"] == 0.0
-    assert w.totals["generated"] == 900 and w.totals["scored"] == 60
+    assert w.totals == TokenCounts(generated=900, scored=60)
 
 
 def test_window_rate_of_a_young_worker_spans_its_uptime():
     clock = Clock()
     w = TokenWindow(window_s=60, clock=clock)
     clock.now += 10
-    w.add({"generated": 100})
+    w.add(TokenCounts(generated=100))
     assert w.per_s()["generated"] == 10.0
     clock.now += 0.2
     young = TokenWindow(window_s=60, clock=clock)
-    young.add({"generated": 7})
+    young.add(TokenCounts(generated=7))
     assert young.per_s()["generated"] == 7.0  # never over less than a second
-
-
-def test_task_tokens_sums_items():
-    result = TaskResult(
-        task_id="t",
-        kind="expand",
-        model="alpha",
-        worker="w",
-        generations=[
-            Generation(key="a", tokens=5, prompt_tokens=20, cached_tokens=12),
-            Generation(key="b", tokens=7, prompt_tokens=22, cached_tokens=20),
-        ],
-        scores=[Score(key="s", answer_tokens=2, prompt_tokens=30, cached_tokens=0)],
-    )
-    assert task_tokens(result) == {"generated": 12, "scored": 2, "prompt": 72, "cached": 32}

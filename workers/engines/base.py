@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -85,17 +85,6 @@ class AnswerLogprobs:
     values: list[float]
     prompt_tokens: int
     cached_tokens: int
-
-
-@dataclass
-class Counters:
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    scored_tokens: int = 0
-    busy_s: float = 0.0  # summed over calls, which may overlap (a server engine's tasks)
-    busy_wall_s: float = 0.0  # time with at least one call running
 
 
 def expand_texts(
@@ -164,7 +153,7 @@ class BaseEngine:
         except OSError:  # no generation_config.json: the model config's own
             gen_eos = getattr(config, "eos_token_id", None)
         self.eos_ids = eos_ids(gen_eos, self.tokenizer.eos_token_id)
-        self.counters = Counters()
+        self.counters = EngineStats()  # what `stats()` reports, less the runtime's figures
         # A server engine's worker runs several tasks at once (`concurrency`): the
         # counters and the tokenizer (a Rust object behind a borrow check) are shared.
         self._lock = threading.Lock()
@@ -288,9 +277,10 @@ class BaseEngine:
         if finish is None:
             finish = "eos" if out.eos else "length"
         with self._lock:
-            self.counters.prompt_tokens += out.prompt_tokens
-            self.counters.cached_tokens += out.cached_tokens
-            self.counters.generated_tokens += len(out.ids)
+            tokens = self.counters.tokens
+            tokens.prompt += out.prompt_tokens
+            tokens.cached += out.cached_tokens
+            tokens.generated += len(out.ids)
         return Generation(
             key=key,
             text=text,
@@ -337,9 +327,10 @@ class BaseEngine:
                 results[index] = Score(key=key, error=str(out), retryable=out.retryable)
                 continue
             with self._lock:
-                self.counters.prompt_tokens += out.prompt_tokens
-                self.counters.cached_tokens += out.cached_tokens
-                self.counters.scored_tokens += len(out.values)
+                tokens = self.counters.tokens
+                tokens.prompt += out.prompt_tokens
+                tokens.cached += out.cached_tokens
+                tokens.scored += len(out.values)
             results[index] = Score(
                 key=key,
                 score=predictive_score(out.values),
@@ -351,9 +342,9 @@ class BaseEngine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            counters = asdict(self.counters)
+            stats = self.counters.model_copy(deep=True)
             if self._running:  # the call running now counts up to now
-                counters["busy_wall_s"] += time.perf_counter() - self._running_since
-        counters["busy_s"] = round(counters["busy_s"], 3)
-        counters["busy_wall_s"] = round(counters["busy_wall_s"], 3)
-        return EngineStats(**counters, **self.runtime_stats())
+                stats.busy_wall_s += time.perf_counter() - self._running_since
+        stats.busy_s = round(stats.busy_s, 3)
+        stats.busy_wall_s = round(stats.busy_wall_s, 3)
+        return stats.model_copy(update=self.runtime_stats())

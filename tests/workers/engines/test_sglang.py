@@ -252,8 +252,8 @@ def test_shared_prefix_is_reported_cached(engine: SGLangEngine):
     # Only the template's opening words are shared with earlier questions.
     assert first.error is None and first.cached_tokens < len(shared) - 1
     assert second.error is None and second.cached_tokens >= len(shared) - 1
-    assert after.cached_tokens - before.cached_tokens == second.cached_tokens
-    assert after.prompt_tokens - before.prompt_tokens == second.prompt_tokens
+    assert after.tokens.cached - before.tokens.cached == second.cached_tokens
+    assert after.tokens.prompt - before.tokens.prompt == second.prompt_tokens
 
 
 def test_score_equals_hf_score(engine: SGLangEngine, hf: HFEngine, server_url: str):

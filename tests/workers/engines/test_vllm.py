@@ -143,7 +143,7 @@ def test_scoring_and_expansion_hit_the_server_prefix_cache(alpha: VLLMEngine, me
     after = alpha.server_cache()
     assert after["hits"] > before["hits"] and all(g.cached_tokens > 0 for g in second)
     stats = alpha.stats()
-    assert stats.cached_tokens > 0 and (stats.server_cache_hit_tokens or 0) >= after["hits"] > 0
+    assert stats.tokens.cached > 0 and (stats.server_cache_hit_tokens or 0) >= after["hits"] > 0
 
 
 def test_a_seed_samples_the_same_step_again(alpha: VLLMEngine):
