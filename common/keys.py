@@ -31,6 +31,13 @@ def private_queue(namespace: str, kind: TaskKind, model: str, worker: str) -> st
 class Keys:
     ns: str
 
+    def patterns(self, with_bindings: bool = True) -> list[str]:
+        """Every key of the namespace as SCAN patterns: the coordinator's and the
+        workers' records (``<ns>:*``), the Celery queues (``<ns>.*``) and, with
+        `with_bindings`, kombu's bindings of those queues."""
+        found = [f"{self.ns}:*", f"{self.ns}.*"]
+        return [*found, f"_kombu.binding.{self.ns}.*"] if with_bindings else found
+
     @property
     def problems(self) -> str:
         """HASH id -> problem JSON, written once at enqueue."""

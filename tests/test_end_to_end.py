@@ -14,7 +14,7 @@ from cord.coordinator.cli import main
 from cord.coordinator.matching import judge
 from cord.lab.arith import make_problems
 from cord.lab.cli import main as lab
-from tests.conftest import MODELS, VLLM_TEST, Fleet, base_config, fleet_config, write_config
+from tests.conftest import MODELS, VLLM_TEST, base_config, fleet_config, local_fleet, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -36,7 +36,9 @@ def direct_score(model, tok, question, steps, answer):
 
 
 def test_ten_problems_through_the_fleet(fleet, tmp_path, redis_client):
-    """Two teachers and a meta-prover, B = 2 (the spine's end-to-end case)."""
+    """Two teachers and a meta-prover, B = 2 (the spine's end-to-end case). One long test:
+    every field of one run's rows is checked against what the models compute alone, and
+    a second run to split it would cost as much again."""
     config, cfg = fleet_config(fleet, tmp_path / "run.yaml", teachers=("alpha", "beta"))
     problems = make_problems(10, seed=424242)
     path = tmp_path / "problems.jsonl"
@@ -152,11 +154,9 @@ def test_fleet_with_vllm_pools(vllm_urls, tmp_path, redis_url, redis_client, nam
         if pool["name"] in vllm_urls:
             pool.update(server, vllm_url=vllm_urls[pool["name"]])
     config = write_config(tmp_path / "vllm.yaml", data)
-    workers = Fleet(config, tmp_path)
+    workers = local_fleet(config, tmp_path)
     try:
-        for model in ("alpha", "beta", "gamma", "meta"):
-            workers.start(model)
-        workers.wait_ready(redis_client, namespace, 4)
+        workers.up()
         problems = make_problems(6, seed=616161)
         path = tmp_path / "problems.jsonl"
         path.write_text("".join(json.dumps(p.to_json()) + "\n" for p in problems))

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from cord.common.keys import Keys, queue_name
 from cord.coordinator.driver import Coordinator
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.metrics import serve_coordinator
+from cord.coordinator.redis_server import free_port
 from cord.coordinator.status import fleet_status
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
@@ -211,12 +211,6 @@ def test_worker_metrics_count_the_run(finished_run):
 AUTH = ("monitor", uuid.uuid4().hex)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _get(url: str, auth: tuple[str, str] | None = AUTH) -> tuple[int, Any]:
     req = urllib.request.Request(url)
     if auth:
@@ -235,7 +229,7 @@ def _get(url: str, auth: tuple[str, str] | None = AUTH) -> tuple[int, Any]:
 def running_flower(config: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """`cord-coord flower` on the fleet's broker, on a free port, until the block ends
     (SIGTERM); yields its base URL and process."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}"}
     with log.open("wb") as f:
         args = ["flower", "--config", str(config), "--port", str(port), "--inspect-every", "2"]

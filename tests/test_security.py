@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from cord.coordinator.redis_server import redis_binary
+from cord.coordinator.redis_server import free_port, redis_binary
 from cord.lab.arith import make_problems
-from tests.conftest import MODELS, _free_port, write_config
+from tests.conftest import MODELS, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 SECRET = "s3cr3t-Pa55-for-the-test"
@@ -26,58 +26,16 @@ def tls_redis(tmp_path: Path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl is needed to make the test's certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            redis_binary(),
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--tls-cert-file",
-            str(cert),
-            "--tls-key-file",
-            str(key),
-            "--tls-ca-cert-file",
-            str(cert),
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            SECRET,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    openssl = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    openssl += ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"]
+    openssl += ["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    subprocess.run(openssl, check=True, capture_output=True)
+    port = free_port()
+    server = [redis_binary(), "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1"]
+    server += ["--tls-cert-file", str(cert), "--tls-key-file", str(key)]
+    server += ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    server += ["--requirepass", SECRET, "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(server, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"rediss://:{SECRET}@127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={cert}"
     try:
         deadline = time.monotonic() + 10

@@ -6,7 +6,6 @@ drains every structure the coordinator keeps per task or problem is empty again.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -21,7 +20,7 @@ from cord.coordinator.driver import Coordinator
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
-from tests.conftest import Fleet, base_config, write_config
+from tests.conftest import base_config, local_fleet, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -55,27 +54,21 @@ def test_follow_with_workers_killed_again_and_again_drains_to_empty(
     config = write_config(tmp_path / "run.yaml", data)
     cfg = load_config(config)
     keys = Keys(namespace)
-    fleet = Fleet(config, tmp_path)
-    for model in ("alpha", "beta", "gamma", "meta"):
-        fleet.start(model)
-    fleet.wait_ready(redis_client, namespace, 4)
+    fleet = local_fleet(config, tmp_path)
+    fleet.up()
     coord = Coordinator(cfg, str(tmp_path / "out"), follow=True)
     thread = threading.Thread(target=coord.run, daemon=True)
     thread.start()
     store = Store(redis_client, keys)
     sent: list[str] = []
     try:
-        alpha = "alpha-0"
         for wave in range(WAVES):
             problems = [Problem(**p.to_json()) for p in make_problems(3, seed=7000 + wave)]
             store.enqueue(problems)
             sent += [p.id for p in problems]
-            wait_running(redis_client, keys, f"{alpha}@test")
+            wait_running(redis_client, keys, fleet.workers[0].node)  # alpha's
             how = signal.SIGKILL if wave % 2 == 0 else signal.SIGTERM
-            os.killpg(fleet.procs[alpha].pid, how)
-            fleet.procs[alpha].wait(60)
-            alpha = f"alpha-{wave + 1}"
-            fleet.start("alpha", name=alpha)
+            fleet.replace_worker(0, how)
             deadline = time.monotonic() + 300
             while store.counts()["done"] + store.counts()["failed"] < len(sent):
                 assert thread.is_alive(), "the coordinator stopped"

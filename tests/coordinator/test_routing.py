@@ -17,7 +17,7 @@ from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.routing import Router
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
-from tests.conftest import Fleet, fleet_config
+from tests.conftest import fleet_config, local_fleet
 
 pytestmark = [pytest.mark.redis]
 
@@ -127,10 +127,10 @@ class Recording(Observer):
 def test_each_problem_stays_on_one_worker_per_pool(fleet, tmp_path, redis_client):
     """Two alpha workers: two problems, one on each, every step of a problem on its own."""
     config, cfg = fleet_config(fleet, tmp_path / "run.yaml", teachers=("alpha",))
-    extra = Fleet(config, tmp_path)
-    extra.start("alpha", name="alpha-extra")
+    extra = local_fleet(config, tmp_path)
+    extra.start_worker("alpha", slot="alpha-extra")
     try:
-        extra.wait_ready(redis_client, cfg.namespace, 5)
+        extra.wait_ready()
         problems = [Problem(**p.to_json()) for p in make_problems(2, seed=5150)]
         Store(redis_client, Keys(cfg.namespace)).enqueue(problems)
         recording = Recording()

@@ -7,12 +7,12 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 BENCH = ROOT / "ops" / "bench"
 
 
@@ -90,7 +90,7 @@ def test_name_value_lines_end_with_the_headline_figures():
 
 
 def test_step_labels_follow_the_keys():
-    fleet = load("fleet")
+    harness = load("harness")
     from cord.common.messages import AnswerItem, ExpandItem, ScoreItem
     from cord.coordinator.search import Work, WorkKey
 
@@ -110,7 +110,7 @@ def test_step_labels_follow_the_keys():
         akey,
         AnswerItem(key=str(akey), prompt="q", steps=[], max_new_tokens=1, temperature=0, seed=0),
     )
-    assert fleet._step_label([expand(3, 0), expand(3, 1)]) == "x3"
-    assert fleet._step_label([answer, expand(4, 0)]) == "x4"
-    assert fleet._step_label([answer]) == "a"
-    assert fleet._step_label([score]) is None
+    assert harness._step_label([expand(3, 0), expand(3, 1)]) == "x3"
+    assert harness._step_label([answer, expand(4, 0)]) == "x4"
+    assert harness._step_label([answer]) == "a"
+    assert harness._step_label([score]) is None
