@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
 from cord.common.messages import Heartbeat, TaskKind, TaskRequest, TaskResult
-from cord.workers.engines import Engine, EngineError
+from cord.workers.engines import Engine, EngineError, serve
 from cord.workers.metrics import WorkerMetrics
 
 REPLY_MAXLEN = 100_000
@@ -80,12 +80,7 @@ class WorkerRuntime:
                     f"task for {req.kind}/{req.model} reached worker of {self.engine.name}",
                     retryable=True,
                 )
-            if kind == "expand":
-                result.generations = self.engine.expand(req.expand)
-            elif kind == "answer":
-                result.generations = self.engine.answer(req.answer)
-            else:
-                result.scores = self.engine.score(req.score)
+            result.generations, result.scores = serve(self.engine, req)
         except EngineError as e:
             result.error, result.retryable = str(e), e.retryable
         except Exception as e:

@@ -7,8 +7,8 @@
    ``cord-coord lab-problems`` prints them.
 2. Times ``cord-coord enqueue`` on it, run as a subprocess into a fresh namespace:
    wall seconds (`enqueue_1m_s`), the subprocess's peak RSS (`enqueue_rss_mib_1m`, its
-   VmHWM, watched while it runs: `fleet.run_watched`) and Redis ``used_memory`` after it over before
-   (`redis_mib_1m`; `redis_peak_mib_1m` is the peak, sampled twice a second). The
+   VmHWM, watched while it runs: `harness.run_watched`) and Redis ``used_memory`` after
+   it over before (`redis_mib_1m`; `redis_peak_mib_1m` is the peak, sampled twice a second). The
    enqueue's config names the lab models on the `hf` engine (enqueue loads no model;
    `cord-coord` refuses the `bench` engine).
 3. Starts the fleet of ``fleet.py memory`` (one `cord-worker` per pool on the `bench`
@@ -32,7 +32,6 @@ placeholders: they go to a temporary folder deleted at the end.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -46,12 +45,11 @@ import redis
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet import (
-    DEFAULT_URL,
-    Fleet,
+from harness import (
+    BenchFleet,
     RedisSampler,
     StepTimer,
-    drop_namespace,
+    default_redis_url,
     emit,
     fleet_dict,
     machine,
@@ -61,9 +59,12 @@ from fleet import (
     run_watched,
 )
 
+from cord.common import env
 from cord.common.config import allow_bench_engine
+from cord.common.keys import Keys
 from cord.common.log import configure
 from cord.coordinator.driver import Coordinator
+from cord.coordinator.fleet import wipe_namespace
 from cord.lab.arith import iter_problems
 
 # Not a seed of the lab's training, evaluation or demo sets, nor of fleet.py's.
@@ -83,16 +84,16 @@ def used_memory(client: redis.Redis) -> int:
 
 def enqueue(config: Path, problems: Path, redis_url: str) -> tuple[float, float, str]:
     """``cord-coord enqueue`` as a subprocess: (wall s, its peak RSS MiB, its output)."""
-    env = {**os.environ, "CORD_REDIS_URL": redis_url}
-    env.pop("CORD_NAMESPACE", None)
+    child_env = {**env.run_scoped(), env.REDIS_URL: redis_url}
     args = [sys.executable, "-m", "cord.coordinator.cli", "enqueue"]
-    status, output, wall, peak = run_watched([*args, "--config", str(config), str(problems)], env)
+    cmd = [*args, "--config", str(config), str(problems)]
+    status, output, wall, peak = run_watched(cmd, child_env)
     if status != 0:
         raise click.ClickException(f"cord-coord enqueue exited {status}:\n{output}")
     return wall, peak, output.strip()
 
 
-def admit(fleet: Fleet, seconds: float) -> dict[str, Any]:
+def admit(fleet: BenchFleet, seconds: float) -> dict[str, Any]:
     """The coordinator (this process) on the fleet's namespace for `seconds`."""
     timer = StepTimer(MAX_IN_FLIGHT)
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as out:
@@ -138,8 +139,8 @@ def admit(fleet: Fleet, seconds: float) -> dict[str, Any]:
 @click.option("--problems", default=1_000_000, show_default=True, help="Size of the backlog.")
 @click.option(
     "--redis-url",
-    default=lambda: os.environ.get("CORD_REDIS_URL", DEFAULT_URL),
-    show_default="CORD_REDIS_URL or " + DEFAULT_URL,
+    default=default_redis_url,
+    show_default="CORD_REDIS_URL or " + env.DEFAULT_REDIS_URL,
     help="Redis to use; started here (on that port) when none answers.",
 )
 @click.option("--json", "json_path", default=None, help="Also write figures here.")
@@ -153,7 +154,7 @@ def main(
     """Enqueue a backlog of lab problems, then run the coordinator on it (module doc)."""
     configure(level="WARNING")
     allow_bench_engine()  # this harness only; its bench rows never leave a temp folder
-    os.environ.pop("CORD_NAMESPACE", None)  # each run picks its own namespace
+    env.unset(env.NAMESPACE)  # each run picks its own namespace
     info = machine()
     figures: dict[str, Any] = {"backlog_problems": problems}
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
@@ -192,17 +193,17 @@ def main(
             data = fleet_dict(
                 redis_url, ns, engine="bench", bench_steps=steps, max_in_flight=MAX_IN_FLIGHT
             )
-            fleet = Fleet(data, workdir)
+            fleet = BenchFleet(data, workdir)
             try:
-                fleet.start()
+                fleet.up()
                 figures.update(admit(fleet, admit_seconds))
                 start = time.perf_counter()
-                drop_namespace(client, ns)  # the backlog: all problems not done
+                wipe_namespace(client, Keys(ns))  # the backlog: all problems not done
                 figures["backlog_drop_s"] = r3(time.perf_counter() - start)
             finally:
                 fleet.stop()  # its queues and heartbeats (and the namespace, if we failed)
         finally:
-            drop_namespace(client, ns)
+            wipe_namespace(client, Keys(ns))
             client.close()
     figures["admit_backlog_imported_torch"] = "torch" in sys.modules  # must be False
     figures["machine"] = info

@@ -15,13 +15,13 @@ count) and, for vLLM, the share from the servers' own counters
 (`vllm:prefix_cache_hits_total` over `vllm:prefix_cache_queries_total`, as each worker's
 heartbeat reports them); last `vllm_vs_hf_wall_ratio=`.
 
-`pairs`: `fleet.py overhead`'s pairs method (`fleet.cord_curation_pairs`: alternating
+`pairs`: `fleet.py overhead`'s pairs method (`pairs.cord_curation_pairs`: alternating
 order, new problems per pair, the median ratio with its spread and the ratio of totals)
 with every pool on a vLLM server and every problem of a pair in flight at once (a
 dataset keeps thousands in flight: the servers stay busy while any one problem waits for
 its selection). Curation runs at the smallest N whose generated tokens reach CoRD's.
 Beside `cord_vs_curation_wall_ratio_vllm`: the token ratio, and where the time goes
-(`PairRuns.where_time_goes`): the share of wall time the servers had work, the
+(`pairs.PairRuns.where_time_goes`): the share of wall time the servers had work, the
 meta-prover's share of the servers' CPU, the share of a step that finished work waited
 for its selection, and the tokens the models ran per problem (prefill not served from
 the cache, by the servers' own counters, plus generated).
@@ -48,7 +48,6 @@ Server start-up is timed apart and never counted. Rows go to temporary folders.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -61,13 +60,13 @@ from typing import Any
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fleet import (
+from harness import (
     SEED,
     WARMUP_SEED,
-    Fleet,
+    BenchFleet,
     FleetRun,
     cache_share,
-    cord_curation_pairs,
+    default_redis_url,
     emit,
     fleet_dict,
     lab_problems,
@@ -77,14 +76,15 @@ from fleet import (
     run_fleet,
     tokens_of,
 )
+from pairs import cord_curation_pairs
 
+from cord.common import env
 from cord.common.config import RoutingSpec, RunConfig, allow_bench_engine
 from cord.common.log import configure
 from cord.common.messages import EngineStats
 from cord.coordinator.inputs.problems import Problem
 from cord.lab.arith import make_problems
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
 LONG_POSITIONS = 4096  # the long-prefix runs' model copies and servers
 
 
@@ -104,13 +104,13 @@ def main() -> None:
     """The fleet on vLLM servers (see the module docstring)."""
     configure(level="WARNING")
     allow_bench_engine()
-    os.environ.pop("CORD_NAMESPACE", None)
+    env.unset(env.NAMESPACE)
 
 
 url_option = click.option(
     "--redis-url",
-    default=lambda: os.environ.get("CORD_REDIS_URL", DEFAULT_URL),
-    show_default="CORD_REDIS_URL or " + DEFAULT_URL,
+    default=default_redis_url,
+    show_default="CORD_REDIS_URL or " + env.DEFAULT_REDIS_URL,
 )
 json_option = click.option("--json", "json_path", default=None, help="Also write figures here.")
 
@@ -127,9 +127,9 @@ def compare(redis_url: str, problems: int, json_path: str | None) -> None:
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
         for engine in ("hf", "vllm"):
             ns = f"bench-{uuid.uuid4().hex[:8]}"
-            fleet = Fleet(fleet_dict(redis_url, ns, engine=engine), Path(tmp))
+            fleet = BenchFleet(fleet_dict(redis_url, ns, engine=engine), Path(tmp))
             try:
-                start_s = fleet.start(timeout_s=900)
+                start_s = fleet.up(timeout_s=900)
                 run = run_fleet(fleet.cfg, todo)
                 stats = fleet.engine_stats()
             finally:
@@ -174,9 +174,9 @@ def pairs(
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
         ns = f"bench-{uuid.uuid4().hex[:8]}"
         data = fleet_dict(redis_url, ns, engine="vllm", max_in_flight=max_in_flight or problems)
-        fleet = Fleet(data, Path(tmp))
+        fleet = BenchFleet(data, Path(tmp))
         try:
-            figures["vllm_pairs_start_s"] = r3(fleet.start(timeout_s=900))
+            figures["vllm_pairs_start_s"] = r3(fleet.up(timeout_s=900))
             run_fleet(fleet.cfg, lab_problems(4, WARMUP_SEED))  # compiles, connections
             first = run_fleet(fleet.cfg, lab_problems(problems, SEED + 100), fleet=fleet)
             result = cord_curation_pairs(fleet, first, problems, pairs, seed=SEED + 100)
@@ -190,7 +190,7 @@ def pairs(
 # -- affinity on two servers per pool ---------------------------------------------------
 def long_models(into: Path) -> dict[str, str]:
     """Copies of the lab's models whose configs allow `LONG_POSITIONS` positions."""
-    data = fleet_dict(DEFAULT_URL, "x")
+    data = fleet_dict(env.DEFAULT_REDIS_URL, "x")
     out = {}
     for entry in [*data["teachers"], data["meta_prover"]]:
         src = Path(entry["model"])
@@ -217,7 +217,9 @@ def long_problems(n: int, seed: int, context_tokens: int) -> list[Problem]:
     the lab's tokenizers: other lab questions with their answers, as notes."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(fleet_dict(DEFAULT_URL, "x")["teachers"][0]["model"])
+    tokenizer = AutoTokenizer.from_pretrained(
+        fleet_dict(env.DEFAULT_REDIS_URL, "x")["teachers"][0]["model"]
+    )
     out = []
     for i, p in enumerate(make_problems(n, seed)):
         lines = [
@@ -262,7 +264,7 @@ class AffinityPairs:
 
 
 def affinity_pairs(
-    fleet: Fleet, on: RunConfig, off: RunConfig, sets: list[list[Problem]], label: str
+    fleet: BenchFleet, on: RunConfig, off: RunConfig, sets: list[list[Problem]], label: str
 ) -> AffinityPairs:
     pairs = []
     for k in range(len(sets) // 2):
@@ -329,9 +331,9 @@ def affinity(
             model = models[entry["name"]]
             gib = kv_tokens * kv_bytes_per_token(model) / 2**30
             entry.update(model=model, max_model_len=LONG_POSITIONS, cpu_kvcache_gib=gib)
-        fleet = Fleet(data, Path(tmp), workers_per_pool)
+        fleet = BenchFleet(data, Path(tmp), workers_per_pool)
         try:
-            figures["affinity_start_s"] = r3(fleet.start(timeout_s=900))
+            figures["affinity_start_s"] = r3(fleet.up(timeout_s=900))
             on, off = with_affinity(fleet.cfg, True), with_affinity(fleet.cfg, False)
             # Warm-up: the CPU build compiles for new batch shapes on first use.
             run_fleet(off, lab_problems(problems, WARMUP_SEED))

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cord.common.messages import AnswerItem, EngineStats, ExpandItem, Generation, Score, ScoreItem
+from cord.common.messages import (
+    AnswerItem,
+    EngineStats,
+    ExpandItem,
+    Generation,
+    Score,
+    ScoreItem,
+    TaskRequest,
+)
 from cord.common.pools import AnyModelSpec
 from cord.workers.engines.base import EngineError
 
-__all__ = ["Engine", "EngineError", "load_engine"]
+__all__ = ["Engine", "EngineError", "load_engine", "serve"]
 
 
 class Engine(Protocol):
@@ -23,6 +31,17 @@ class Engine(Protocol):
     def score(self, items: list[ScoreItem]) -> list[Score]: ...
 
     def stats(self) -> EngineStats: ...
+
+
+def serve(engine: Engine, req: TaskRequest) -> tuple[list[Generation], list[Score]]:
+    """The engine call a task makes: its expansions, its final answers or its scoring.
+    A worker's task runs this (`WorkerRuntime.handle`), and so does the benchmarks'
+    one-process baseline."""
+    if req.kind == "expand":
+        return engine.expand(req.expand), []
+    if req.kind == "answer":
+        return engine.answer(req.answer), []
+    return [], engine.score(req.score)
 
 
 def load_engine(spec: AnyModelSpec) -> Engine:
