@@ -283,7 +283,6 @@ class InFlight:
         if now < self._next_check:
             return []
         self._next_check = now + CHECK_EVERY_S
-        rel = self.cfg.reliability
         self.router.refresh(now)
         # What waited in a gone worker's own queue is re-routed below from our own
         # records, so its queue can go first.
@@ -298,32 +297,40 @@ class InFlight:
             if w:
                 pipe.exists(self.wkeys.alive(w))
         alive = iter(pipe.execute())
-        lengths: dict[str, int] = {}
+        lengths: dict[str, int] = {}  # queue lengths read this pass
         lost: list[Lost] = []
         for task, worker in zip(tasks, workers, strict=True):
-            reason, reroute = None, False
-            if worker:
-                task.vanished_at = None
-                if task.started_at is None:
-                    task.started_at = now
-                if not next(alive):
-                    reason = f"worker {worker} was lost while running the task"
-                elif now - task.started_at > rel.task_timeout_s:
-                    reason = (
-                        f"ran over {rel.task_timeout_s:g}s on {worker} (reliability.task_timeout_s)"
-                    )
-            elif task.worker is not None and not self.router.is_live(task.worker):
-                reason, reroute = f"worker {task.worker} left before taking it", True
-            else:
-                if task.queue not in lengths:
-                    lengths[task.queue] = int(self.redis.llen(task.queue))
-                if lengths[task.queue] > 0:
-                    task.vanished_at = None
-                else:
-                    if task.vanished_at is None:
-                        task.vanished_at = now
-                    if now - task.vanished_at >= rel.worker_lost_s:
-                        reason = "the task vanished: not queued and not running anywhere"
+            live = bool(next(alive)) if worker else False
+            reason, reroute = self._why_lost(task, worker, live, now, lengths)
             if reason:
                 lost.append(Lost(task.id, sorted(task.keys), reason, reroute))
         return lost
+
+    def _why_lost(
+        self, task: Task, worker: str | None, live: bool, now: float, lengths: dict[str, int]
+    ) -> tuple[str | None, bool]:
+        """Why `task` will never answer (None: it may yet), and whether it is only
+        re-routed; `worker` runs it (`live`: its liveness key exists)."""
+        rel = self.cfg.reliability
+        if worker:
+            task.vanished_at = None
+            if task.started_at is None:
+                task.started_at = now
+            if not live:
+                return f"worker {worker} was lost while running the task", False
+            if now - task.started_at > rel.task_timeout_s:
+                limit = f"{rel.task_timeout_s:g}s"
+                return f"ran over {limit} on {worker} (reliability.task_timeout_s)", False
+            return None, False
+        if task.worker is not None and not self.router.is_live(task.worker):
+            return f"worker {task.worker} left before taking it", True
+        if task.queue not in lengths:
+            lengths[task.queue] = int(self.redis.llen(task.queue))
+        if lengths[task.queue] > 0:
+            task.vanished_at = None
+            return None, False
+        if task.vanished_at is None:
+            task.vanished_at = now
+        if now - task.vanished_at >= rel.worker_lost_s:
+            return "the task vanished: not queued and not running anywhere", False
+        return None, False

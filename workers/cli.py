@@ -27,9 +27,10 @@ from celery import signals
 
 from cord.common import env
 from cord.common.celery_app import make_celery
-from cord.common.config import ConfigError, load_config, redact_url
+from cord.common.config import ConfigError, RunConfig, load_config, redact_url
 from cord.common.keys import Keys, private_queue
 from cord.common.log import configure, get_logger
+from cord.common.pools import AnyModelSpec
 
 if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
@@ -60,19 +61,7 @@ def main(
 ) -> None:
     """Serve one model pool from the run config's Redis queues."""
     configure(level=loglevel)
-    # A spot notice can come while the model is still loading: there is no work to
-    # finish or hand back yet, so stop at once, cleanly. Celery replaces this handler
-    # with its warm shutdown when it starts.
-    loading: dict[str, Any] = {"runtime": None}
-
-    def stop_while_loading(signum: int, frame: Any) -> None:
-        if loading["runtime"] is not None:
-            loading["runtime"].deregister()
-        sys.stderr.write("cord-worker: SIGTERM before serving; exiting\n")
-        sys.stderr.flush()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, stop_while_loading)
+    loading = _stop_on_sigterm_while_loading()
     try:
         cfg = load_config(config_path)
         spec = cfg.pool(model_name)
@@ -96,53 +85,72 @@ def main(
         device=spec.device,
         redis=redact_url(cfg.redis_url),
     )
+    runtime = _load_runtime(cfg, spec, node, queues)
+    loading["runtime"] = runtime
+    _serve(cfg, runtime, node, spec.task_slots, loglevel, log)
 
+
+def _stop_on_sigterm_while_loading() -> dict[str, Any]:
+    """A spot notice can come while the model is still loading: there is no work to
+    finish or hand back yet, so stop at once, cleanly. Celery replaces this handler with
+    its warm shutdown when it starts. Returns where the runtime goes once it exists (it
+    deregisters on such a stop)."""
+    loading: dict[str, Any] = {"runtime": None}
+
+    def stop_while_loading(signum: int, frame: Any) -> None:
+        if loading["runtime"] is not None:
+            loading["runtime"].deregister()
+        sys.stderr.write("cord-worker: SIGTERM before serving; exiting\n")
+        sys.stderr.flush()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop_while_loading)
+    return loading
+
+
+def _load_runtime(
+    cfg: RunConfig, spec: AnyModelSpec, node: str, queues: list[str]
+) -> WorkerRuntime:
+    """The engine, loaded once, and the runtime that serves it (offline: a model path
+    that is not on disk is not fetched)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     from cord.workers.engines import load_engine
-    from cord.workers.tasks import WorkerRuntime, register_tasks
+    from cord.workers.tasks import WorkerRuntime
 
-    engine = load_engine(spec)
-    client = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
-    runtime = WorkerRuntime(
-        engine,
+    return WorkerRuntime(
+        load_engine(spec),
         node,
-        client,
+        redis.Redis.from_url(cfg.redis_url, health_check_interval=30),
         Keys(cfg.namespace),
         queues,
         cfg.reliability.worker_lost_s,
         cfg.reliability.reply_ttl_s,
     )
+
+
+def _serve(
+    cfg: RunConfig, runtime: WorkerRuntime, node: str, slots: int, loglevel: str, log: Any
+) -> None:
+    """Register the tasks, start /metrics and the heartbeat, and run Celery's worker on
+    the runtime's queues until a shutdown; exits 0 after a spot notice's drain."""
+    from cord.workers.tasks import register_tasks
+
     app = make_celery(cfg)
     register_tasks(app, runtime)
-    loading["runtime"] = runtime
     if cfg.metrics.worker_port is not None:  # before the first heartbeat, which names it
         port = runtime.metrics.start_server(cfg.metrics.worker_port, cfg.metrics.host)
         log.info("metrics_serving", url=f"http://{cfg.metrics.host}:{port}/metrics")
     runtime.start_heartbeat(cfg.reliability.heartbeat_s)
     grace = Grace(runtime, cfg.reliability.shutdown_grace_s, log)
     signals.worker_shutting_down.connect(grace.on_shutting_down, weak=False)
-    log.info("worker_ready", queues=queues)
+    log.info("worker_ready", queues=runtime.queues)
+    argv = ["worker", "-Q", ",".join(runtime.queues), "-n", node, "-P", "threads"]
+    argv += ["-c", str(slots), "-l", loglevel, "--without-gossip", "--without-mingle"]
     try:
-        app.worker_main(
-            [
-                "worker",
-                "-Q",
-                ",".join(queues),
-                "-n",
-                node,
-                "-P",
-                "threads",
-                "-c",
-                str(spec.task_slots),
-                "-l",
-                loglevel,
-                "--without-gossip",
-                "--without-mingle",
-            ]
-        )
+        app.worker_main(argv)
     except SystemExit as e:
         if e.code not in (0, None) and not grace.requested:
             raise

@@ -188,9 +188,13 @@ def check_line(raw: str, line: int, plan: Plan = DEFAULT_PLAN) -> Checked | Line
 def check_record(
     obj: dict[str, Any], line: int, plan: Plan = DEFAULT_PLAN, unit: str = "line"
 ) -> Checked | LineError:
-    """One record's rules: a usable question, reference answer and id, where `plan` (an
+    """One record's rules: a usable question, reference answer and id, where `plan` (a
     `plan_of(spec)`) says they are; `line` (counted from 1) and `unit` name the
-    record in an error."""
+    record in an error.
+
+    One function, longer than most, on purpose: it runs once per record, a million times
+    for a million-problem enqueue, where each call saved is measurable (the common case,
+    plain strings, takes the straight path through it)."""
     qfield = plan.question_field
     if qfield is None:
         if "question" in obj and "problem" in obj:

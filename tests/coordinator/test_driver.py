@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
 def test_killed_coordinator_is_resumed_from_committed_state(fleet, tmp_path, redis_client):
+    """A coordinator SIGKILLed mid-run, then another one: the problems resume from their
+    committed states, each comes out once. One long test: the kill, the takeover and the
+    rows are one story on one run."""
     fleet_config, _ = fleet
     data = yaml.safe_load(fleet_config.read_text())
     data["reliability"]["lease_s"] = 2.0

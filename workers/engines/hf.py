@@ -11,7 +11,7 @@ generates from token ids and computes the answer's log-probabilities.
 
 Prefill (`_prefill_in_slabs`): the items of a task run in as few forward passes as pay,
 each on top of its own cached prefix, straight into per-layer slabs that hold the whole
-batch and room for the whole decode (`_SlabLayer`): each row's cached prefix is copied in
+batch and room for the whole decode (`decoding.SlabLayer`): each row's cached prefix is copied in
 once from the prefix cache, each pass writes its rows' new tokens in place (all passes
 end at one column; a row shorter than its pass's longest leaves masked holes), with
 explicit position ids and an attention mask that hides pads and holes. On a CPU with
@@ -36,16 +36,15 @@ the reference answer are read off its rows of the logits.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from cord.common.messages import FinishReason
 from cord.common.pools import HFSpec
 from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
+from cord.workers.engines.decoding import Pass, Row, Sampling, SlabLayer, sample
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -58,106 +57,6 @@ _PREFILL_LOGITS_BUDGET = 2**26
 # several passes only where that saves more padding than this. (Tiny models on a CPU:
 # a pass costs about 4 ms of Python, a token about 50 us.)
 _PASS_COST_TOKENS = 64
-
-
-@dataclass
-class _Row:
-    """One sequence being generated."""
-
-    index: int  # position in the caller's item list
-    prompt: torch.Tensor  # 1-D ids on CPU
-    max_new: int
-    temperature: float
-    top_p: float
-    generator: torch.Generator
-    cached: int
-    stops: tuple[str, ...]
-    out: list[int] = field(default_factory=list)
-    finish: FinishReason | None = None
-
-
-@dataclass
-class _Pass:
-    """One batched prefill: which sequences it ran and what came out."""
-
-    rows: list[int]  # positions of its sequences in the caller's list
-    logits: torch.Tensor  # [rows, span, vocab]: the new positions, holes after
-    layers: KV  # [rows, heads, width + span, dim] per layer
-    width: int  # cached-prefix columns (each row left-padded to it)
-    hits: list[int]
-    news: list[int]
-
-    def segment(self, j: int) -> tuple[int, int]:
-        """Columns of row j's tokens (cached prefix and new)."""
-        return self.width - self.hits[j], self.width + self.news[j]
-
-
-class _SlabLayer(DynamicLayer):
-    """One layer of a decoding batch's KV in a slab allocated for the whole decode: each
-    pass writes its new column in place. `DynamicLayer.update` concatenates instead, a
-    copy of the batch's whole KV in every layer on every pass, which on CoRD's long
-    prompts and short steps was the largest cost of a decode pass after the model."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        super().__init__()
-        self.slab_k, self.slab_v, self.length = keys, values, length
-        self.is_initialized = True
-        self.dtype, self.device = keys.dtype, keys.device
-        self._views()
-
-    def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Point `keys` and `values` (what transformers reads) at the filled columns."""
-        keys, values = self.slab_k[:, :, : self.length], self.slab_v[:, :, : self.length]
-        self.keys, self.values = keys, values
-        return keys, values
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        if end > self.slab_k.shape[-2]:  # past the planned length: grow (not expected)
-            more = end - self.slab_k.shape[-2]
-            self.slab_k = torch.cat([self.slab_k, _zeros_like_cols(self.slab_k, more)], dim=-2)
-            self.slab_v = torch.cat([self.slab_v, _zeros_like_cols(self.slab_v, more)], dim=-2)
-        self.slab_k[:, :, self.length : end] = key_states
-        self.slab_v[:, :, self.length : end] = value_states
-        self.length = end
-        return self._views()
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.slab_k, self.slab_v = self.slab_k[indices], self.slab_v[indices]
-        self._views()
-
-
-@dataclass(frozen=True)
-class _Sampling:
-    """A decoding batch's sampling settings as tensors, one entry per row."""
-
-    temps: torch.Tensor
-    top_p: torch.Tensor
-    greedy: torch.Tensor
-    nucleus: bool  # some row samples from a top-p nucleus
-
-    @classmethod
-    def of(cls, rows: list[_Row], device: torch.device) -> _Sampling:
-        top_p = torch.tensor([r.top_p for r in rows], device=device)
-        return cls(
-            torch.tensor([max(r.temperature, 1e-6) for r in rows], device=device),
-            top_p,
-            torch.tensor([r.temperature <= 0 for r in rows], device=device),
-            bool((top_p < 1.0).any()),
-        )
-
-    def select(self, index: torch.Tensor) -> _Sampling:
-        top_p = self.top_p[index]
-        return _Sampling(self.temps[index], top_p, self.greedy[index], bool((top_p < 1.0).any()))
-
-
-def _zeros_like_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
-    return t.new_zeros(*t.shape[:-2], cols, t.shape[-1])
 
 
 class HFEngine(BaseEngine):
@@ -232,7 +131,7 @@ class HFEngine(BaseEngine):
         new_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         return out.logits, new_cache
 
-    def _prefill_passes(self, seqs: list[torch.Tensor], reuse_limits: list[int]) -> list[_Pass]:
+    def _prefill_passes(self, seqs: list[torch.Tensor], reuse_limits: list[int]) -> list[Pass]:
         """Run each sequence on top of its longest cached prefix (at most its reuse
         limit), in as few forward passes as pay. All lookups come before the passes, so
         one item does not reuse another's new tokens.
@@ -294,7 +193,7 @@ class HFEngine(BaseEngine):
 
     def _prefill_group(
         self, rows: list[int], seqs: list[torch.Tensor], hits: list[int], kvs: list[KV | None]
-    ) -> _Pass:
+    ) -> Pass:
         """One forward pass. Row i holds P - hit_i zero pads, its cached prefix (`kvs`,
         hit_i tokens), its s_i new tokens, then S - s_i holes; the mask hides pads and
         holes, which only ever come before a real token's query or after all of them, so
@@ -312,7 +211,7 @@ class HFEngine(BaseEngine):
             positions[i] = torch.clamp(torch.arange(hit, hit + span), max=seq.numel() - 1)
             mask[i, width - hit : width + new] = 1
         logits, cache = self._forward(ids, positions, mask, cache)
-        return _Pass(rows, logits, self._kv_of(cache), width, hits, news)
+        return Pass(rows, logits, self._kv_of(cache), width, hits, news)
 
     def _left_padded(self, kvs: list[KV | None], hits: list[int], width: int) -> KV:
         """The cached prefixes as one batch, each left-padded with zeros to `width`."""
@@ -342,7 +241,7 @@ class HFEngine(BaseEngine):
             gen = torch.Generator(device=self.device)
             gen.manual_seed(r.seed % (2**63))
             prompt = torch.tensor(r.ids, dtype=torch.long)
-            rows.append(_Row(index, prompt, r.max_new, r.temperature, r.top_p, gen, 0, r.stops))
+            rows.append(Row(index, prompt, r.max_new, r.temperature, r.top_p, gen, 0, r.stops))
         self._stop_ids = self.eos_ids | (stop_ids or set())
         if rows:
             self._generate(rows)
@@ -350,7 +249,7 @@ class HFEngine(BaseEngine):
             IdOutput(list(r.out), r.prompt.numel(), r.cached, eos=r.finish == "eos") for r in rows
         ]
 
-    def _generate(self, rows: list[_Row]) -> None:
+    def _generate(self, rows: list[Row]) -> None:
         """Prefill `rows` into decoding slabs (`_prefill_in_slabs`, or where the model's
         cache layers are not plain ones, `_prefill_passes` then `_joined`), then decode
         them together until each finishes."""
@@ -359,7 +258,7 @@ class HFEngine(BaseEngine):
         if self._slabs:
             passes, slabs, end = self._prefill_in_slabs(seqs, limits, room)
             batched = DynamicCache(config=self.model.config)
-            batched.layers = [_SlabLayer(k, v, end) for k, v in slabs]
+            batched.layers = [SlabLayer(k, v, end) for k, v in slabs]
             mask = torch.zeros(len(rows), end, dtype=torch.long)
             segments = [range(*p.segment(j)) for p in passes for j in range(len(p.rows))]
             for b, cols in enumerate(segments):
@@ -379,9 +278,9 @@ class HFEngine(BaseEngine):
         logits = torch.stack(firsts)
         active = order
         seg = dict(zip(order, segments, strict=True))
-        params = _Sampling.of([rows[r] for r in active], logits.device)
+        params = Sampling.of([rows[r] for r in active], logits.device)
         while True:
-            tokens = self._sample(logits, [rows[r] for r in active], params)
+            tokens = sample(logits, [rows[r] for r in active], params)
             keep: list[int] = []
             for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
                 if self._advance(rows[r], token):
@@ -410,9 +309,9 @@ class HFEngine(BaseEngine):
 
     def _prefill_in_slabs(
         self, seqs: list[torch.Tensor], reuse_limits: list[int], room: int
-    ) -> tuple[list[_Pass], KV, int]:
+    ) -> tuple[list[Pass], KV, int]:
         """Prefill each sequence on top of its longest cached prefix straight into slabs
-        (`_SlabLayer`) that hold the whole batch, in as few forward passes as pay
+        (`SlabLayer`) that hold the whole batch, in as few forward passes as pay
         (`_passes`). Every pass writes its rows' new tokens at the same columns, ending
         at column E (the same for all passes: the largest of a pass's longest hit plus
         its longest new part), each row's cached prefix right before them; a row with
@@ -439,7 +338,7 @@ class HFEngine(BaseEngine):
             )
             for h, d in self._kv_shape
         ]
-        passes: list[_Pass] = []
+        passes: list[Pass] = []
         lo = 0  # the pass's first batch row
         for group, span in zip(groups, spans, strict=True):
             at = end - span  # where the pass's new tokens start, every row
@@ -459,20 +358,20 @@ class HFEngine(BaseEngine):
                 mask[j, at - hit : at + news[i]] = 1
             views = [(k[lo:hi], v[lo:hi]) for k, v in slabs]
             cache = DynamicCache(config=self.model.config)
-            cache.layers = [_SlabLayer(k, v, at) for k, v in views]
+            cache.layers = [SlabLayer(k, v, at) for k, v in views]
             logits, _ = self._forward(ids, positions, mask, cache)
             passes.append(
-                _Pass(group, logits, views, at, [hits[i] for i in group], [news[i] for i in group])
+                Pass(group, logits, views, at, [hits[i] for i in group], [news[i] for i in group])
             )
             lo = hi
         return passes, slabs, end
 
     def _joined(
-        self, passes: list[_Pass], room: int
+        self, passes: list[Pass], room: int
     ) -> tuple[DynamicCache, torch.Tensor, list[range]]:
         """The passes' KV as one left-padded batch (rows in pass order, each row's
         tokens right-aligned, so decoding appends at one column for all), in slabs with
-        `room` more columns to decode into (`_SlabLayer`). Also its attention mask and
+        `room` more columns to decode into (`SlabLayer`). Also its attention mask and
         each row's prompt columns."""
         lens = [h + n for p in passes for h, n in zip(p.hits, p.news, strict=True)]
         total, n = max(lens), len(lens)
@@ -500,32 +399,8 @@ class HFEngine(BaseEngine):
                 b += 1
         if not slabs:
             return self._make_cache(layers), mask, segments
-        cache.layers = [_SlabLayer(k, v, total) for k, v in layers]
+        cache.layers = [SlabLayer(k, v, total) for k, v in layers]
         return cache, mask, segments
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row], params: _Sampling) -> list[int]:
-        """One token per row, for the whole batch at once (Gumbel-max). Each row draws its
-        noise from its own generator, so an item samples the same text whatever batch it
-        shares; temperature 0 is argmax; top-p keeps the smallest nucleus above p.
-        `params` holds the rows' settings as tensors (made once per batch, not per token)."""
-        logits = logits.float()
-        scaled = logits / params.temps[:, None]
-        top_p = params.top_p
-        if params.nucleus:
-            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
-            outside = torch.cumsum(probs, dim=-1) - probs > top_p[:, None]
-            sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(1, order, sorted_logits)
-        noise = torch.stack(
-            [
-                torch.rand(logits.shape[-1], generator=r.generator, device=logits.device)
-                for r in rows
-            ]
-        )
-        gumbel = -torch.log(-torch.log(noise.clamp_(1e-20, 1.0 - 1e-7)))
-        choice = torch.where(params.greedy[:, None], logits, scaled + gumbel)
-        return [int(t) for t in torch.argmax(choice, dim=-1).tolist()]
 
     def _may_end(self, stops: tuple[str, ...]) -> frozenset[int]:
         """The ids after which a stop string of `stops` may show: a stop string first
@@ -546,7 +421,7 @@ class HFEngine(BaseEngine):
             self._enders[stops] = found
         return found
 
-    def _advance(self, row: _Row, token: int) -> bool:
+    def _advance(self, row: Row, token: int) -> bool:
         """Append `token`; True when the row is finished (the base cuts its text)."""
         if token in self._stop_ids:
             row.finish = "eos"
@@ -562,7 +437,7 @@ class HFEngine(BaseEngine):
             return True
         return False
 
-    def _remember(self, row: _Row, batched: Any, b: int, prompt: range, start: int) -> None:
+    def _remember(self, row: Row, batched: Any, b: int, prompt: range, start: int) -> None:
         """Put a finished row's KV (prompt and the tokens fed back) in the prefix cache:
         its prompt columns and its columns from `start` on (batch position `b`): one run
         of columns where the prompt ends at `start`, else two (holes between)."""

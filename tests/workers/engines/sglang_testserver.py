@@ -272,48 +272,51 @@ class State:
             for (ids, p, max_new, _, _), t, stop in zip(chosen, temps, stops, strict=True)
         ]
         outs = engine.generate_ids(requests, set(stop_ids))
-        answers = []
-        for (ids, p, max_new, _, _), stop, out in zip(chosen, stops, outs, strict=True):
-            skip = bool(p.get("skip_special_tokens", True))
-            output_ids = list(out.ids)
+        return [
+            self._answer(ids, p, max_new, stop, out, stop_ids, nan)
+            for (ids, p, max_new, _, _), stop, out in zip(chosen, stops, outs, strict=True)
+        ]
+
+    def _answer(
+        self,
+        ids: list[int],
+        p: dict[str, Any],
+        max_new: int,
+        stop: tuple[str, ...],
+        out: Any,
+        stop_ids: frozenset[int],
+        nan: bool,
+    ) -> dict[str, Any]:
+        """One request's response item, as SGLang writes it for what `out` generated."""
+        engine = self.engine
+        skip = bool(p.get("skip_special_tokens", True))
+        output_ids = list(out.ids)
+        text = engine.tokenizer.decode(output_ids, skip_special_tokens=skip)
+        raw = engine.decode(output_ids)
+        # Req._check_str_based_finish tries the stop strings in list order.
+        found = [s for s in stop if s in raw]
+        reason: dict[str, Any]
+        if nan:
+            # Req._check_vocab_boundary_finish: the NaN token becomes the eos id, the
+            # output ends there, and the detokenizer finds no "NaN happened" to cut.
+            at = len(output_ids) // 2
+            output_ids = [*output_ids[:at], min(engine.eos_ids or stop_ids or {0})]
             text = engine.tokenizer.decode(output_ids, skip_special_tokens=skip)
-            raw = engine.decode(output_ids)
-            # Req._check_str_based_finish tries the stop strings in list order.
-            found = [s for s in stop if s in raw]
-            reason: dict[str, Any]
-            if nan:
-                # Req._check_vocab_boundary_finish: the NaN token becomes the eos id, the
-                # output ends there, and the detokenizer finds no "NaN happened" to cut.
-                at = len(output_ids) // 2
-                output_ids = [*output_ids[:at], min(engine.eos_ids or stop_ids or {0})]
-                text = engine.tokenizer.decode(output_ids, skip_special_tokens=skip)
-                reason = {"type": "stop", "matched": "NaN happened"}
-            elif found and not out.eos:
-                matched = found[0]
-                if not p.get("no_stop_trim"):
-                    text = text[: text.find(matched)] if matched in text else text
-                reason = {"type": "stop", "matched": matched}
-            elif out.eos:
-                token = min((engine.eos_ids | stop_ids) or {0})
-                output_ids.append(token)  # SGLang keeps the stop token in output_ids
-                reason = {"type": "stop", "matched": token}
-            else:
-                reason = {"type": "length", "length": max_new}
-            cached = out.cached_tokens
-            answers.append(
-                {
-                    "text": text,
-                    "output_ids": output_ids,
-                    "meta_info": {
-                        "id": uuid.uuid4().hex,
-                        "finish_reason": reason,
-                        "prompt_tokens": len(ids),
-                        "completion_tokens": len(output_ids),
-                        "cached_tokens": cached,
-                    },
-                }
-            )
-        return answers
+            reason = {"type": "stop", "matched": "NaN happened"}
+        elif found and not out.eos:
+            matched = found[0]
+            if not p.get("no_stop_trim"):
+                text = text[: text.find(matched)] if matched in text else text
+            reason = {"type": "stop", "matched": matched}
+        elif out.eos:
+            token = min((engine.eos_ids | stop_ids) or {0})
+            output_ids.append(token)  # SGLang keeps the stop token in output_ids
+            reason = {"type": "stop", "matched": token}
+        else:
+            reason = {"type": "length", "length": max_new}
+        meta = {"id": uuid.uuid4().hex, "finish_reason": reason, "prompt_tokens": len(ids)}
+        meta |= {"completion_tokens": len(output_ids), "cached_tokens": out.cached_tokens}
+        return {"text": text, "output_ids": output_ids, "meta_info": meta}
 
     def _prefill(self, ids: list[int], logprob: bool, start: int) -> dict[str, Any]:
         # Without logprobs the prompt is only prefilled (and cached), as SGLang does.

@@ -141,10 +141,10 @@ def test_score_equals_direct_transformers_computation(name):
 
 def test_stop_strings_cut_the_step(spiky_models):
     engine = HFEngine(HFSpec(name="beta", model=str(MODELS / "beta")))
-    from cord.workers.engines.hf import _Row
+    from cord.workers.engines.decoding import Row
 
     def run(text: str):
-        row = _Row(0, torch.tensor([1]), 100, 0.0, 1.0, torch.Generator(), 0, prompts.STEP_STOPS)
+        row = Row(0, torch.tensor([1]), 100, 0.0, 1.0, torch.Generator(), 0, prompts.STEP_STOPS)
         for token in engine.tokenizer(text, add_special_tokens=False)["input_ids"]:
             if engine._advance(row, token):
                 break
