@@ -93,6 +93,31 @@ def enqueue(config: Path, problems: Path, redis_url: str) -> tuple[float, float,
     return wall, peak, output.strip()
 
 
+def timed_enqueue(client: redis.Redis, config: Path, path: Path, redis_url: str) -> dict[str, Any]:
+    """`enqueue`'s figures: its wall time and peak RSS, and what Redis holds after it."""
+    before = used_memory(client)
+    sampler = RedisSampler(client)
+    sampler.start()
+    try:
+        wall, rss, output = enqueue(config, path, redis_url)
+    finally:
+        sampler.stop()
+    after = used_memory(client)
+    click.echo(output, err=True)
+    figures = {
+        "enqueue_1m_s": r3(wall),
+        "enqueue_rss_mib_1m": round(rss, 1),
+        "redis_mib_1m": round((after - before) / 2**20, 1),
+        "redis_peak_mib_1m": round((max(sampler.peak, after) - before) / 2**20, 1),
+    }
+    click.echo(
+        f"enqueue of {path.name}: {wall:.1f}s, peak RSS {rss:.0f} MiB, "
+        f"Redis +{figures['redis_mib_1m']} MiB",
+        err=True,
+    )
+    return figures
+
+
 def admit(fleet: BenchFleet, seconds: float) -> dict[str, Any]:
     """The coordinator (this process) on the fleet's namespace for `seconds`."""
     timer = StepTimer(MAX_IN_FLIGHT)
@@ -170,26 +195,8 @@ def main(
         config.write_text(yaml.safe_dump(fleet_dict(redis_url, ns)), encoding="utf-8")
         client = redis.Redis.from_url(redis_url)
         try:
-            before = used_memory(client)
-            sampler = RedisSampler(client)
-            sampler.start()
-            try:
-                wall, rss, output = enqueue(config, path, redis_url)
-            finally:
-                sampler.stop()
-            after = used_memory(client)
+            figures.update(timed_enqueue(client, config, path, redis_url))
             path.unlink()  # the backlog is in Redis now; the file's disk is not needed
-            click.echo(output, err=True)
-            figures["enqueue_1m_s"] = r3(wall)
-            figures["enqueue_rss_mib_1m"] = round(rss, 1)
-            figures["redis_mib_1m"] = round((after - before) / 2**20, 1)
-            figures["redis_peak_mib_1m"] = round((max(sampler.peak, after) - before) / 2**20, 1)
-            click.echo(
-                f"enqueue of {problems} problems ({figures['backlog_file_mb']} MB): "
-                f"{wall:.1f}s, peak RSS {rss:.0f} MiB, Redis +{figures['redis_mib_1m']} MiB",
-                err=True,
-            )
-
             data = fleet_dict(
                 redis_url, ns, engine="bench", bench_steps=steps, max_in_flight=MAX_IN_FLIGHT
             )

@@ -154,6 +154,34 @@ def score_bench(
     return engine_s, plain_s, sum(s.prompt_tokens for s in scores)
 
 
+def measure(
+    engine: HFEngine, label: str, batch: int, steps: int, new_tokens: int, words: int
+) -> dict[str, Any]:
+    """One engine's generation rate and cache share (`label`: with its prefix cache or
+    without); with the cache, also its scoring rate and `model.generate`'s rate."""
+    # Warm-up on other questions: kernels load and the allocator grows first.
+    engine_steps(engine, batch, steps, new_tokens, words, offset=1000)
+    engine.prefix_cache.clear()
+    before = engine.stats()
+    secs, gen, extra = engine_steps(engine, batch, steps, new_tokens, words)
+    st = engine.stats()
+    prompt = st.tokens.prompt - before.tokens.prompt
+    cached = st.tokens.cached - before.tokens.cached
+    row = {
+        f"engine_{label}_tok_s": round(gen / secs, 1),
+        f"engine_{label}_cached_share": round(cached / max(1, prompt), 3),
+    }
+    if label == "cache":
+        trajectories = extra["trajectories"]
+        e_s, p_s, scored = score_bench(engine, trajectories, words)
+        row["score_engine_tok_s"] = round(scored / e_s, 1)
+        row["score_plain_tok_s"] = round(scored / p_s, 1)
+        generate_steps(engine, trajectories, new_tokens, words)  # warm-up
+        g_s, g_gen = generate_steps(engine, trajectories, new_tokens, words)
+        row["generate_tok_s"] = round(g_gen / g_s, 1)
+    return row
+
+
 @click.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--batches", default="8,32", show_default=True)
@@ -187,34 +215,11 @@ def main(
     for batch in [int(b) for b in batches.split(",")]:
         row: dict = {"batch": batch}
         for label, cache in (("nocache", 0), ("cache", 1 << 20)):
-            engine = HFEngine(
-                HFSpec(
-                    name="bench",
-                    model=str(path),
-                    device=device,
-                    dtype="bfloat16",
-                    prefix_cache_tokens=cache,
-                )
-            )
-            # Warm-up on other questions: kernels load and the allocator grows first.
-            engine_steps(engine, batch, steps, new_tokens, words, offset=1000)
-            engine.prefix_cache.clear()
-            before = engine.stats()
-            secs, gen, extra = engine_steps(engine, batch, steps, new_tokens, words)
-            st = engine.stats()
-            prompt = st.tokens.prompt - before.tokens.prompt
-            cached = st.tokens.cached - before.tokens.cached
-            row[f"engine_{label}_tok_s"] = round(gen / secs, 1)
-            row[f"engine_{label}_cached_share"] = round(cached / max(1, prompt), 3)
-            if label == "cache":
-                trajectories = extra["trajectories"]
-                e_s, p_s, scored = score_bench(engine, trajectories, words)
-                row["score_engine_tok_s"] = round(scored / e_s, 1)
-                row["score_plain_tok_s"] = round(scored / p_s, 1)
-                generate_steps(engine, trajectories, new_tokens, words)  # warm-up
-                g_s, g_gen = generate_steps(engine, trajectories, new_tokens, words)
-                row["generate_tok_s"] = round(g_gen / g_s, 1)
-            del engine
+            spec = HFSpec(
+                name="bench", model=str(path), device=device, dtype="bfloat16",
+                prefix_cache_tokens=cache,
+            )  # fmt: skip
+            row |= measure(HFEngine(spec), label, batch, steps, new_tokens, words)
             if device == "cuda":
                 torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)

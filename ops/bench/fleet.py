@@ -50,12 +50,9 @@ from harness import (
     redis_at,
     rss_mib,
     run_fleet,
-    same_rows,
     synthetic_problems,
-    tokens_of,
 )
-from inprocess import InProcessRun, load_engines, release_device_memory, run_in_process
-from pairs import PairRuns, cord_curation_pairs
+from pairs import cord_curation_pairs
 
 from cord.common import env
 from cord.common.config import allow_bench_engine, config_from_dict
@@ -213,6 +210,31 @@ def memory(
     emit(figures, json_path)
 
 
+def soak_wave(
+    fleet: BenchFleet,
+    store: Store,
+    coord: Coordinator,
+    thread: threading.Thread,
+    wave: int,
+    problems: int,
+) -> tuple[int, float]:
+    """One wave: its problems in, a worker stopped mid-wave (SIGKILL and SIGTERM in turn)
+    and replaced, the wave drained; then what the coordinator still keeps per problem or
+    task (0 is right) and its RSS (MiB)."""
+    store.enqueue(synthetic_problems(problems, f"w{wave}"))
+    time.sleep(0.3)  # work is out: the stop lands mid-wave
+    sig = signal.SIGKILL if wave % 2 == 0 else signal.SIGTERM
+    fleet.replace_worker(wave % len(fleet.workers), sig)
+    want = (wave + 1) * problems
+    deadline = time.monotonic() + 300
+    while sum(store.counts()[k] for k in ("done", "failed")) < want:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise click.ClickException(f"wave {wave} did not drain")
+        time.sleep(0.1)
+    time.sleep(0.5)  # the last rows' bookkeeping closes on the next pass
+    return sum(coord.sizes().values()), rss_mib()[0]
+
+
 @main.command()
 @url_option
 @click.option("--waves", default=8, show_default=True)
@@ -233,8 +255,6 @@ def soak(redis_url: str, waves: int, problems: int, steps: int, json_path: str |
         data["reliability"].update(heartbeat_s=0.5, worker_lost_s=3.0, shutdown_grace_s=0.5)
         fleet = BenchFleet(data, Path(tmp))
         store = Store(fleet.client, Keys(ns))
-        left: list[int] = []
-        rss: list[float] = []
         try:
             fleet.up()
             with tempfile.TemporaryDirectory(prefix="cord-bench-") as out:
@@ -242,20 +262,10 @@ def soak(redis_url: str, waves: int, problems: int, steps: int, json_path: str |
                 thread = threading.Thread(target=coord.run, daemon=True)
                 thread.start()
                 start = time.perf_counter()
-                for wave in range(waves):
-                    store.enqueue(synthetic_problems(problems, f"w{wave}"))
-                    time.sleep(0.3)  # work is out: the stop lands mid-wave
-                    sig = signal.SIGKILL if wave % 2 == 0 else signal.SIGTERM
-                    fleet.replace_worker(wave % len(fleet.workers), sig)
-                    want = (wave + 1) * problems
-                    deadline = time.monotonic() + 300
-                    while sum(store.counts()[k] for k in ("done", "failed")) < want:
-                        if time.monotonic() > deadline or not thread.is_alive():
-                            raise click.ClickException(f"wave {wave} did not drain")
-                        time.sleep(0.1)
-                    time.sleep(0.5)  # the last rows' bookkeeping closes on the next pass
-                    left.append(sum(coord.sizes().values()))
-                    rss.append(rss_mib()[0])
+                left, rss = zip(
+                    *(soak_wave(fleet, store, coord, thread, w, problems) for w in range(waves)),
+                    strict=True,
+                )
                 wall = time.perf_counter() - start
                 coord.stop()
                 thread.join(30)
@@ -281,7 +291,7 @@ def soak(redis_url: str, waves: int, problems: int, steps: int, json_path: str |
     click.echo(
         f"{waves} waves of {problems} problems under --follow, a worker stopped in each: "
         f"{counts['done']} done, {counts['failed']} failed, {counters.redispatched} items "
-        f"re-sent; left in flight after each drain {left}; RSS {rss[0]:.0f} -> "
+        f"re-sent; left in flight after each drain {list(left)}; RSS {rss[0]:.0f} -> "
         f"{rss[-1]:.0f} MiB; {wall:.1f}s"
     )
     emit(figures, json_path)
@@ -334,27 +344,26 @@ def overhead(
     on the same problems would find its trajectories cached), the order alternating
     (the second run of a pair finds the questions cached); the figure is the median of
     the pairs' ratios, and their spread is printed beside it."""
+    # The engines in this process: torch is imported only here, never in the runs that
+    # measure this process's memory (soak, memory, backlog).
+    from inprocess import baselines, overhead_figures
+
     info = machine()
     threads = [int(t) for t in inproc_threads.split(",") if t.strip()]
     todo = lab_problems(problems, SEED)
     warm = lab_problems(warmup, WARMUP_SEED)
     figures: dict[str, Any] = {"overhead_problems": problems, "overhead_device": device}
-    inproc: dict[int, InProcessRun] = {}
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
         ns = f"bench-{uuid.uuid4().hex[:8]}"
-        data = fleet_dict(redis_url, ns, model=model, device=device, cpu_threads=1)
         # One process, before any worker exists: nothing else competes for the cores.
-        for t in threads:
-            cfg_t = config_from_dict(
+        by_threads = {
+            t: config_from_dict(
                 fleet_dict(redis_url, ns, model=model, device=device, cpu_threads=t)
             )
-            engines = load_engines(cfg_t)
-            if warm:
-                run_in_process(cfg_t, warm, engines)
-            inproc[t] = run_in_process(cfg_t, todo, engines)
-            del engines
-            release_device_memory(device)
-            click.echo(f"one process, {t} thread(s): {inproc[t].wall_s:.1f}s", err=True)
+            for t in threads
+        }
+        inproc = baselines(by_threads, todo, warm, device)
+        data = fleet_dict(redis_url, ns, model=model, device=device, cpu_threads=1)
         fleet = BenchFleet(data, Path(tmp), 1)
         try:
             figures["overhead_worker_start_s"] = r3(fleet.up())
@@ -362,37 +371,10 @@ def overhead(
                 run_fleet(fleet.cfg, warm)
             run = run_fleet(fleet.cfg, todo, fleet=fleet)
             click.echo(f"fleet, cord: {run.wall_s:.1f}s; {run.cpu_line()}", err=True)
-            pairs_run: PairRuns | None = None
-            if curation:
-                pairs_run = cord_curation_pairs(fleet, run, problems, pairs)
+            pairs_run = cord_curation_pairs(fleet, run, problems, pairs) if curation else None
         finally:
             fleet.stop()
-    best_t = min(inproc, key=lambda t: inproc[t].wall_s)
-    base = inproc[best_t]
-    for t, r in inproc.items():
-        figures[f"inprocess_threads{t}_wall_s"] = r3(r.wall_s)
-    figures.update(
-        {
-            "inprocess_wall_s": r3(base.wall_s),
-            "inprocess_threads": best_t,
-            "fleet_cord_wall_s": r3(run.wall_s),
-            "fleet_overhead_ratio": r3(run.wall_s / base.wall_s),
-            # The fleet may use every core, one process only its threads: its CPU
-            # seconds (coordinator and workers) over the one process's show the cost
-            # that more cores hide.
-            "fleet_cpu_s": round(run.cpu_s, 2),
-            "inprocess_cpu_s": round(base.cpu_s, 2),
-            "fleet_cpu_overhead_ratio": r3(run.cpu_s / base.cpu_s) if base.cpu_s else None,
-            "fleet_rows_same_as_inprocess": same_rows(run.rows, base.rows),
-            "fleet_cord_done": len(run.rows),
-            "fleet_cord_failed": run.failed,
-            "cord_tokens_per_problem": round(tokens_of(run.rows), 1),
-            "cord_step_latency_p50_s": r3(percentile(run.step_latencies, 50)),
-            "cord_step_latency_p99_s": r3(percentile(run.step_latencies, 99)),
-            "cord_tasks": run.summary.get("tasks_sent"),
-            "cord_items": run.summary.get("items_sent"),
-        }
-    )
+    figures.update(overhead_figures(inproc, run))
     if pairs_run is not None:
         figures.update(pairs_run.figures())
     if device.startswith("cuda"):

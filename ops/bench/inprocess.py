@@ -9,7 +9,8 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from harness import process_cpu_s
+import click
+from harness import FleetRun, percentile, process_cpu_s, r3, same_rows, tokens_of
 
 from cord.common.config import RunConfig
 from cord.common.messages import Score, TaskKind, TaskRequest
@@ -115,3 +116,48 @@ def run_in_process(
         search = cfg.search.model_copy(update={"strategy": strategy})
         cfg = cfg.model_copy(update={"search": search})
     return InProcess(cfg, engines).run(problems)
+
+
+def baselines(
+    by_threads: dict[int, RunConfig], todo: list[Problem], warm: list[Problem], device: str
+) -> dict[int, InProcessRun]:
+    """The one-process run with each config (one per torch thread count), each after an
+    untimed warm-up; the engines are freed between them."""
+    runs: dict[int, InProcessRun] = {}
+    for threads, cfg in by_threads.items():
+        engines = load_engines(cfg)
+        if warm:
+            run_in_process(cfg, warm, engines)
+        runs[threads] = run_in_process(cfg, todo, engines)
+        del engines
+        release_device_memory(device)
+        click.echo(f"one process, {threads} thread(s): {runs[threads].wall_s:.1f}s", err=True)
+    return runs
+
+
+def overhead_figures(inproc: dict[int, InProcessRun], run: FleetRun) -> dict[str, Any]:
+    """The fleet's run against the fastest one-process run of the same problems."""
+    best = min(inproc, key=lambda t: inproc[t].wall_s)
+    base = inproc[best]
+    figures: dict[str, Any] = {
+        f"inprocess_threads{t}_wall_s": r3(r.wall_s) for t, r in inproc.items()
+    }
+    return figures | {
+        "inprocess_wall_s": r3(base.wall_s),
+        "inprocess_threads": best,
+        "fleet_cord_wall_s": r3(run.wall_s),
+        "fleet_overhead_ratio": r3(run.wall_s / base.wall_s),
+        # The fleet may use every core, one process only its threads: its CPU seconds
+        # (coordinator and workers) over the one process's show the cost more cores hide.
+        "fleet_cpu_s": round(run.cpu_s, 2),
+        "inprocess_cpu_s": round(base.cpu_s, 2),
+        "fleet_cpu_overhead_ratio": r3(run.cpu_s / base.cpu_s) if base.cpu_s else None,
+        "fleet_rows_same_as_inprocess": same_rows(run.rows, base.rows),
+        "fleet_cord_done": len(run.rows),
+        "fleet_cord_failed": run.failed,
+        "cord_tokens_per_problem": round(tokens_of(run.rows), 1),
+        "cord_step_latency_p50_s": r3(percentile(run.step_latencies, 50)),
+        "cord_step_latency_p99_s": r3(percentile(run.step_latencies, 99)),
+        "cord_tasks": run.summary.get("tasks_sent"),
+        "cord_items": run.summary.get("items_sent"),
+    }

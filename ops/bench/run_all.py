@@ -221,64 +221,19 @@ def write_doc(path: Path, section: str) -> None:
 def main(
     redis_url: str | None,
     only: str,
-    dispatch_problems: int,
-    dispatch_in_flight: int,
-    overhead_problems: int,
-    cache_problems: int,
-    vllm_problems: int,
-    vllm_pairs_problems: int,
-    vllm_pairs: int,
-    affinity_problems: int,
-    affinity_long_problems: int,
-    affinity_long_pairs: int,
-    backlog_problems: int,
-    admit_seconds: int,
-    soak_waves: int,
-    memory_problems: int,
     doc_path: str,
     no_doc: bool,
     json_path: str | None,
+    **sizes: int,
 ) -> None:
     """Run the fleet benchmarks and write their figures (see the module docstring)."""
     sys.path.insert(0, str(HERE))
-    from fleet import machine  # the same description every benchmark records
+    from harness import machine  # the same description every benchmark records
 
     started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     info = machine()
     click.echo(f"machine: {machine_line(info)}", err=True)
-    plan = {
-        "dispatch": [
-            "--problems",
-            str(dispatch_problems),
-            "--max-in-flight",
-            str(dispatch_in_flight),
-        ],
-        "overhead": ["--problems", str(overhead_problems)],
-        "cache": ["--problems", str(cache_problems)],
-        # The fleet on vLLM servers against hf, the same problems (servers.py).
-        "vllm": ["--problems", str(vllm_problems)],
-        # CoRD against curation with every pool on a vLLM server.
-        "vllm_pairs": ["--problems", str(vllm_pairs_problems), "--pairs", str(vllm_pairs)],
-        # Two vLLM servers per pool: cache hits and wall time with and without affinity.
-        "vllm_affinity": [
-            "--problems",
-            str(affinity_problems),
-            "--long-problems",
-            str(affinity_long_problems),
-            "--long-pairs",
-            str(affinity_long_pairs),
-        ],
-        # A --follow coordinator while workers are stopped wave after wave.
-        "soak": ["--waves", str(soak_waves)],
-        "memory": ["--problems", str(memory_problems)],
-        # Last: a million problems enqueued, and a coordinator drawing from them.
-        "backlog": [
-            "--problems",
-            str(backlog_problems),
-            "--admit-seconds",
-            str(admit_seconds),
-        ],
-    }
+    plan = plan_of(sizes)
     wanted = [n.strip() for n in only.split(",") if n.strip()]
     unknown = sorted(set(wanted) - set(plan))
     if unknown:
@@ -290,21 +245,73 @@ def main(
     for r in results.values():
         figures.update({k: v for k, v in (r or {}).items() if k != "machine"})
     figures["bench_total_s"] = round(total, 1)
-    end_load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    click.echo("\n" + "\n".join(table(figures)))
+    if not no_doc:
+        write_doc(Path(doc_path), section_of(started, info, total, figures, results))
+        click.echo(f"\nwrote the make-bench section of {doc_path}", err=True)
+    if json_path:
+        Path(json_path).write_text(
+            json.dumps({"machine": info, "figures": figures}, indent=2) + "\n", encoding="utf-8"
+        )
+    click.echo("")
+    for line in name_values(figures):
+        click.echo(line)
+    if any(r is None for r in results.values()):
+        sys.exit(1)
 
+
+def plan_of(sizes: dict[str, int]) -> dict[str, list[str]]:
+    """Each benchmark's arguments, from the size options (`main`'s)."""
+
+    def args(*pairs: tuple[str, str]) -> list[str]:
+        return [x for flag, size in pairs for x in (flag, str(sizes[size]))]
+
+    return {
+        "dispatch": args(
+            ("--problems", "dispatch_problems"), ("--max-in-flight", "dispatch_in_flight")
+        ),
+        "overhead": args(("--problems", "overhead_problems")),
+        "cache": args(("--problems", "cache_problems")),
+        # The fleet on vLLM servers against hf, the same problems (servers.py).
+        "vllm": args(("--problems", "vllm_problems")),
+        # CoRD against curation with every pool on a vLLM server.
+        "vllm_pairs": args(("--problems", "vllm_pairs_problems"), ("--pairs", "vllm_pairs")),
+        # Two vLLM servers per pool: cache hits and wall time with and without affinity.
+        "vllm_affinity": args(
+            ("--problems", "affinity_problems"),
+            ("--long-problems", "affinity_long_problems"),
+            ("--long-pairs", "affinity_long_pairs"),
+        ),
+        # A --follow coordinator while workers are stopped wave after wave.
+        "soak": args(("--waves", "soak_waves")),
+        "memory": args(("--problems", "memory_problems")),
+        # Last: a million problems enqueued, and a coordinator drawing from them.
+        "backlog": args(("--problems", "backlog_problems"), ("--admit-seconds", "admit_seconds")),
+    }
+
+
+def section_of(
+    started: str,
+    info: dict[str, Any],
+    total: float,
+    figures: dict[str, Any],
+    results: dict[str, dict[str, Any] | None],
+) -> str:
+    """The make-bench section of docs/benchmarks.md: when, where, the command, the table
+    against the targets, every figure of each benchmark and the name=value lines."""
+    end_load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     command = (
         "make bench"
         if not sys.argv[1:]
         else "python ops/bench/run_all.py " + shlex.join(sys.argv[1:])
     )
-    section = "\n".join(
+    over = "" if total <= BUDGET_S else f" (over the {BUDGET_S // 60} min budget)"
+    return "\n".join(
         [
             f"### Measured {started}",
             "",
             f"Machine: {machine_line(info)}; load average at the end {end_load}.",
-            f"Command: `{command}`; {total / 60:.1f} min in all"
-            + ("" if total <= BUDGET_S else f" (over the {BUDGET_S // 60} min budget)")
-            + ".",
+            f"Command: `{command}`; {total / 60:.1f} min in all{over}.",
             "",
             *table(figures),
             "",
@@ -317,19 +324,6 @@ def main(
             "```",
         ]
     )
-    click.echo("\n" + "\n".join(table(figures)))
-    if not no_doc:
-        write_doc(Path(doc_path), section)
-        click.echo(f"\nwrote the make-bench section of {doc_path}", err=True)
-    if json_path:
-        Path(json_path).write_text(
-            json.dumps({"machine": info, "figures": figures}, indent=2) + "\n", encoding="utf-8"
-        )
-    click.echo("")
-    for line in name_values(figures):
-        click.echo(line)
-    if any(r is None for r in results.values()):
-        sys.exit(1)
 
 
 if __name__ == "__main__":
