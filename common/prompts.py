@@ -17,7 +17,7 @@ THINK_CLOSE = "</think>"
 STEP_PREFIX = "### Step"
 # Expansion stops at the next step header or at the end of thinking.
 STEP_STOPS = (STEP_PREFIX, THINK_CLOSE)
-# cord-method.md, step 4: the meta-prover reads the answer after this lead.
+# docs/method.md, step 4: the meta-prover reads the answer after this lead.
 # The text is "...</think> The final answer is <answer>". The space before the answer
 # belongs to the answer's tokens, as a BPE tokenizer writes it (" 65" is one token where
 # "65" after a trailing-space prompt would be an unnatural split): see `answer_target`.
@@ -58,7 +58,7 @@ def closed_think(steps: Sequence[str]) -> str:
 
 def scoring_context(steps: Sequence[str]) -> str:
     """What the meta-prover conditions on before the reference answer:
-    trajectory + candidate + ``</think> The final answer is`` (cord-method.md, step 4;
+    trajectory + candidate + ``</think> The final answer is`` (docs/method.md, step 4;
     the answer's tokens then start with its space, see `answer_target`)."""
     return closed_think(steps) + ANSWER_LEAD
 

@@ -1,4 +1,4 @@
-"""Predictive perplexity, the CoRD selection score (cord-method.md, step 4).
+"""Predictive perplexity, the CoRD selection score (docs/method.md, step 4).
 
     S = exp( (1/M) * sum_m log p_meta(a_m | context, a_<m) ),
     context = trajectory + candidate + "</think> The final answer is "

@@ -10,16 +10,12 @@ problem new to a pool goes to its least loaded live worker (fewest items outstan
 then fewest problems held), so new problems spread across the pool.
 
 A problem's work varies (3 to 10 steps in the lab), so whole problems split evenly
-still load one worker more than another (58/42 of a pool's items in a run of the lab's
-24-problem benchmark). A problem moves only when its worker has more than
-``routing.balance_tasks`` tasks' worth of items outstanding (sent, not answered) beyond
-the least loaded worker of its pool: each move costs a prefill where the prefix is not
-cached. A threshold of one task moved problems often in that benchmark (prompt tokens
-from the cache 0.845 against 0.891 without moves, and a median wall time of 6.00 s
-against 5.32 s over four runs each; 6.37 s without affinity); the default, four tasks,
-never triggered there, and guards against a worker that falls far behind (a slow GPU,
-a straggler).
-With no live worker known, or with ``routing.affinity: false``, work goes to the
+still load one worker more than another. A problem moves only when its worker has more
+than ``routing.balance_tasks`` tasks' worth of items outstanding (sent, not answered)
+beyond the least loaded worker of its pool: each move costs a prefill where the prefix
+is not cached, so the threshold is set for a worker that falls far behind (a slow GPU,
+a straggler), not for the ordinary spread (CHANGELOG.md has the measurement that chose
+its default). With no live worker known, or with ``routing.affinity: false``, work goes to the
 shared queue, which any worker takes.
 
 Liveness is read from the workers' registry and their TTL'd liveness keys

@@ -3,7 +3,7 @@
 Every task goes through `WorkerRuntime.handle`: it validates the message, binds the log
 context, runs the engine on the whole batch, classifies failures (retryable or not) and
 appends one `TaskResult` to the coordinator's reply stream. Results are never stored in
-a Celery backend (docs/runtime-facts: the Redis result backend is slow at this scale).
+a Celery backend (docs/method.md: the Redis result backend is slow at this scale).
 A task delivered twice computes twice and reports twice; the coordinator keeps the first.
 """
 

@@ -1,4 +1,5 @@
-"""CoRD: collaborative step-wise multi-teacher beam search (cord-method.md, steps 2-7).
+"""CoRD: collaborative step-wise multi-teacher beam search (docs/method.md, "The
+method", steps 2-7).
 
 Per step: every teacher continues every live beam by one step (``samples_per_beam``
 samples each); every candidate is scored by the meta-prover as soon as it arrives

@@ -1,5 +1,5 @@
 """``mcts``: Monte-Carlo tree search over reasoning steps, the paper's search baseline
-(cord-method.md, Table 2: MCTS 89.6 against CoRD's beam 93.1).
+(docs/method.md, "Baselines": in the paper MCTS 89.6 against CoRD's beam 93.1).
 
 The tree's nodes are partial trajectories, the root the empty one. Each iteration
 selects a leaf by UCB from the root (mean S of a subtree plus

@@ -291,7 +291,7 @@ class BaseEngine:
         )
 
     def score(self, items: list[ScoreItem]) -> list[Score]:
-        """S of each item's reference answer after its trajectory (cord-method.md)."""
+        """S of each item's reference answer after its trajectory (docs/method.md, step 4)."""
         with self._call(len(items)):
             return self._scores(items)
 

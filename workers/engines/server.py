@@ -6,9 +6,9 @@ Supervised (no `<engine>_url`): a daemon thread owns the server subprocess. It s
 in its own session (so its whole tree is killed together), waits until the health path
 answers 200, then watches it: the process exiting, or two health probes in a row
 failing, ends that server, which is killed and started again with a growing backoff. A
-probe is the health path and a one-token generation: runtime-facts (sglang #6624) says
-a health endpoint can keep answering 200 after the scheduler died. A request that fails
-on the wire or with a 5xx wakes the watcher at once.
+probe is the health path and a one-token generation: a health endpoint can keep
+answering 200 after the scheduler died (docs/method.md, "SGLang": sglang #6624). A
+request that fails on the wire or with a 5xx wakes the watcher at once.
 
 While a server is down, requests wait up to `startup_timeout_s` for the next one; a
 request the dead server held fails with a retryable `EngineError`, never silently.

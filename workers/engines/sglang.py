@@ -4,7 +4,7 @@
 The base (`base.BaseEngine`) builds the prompts and tokenizes them with the model's own
 tokenizer, loaded locally, cuts stop strings and computes S, as for every engine; the
 server gets token ids, never text (its radix cache is keyed on ids, and re-tokenizing
-text can shift boundaries and lose hits: runtime-facts).
+text can shift boundaries and lose hits: docs/method.md, "SGLang").
 - A task's items go in one batched ``/generate`` call (``input_ids`` as a list of lists,
   ``sampling_params`` as a list), so SGLang schedules them together.
 - Expansion: ``stop`` holds the step boundary strings, ``stop_token_ids`` the model's

@@ -11,7 +11,7 @@ ids, never text (its prefix cache is keyed on ids).
   (``usage.prompt_tokens_details.cached_tokens``, with ``--enable-prompt-tokens-details``).
 - Expansion: ``stop`` holds the step boundary strings, ``stop_token_ids`` the model's
   end-of-turn ids, ``max_tokens`` is always set, ``seed`` is the item's (the CPU build
-  runs seeded requests only without chunked prefill: runtime-facts, "vLLM"), and
+  runs seeded requests only without chunked prefill: docs/method.md, "vLLM"), and
   ``return_token_ids`` brings the generated ids back.
 - Scoring, from the prefix cache: vLLM never reads its cache for a request that asks for
   ``prompt_logprobs`` (``skip_reading_prefix_cache`` defaults to true for them), so a
@@ -115,7 +115,7 @@ class VLLMServer(ServerSupervisor):
             # The CPU build's default executor runs the model in a worker process that
             # spins on its shared-memory queue for a second after every step
             # (shm_broadcast's busy_loop_s): a core each while a server is busy, four
-            # servers' spin on two cores outweighed their model work (runtime-facts,
+            # servers' spin on two cores outweighed their model work (docs/method.md,
             # "vLLM"). Without V1 multiprocessing the platform keeps the `uni`
             # executor: the model runs in the engine core, which waits without spinning.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
