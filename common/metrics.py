@@ -1,4 +1,6 @@
-"""Prometheus endpoints of the coordinator and the workers (prometheus_client).
+"""Prometheus endpoints of the coordinator and the workers (prometheus_client), and the
+free ports they and other local servers (a private Redis, a launched inference server)
+listen on.
 
 Both sides build their own `CollectorRegistry` (several runtimes may share one test
 process) and serve it with `serve`. Most values are read at scrape time from what the
@@ -9,6 +11,7 @@ Ports come from the run config's ``metrics`` section (docs/config.md).
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -57,3 +60,10 @@ def serve(
 def hit_share(cached: float, prompt: float) -> float:
     """The share of prompt tokens served from a prefix cache; 0 before any prompt."""
     return cached / prompt if prompt else 0.0
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on this host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -9,7 +9,6 @@ chaos suite); the tests and benchmarks start theirs without.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -108,21 +107,6 @@ def start_redis(
     raise RedisUnavailable(
         f"started redis-server on port {port} but it did not answer; see {data / 'redis.log'}"
     )
-
-
-def ensure_redis(url: str, data_dir: str | Path, daemonize: bool = True) -> bool:
-    """True when a server already answered; otherwise start one and return False."""
-    if ping(url):
-        return True
-    start_redis(url, data_dir, daemonize=daemonize)
-    return False
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for a private server."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class LocalRedis:

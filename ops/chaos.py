@@ -35,8 +35,9 @@ from typing import Any
 import click
 import yaml
 
+from cord.common.metrics import free_port
 from cord.coordinator.fleet import Child, LocalFleet
-from cord.coordinator.redis_server import LocalRedis, free_port
+from cord.coordinator.redis_server import LocalRedis
 from cord.coordinator.rows import FailureRow, TraceRow, summarize
 from cord.coordinator.rundir import read_rows
 from cord.lab.arith import make_problems

@@ -18,8 +18,9 @@ import yaml
 from cord.common import env
 from cord.common.config import RunConfig, load_config
 from cord.common.keys import Keys
+from cord.common.metrics import free_port
 from cord.coordinator.fleet import LocalFleet, wipe_namespace
-from cord.coordinator.redis_server import LocalRedis, free_port, ping
+from cord.coordinator.redis_server import LocalRedis, ping
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"

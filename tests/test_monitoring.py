@@ -26,10 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from cord.common.celery_app import make_celery
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, queue_name
+from cord.common.metrics import free_port
 from cord.coordinator.driver import Coordinator
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.metrics import serve_coordinator
-from cord.coordinator.redis_server import free_port
 from cord.coordinator.status import fleet_status
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
@@ -272,8 +272,9 @@ def flower(fleet: tuple[Path, RunConfig], tmp_path_factory: Any) -> Iterator[str
 
 
 def fleet_workers() -> set[str]:
-    """The session fleet's Celery node names (tests/conftest.py: `<model>-<n>@test`)."""
-    return {f"{model}-{i}@test" for i, model in enumerate(POOLS)}
+    """The session fleet's Celery node names (`tests/conftest.py`'s `local_fleet`: one
+    worker per pool, `<pool>-0@test`)."""
+    return {f"{model}-0@test" for model in POOLS}
 
 
 def inspected_workers(flower: str) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from cord.coordinator.redis_server import free_port, redis_binary
+from cord.common.metrics import free_port
+from cord.coordinator.redis_server import redis_binary
 from cord.lab.arith import make_problems
 from tests.conftest import MODELS, write_config
 

@@ -23,7 +23,7 @@ fi
 if ! python3 -c 'import cord.common' 2>/dev/null; then
   # The project's import namespace without installing it (pyproject's package-dir).
   mkdir -p /tmp/cord-src/cord
-  for part in common workers coordinator; do ln -sfn "$PWD/$part" "/tmp/cord-src/cord/$part"; done
+  for part in common workers coordinator lab; do ln -sfn "$PWD/$part" "/tmp/cord-src/cord/$part"; done
   export PYTHONPATH=/tmp/cord-src:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"

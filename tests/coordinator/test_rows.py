@@ -2,11 +2,13 @@
 row's, and the one summary of a set of rows."""
 
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
 
-from cord.coordinator.rows import FailureRow, TraceRow, auroc, summarize
+from cord.coordinator.rows import FailureRow, RowStats, TraceRow, auroc, summarize
+from tests.conftest import ROOT
 from tests.coordinator.conftest import failure_row, trace_row
 
 
@@ -52,3 +54,16 @@ def test_auroc_is_the_chance_a_right_trace_scores_above_a_wrong_one():
     assert auroc([0.9, 0.4], [0.5]) == 0.5
     assert auroc([0.5], [0.5]) == 0.5
     assert auroc([0.5], []) is None
+
+
+def test_the_row_reference_in_the_docs_names_every_field():
+    """docs/architecture.md's table of rows lists the models' fields, and no others."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("## Rows", 1)[1]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    named = {n for line in table for n in re.findall(r"`(\w+)`", line.split("|")[1])}
+    stats = next(line for line in table if line.startswith("| `stats`"))
+    assert named == set(TraceRow.model_fields)
+    assert set(re.findall(r"`(\w+)`", stats.split("|")[2])) == set(RowStats.model_fields)
+    failures = section.split("`failed.jsonl`", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"`(\w+)`", failures)) == set(FailureRow.model_fields)

@@ -27,7 +27,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cord.common.log import get_logger
+from cord.common.metrics import free_port
 from cord.common.pools import ServerSpec
 from cord.workers.engines.base import EngineError
 
@@ -89,12 +89,6 @@ def error_message(payload: Any) -> str:
             if key in payload:
                 return str(payload[key])
     return str(payload)[:2000]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # Loaded here, not in the forked child: loading a library between fork and exec can
@@ -282,7 +276,7 @@ class ServerSupervisor:
         return {}
 
     def _launch(self) -> None:
-        port = self.spec.port or _free_port()
+        port = self.spec.port or free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = self.launch_command(port)
         self.log.info("server_launch", cmd=cmd, log=str(self.log_path))

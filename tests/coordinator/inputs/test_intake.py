@@ -12,7 +12,7 @@ from cord.common.config import load_config
 from cord.coordinator.cli import main
 from cord.coordinator.inputs import intake
 from cord.coordinator.inputs.problems import Problem
-from tests.test_bench import load
+from tests.ops.bench.test_bench import load
 
 pytestmark = pytest.mark.redis
 
@@ -145,7 +145,7 @@ def test_enqueue_does_not_hold_the_file(make_config, tmp_path, redis_client, nam
     # The child's own peak (VmHWM, watched while it runs: ru_maxrss would count the
     # test process's RSS it had between fork and exec).
     cmd = [sys.executable, "-m", "cord.coordinator.cli", "enqueue", "--config", str(config)]
-    status, output, _, peak_mib = load("fleet").run_watched([*cmd, str(path)])
+    status, output, _, peak_mib = load("harness").run_watched([*cmd, str(path)])
     assert status == 0, output
     assert f"enqueued {n} new problem(s)" in output
     assert redis_client.llen(f"{namespace}:queue") == n

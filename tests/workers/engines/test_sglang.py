@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from structlog.testing import capture_logs
 from cord.common import prompts
 from cord.common.log import get_logger
 from cord.common.messages import ExpandItem, ScoreItem
+from cord.common.metrics import free_port
 from cord.common.pools import model_spec
 from cord.workers.engines import load_engine
 from cord.workers.engines.base import IdOutput, IdRequest, expand_texts
@@ -35,12 +35,6 @@ ROOT = Path(__file__).resolve().parents[3]
 MODEL = str(ROOT / "models" / "alpha")
 SERVER = [sys.executable, "-m", "tests.workers.engines.sglang_testserver"]
 STEP1 = "### Step 1. 3 + 4 = 7"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def expand_item(key: str, steps: list[str] | None = None, **kw: Any) -> ExpandItem:
