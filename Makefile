@@ -43,7 +43,7 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy common workers coordinator tests ops
+	$(BIN)/mypy common workers coordinator lab tests ops
 
 # Train the lab's tiny models again (deterministic, about 40 minutes on 2 cores).
 lab-models: venv
@@ -59,15 +59,16 @@ lab-eval: venv
 
 # The chaos suite (docs/reliability.md): 100 problems, two workers per model, SIGKILLed
 # workers, a SIGTERMed worker, two SIGKILLed coordinators and a Redis restart; every
-# problem must come out exactly once. CI runs a short one (tests/test_chaos.py).
+# problem must come out exactly once. CI runs a short one (tests/ops/test_chaos.py).
 chaos: venv
 	$(BIN)/python ops/chaos.py
 
-# The fleet benchmarks (docs/benchmarks.md, "The fleet on CPU"): dispatch rate and step
-# latency, fleet against one process, CoRD against curation, prefix-cache hits with and
-# without affinity, coordinator memory with 10,000 problems in flight; about 10 minutes on
-# 2 cores. Rewrites that section of docs/benchmarks.md; sizes via BENCH_ARGS, e.g.
-# BENCH_ARGS='--overhead-problems 96 --no-doc'.
+# The fleet benchmarks (docs/benchmarks.md): dispatch rate and step latency, fleet against
+# one process, CoRD against curation (in-worker engine and vLLM servers), prefix-cache
+# hits with and without affinity, a --follow soak, coordinator memory with 10,000 problems
+# in flight, a million-problem backlog; about 20 minutes on 2 cores. Rewrites the current
+# figures in docs/benchmarks.md; sizes via BENCH_ARGS, e.g.
+# BENCH_ARGS='--only overhead --overhead-problems 24 --no-doc'.
 BENCH_ARGS ?=
 bench: venv
 	$(BIN)/python ops/bench/run_all.py $(BENCH_ARGS)
@@ -77,7 +78,7 @@ fleet: venv
 	$(BIN)/honcho start
 
 # Kubernetes manifests and SkyPilot tasks of the demo config into ops/k8s, ops/skypilot
-# (docs/deploy.md); tests/coordinator/test_deploy.py checks the committed ones are current.
+# (docs/deploy.md); tests/coordinator/deploy/test_deploy.py checks the committed ones are current.
 ops-render: venv
 	$(BIN)/cord-coord ops render --config $(CONFIG) --out ops
 
