@@ -157,12 +157,6 @@ class FailureRow(_Row):
     failed_at: str = ""
 
 
-def with_meta(meta: dict[str, Any], **fields: Any) -> dict[str, Any]:
-    """A row's fields over the problem's own: a row field wins over an input field of the
-    same name."""
-    return {**meta, **fields}
-
-
 def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float | None:
     """P(S of a right trace > S of a wrong one), ties half: the Mann-Whitney AUROC."""
     if not positives or not negatives:
