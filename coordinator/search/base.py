@@ -10,7 +10,7 @@ import re
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,6 +30,8 @@ from cord.coordinator.rows import (
     ThinkingFinish,
     TraceRow,
 )
+
+R = TypeVar("R", TraceRow, FailureRow)
 
 
 @dataclass(frozen=True)
@@ -227,21 +229,20 @@ class Search(ABC):
         return time.monotonic() - self._t0
 
     # -- rows: traces and failures, from one place ----------------------------------
-    def _row_head(self) -> dict[str, Any]:
-        """The fields every row has, over the problem's own input fields."""
+    def _row(self, model: type[R], **fields: Any) -> R:
+        """A row: the problem's own input fields, and over them (a row field wins over an
+        input field of the same name: a dataset may well have a `score` or `messages`
+        column) the fields every row has and `fields`."""
         p = self.problem
-        return {
-            **p.meta,
-            "id": p.id,
-            "question": p.question,
-            "reference_answer": p.answer,
-            "strategy": self.cfg.search.strategy,
-        }
+        head = {"id": p.id, "question": p.question, "reference_answer": p.answer}
+        return model.model_validate(
+            {**p.meta, **head, "strategy": self.cfg.search.strategy, **fields}
+        )
 
     def failure_row(self, reason: str) -> FailureRow:
         """The row of a problem that could not be finished, with its committed state."""
-        return FailureRow(
-            **self._row_head(),
+        return self._row(
+            FailureRow,
             reason=reason,
             state=self.snapshot(),
             failed_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -268,8 +269,8 @@ class Search(ABC):
             )
             for t in others
         ]
-        return TraceRow(
-            **self._row_head(),
+        return self._row(
+            TraceRow,
             steps=best.steps,
             final_answer=final,
             **self._correctness(final),

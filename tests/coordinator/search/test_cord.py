@@ -370,3 +370,17 @@ def test_failure_rows_name_the_configured_strategy():
     assert row["strategy"] == "greedy" and row["id"] == "p1" and row["source"] == "lab"
     assert row["reason"].endswith("boom") and row["state"]["step"] == 1
     assert "correct" not in row and "correct_by" not in row  # no answer to judge
+
+
+def test_a_rows_own_fields_win_over_input_fields_of_the_same_name():
+    """A dataset may well have a `score`, `messages` or `reason` column: carried through,
+    but under the row's own field of that name."""
+    meta = {"score": "high", "messages": ["chat"], "reason": "r", "steps": 3, "level": 5}
+    problem = PROBLEM.model_copy(update={"meta": meta})
+    search = make_search(problem, make().cfg)
+    trace = on_disk(search.trace_row(Trajectory(final_answer="6", score=0.7), [], Stats()))
+    assert trace["score"] == 0.7 and trace["steps"] == [] and trace["level"] == 5
+    assert [m["role"] for m in trace["messages"]] == ["user", "assistant"]
+    assert trace["reason"] == "r"  # not a trace row's field: carried as it came
+    failure = on_disk(search.failure_row("boom"))
+    assert failure["reason"] == "boom" and failure["score"] == "high"
