@@ -137,12 +137,17 @@ def test_sigterm_hands_back_a_task_that_outlives_the_grace(
     assert not list(redis_client.scan_iter(match=keys.alive("*")))
 
 
-def test_sigterm_lets_a_short_task_finish_and_exits_0(tmp_path, redis_url, redis_client, namespace):
-    config = worker_config(tmp_path, redis_url, namespace, MODELS / "alpha")
+def test_sigterm_lets_a_short_task_finish_and_exits_0(
+    tmp_path, redis_url, redis_client, namespace, wandering_model
+):
+    config = worker_config(tmp_path, redis_url, namespace, wandering_model)
     cfg = load_config(config)
     proc = start_worker(config, tmp_path / "worker.log")
     try:
-        stream, _req, queue = run_until_started(cfg, redis_client, items=4, max_new_tokens=40)
+        # 4 rows of 300 tokens: about 0.4 s on the 2-core machine of 2026-12-06, long
+        # enough to be seen running (a task of the lab's alpha could finish between two
+        # looks), well inside the 1.5 s grace.
+        stream, _req, queue = run_until_started(cfg, redis_client, items=4, max_new_tokens=300)
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
