@@ -44,11 +44,11 @@ def require_vllm() -> bool:
     return os.environ.get(REQUIRE_VLLM) == "1"
 
 
-def run_scoped(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of the environment (`os.environ` by default) without the variables that
-    would override a run config's Redis URL and namespace: for processes that must take
-    both from the config they are given (the test suite's workers, a benchmark's)."""
-    env = dict(os.environ if environ is None else environ)
+def run_scoped() -> dict[str, str]:
+    """A copy of this process's environment without the variables that would override a
+    run config's Redis URL and namespace: for a process that must take both from the
+    config it is given (a benchmark's enqueue)."""
+    env = dict(os.environ)
     env.pop(REDIS_URL, None)
     env.pop(NAMESPACE, None)
     return env

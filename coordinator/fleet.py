@@ -125,7 +125,6 @@ class LocalFleet:
         self.workers: list[Child] = []
         self.coordinators: list[Child] = []
         self._generation: dict[str, int] = {}  # slot -> workers started in it
-        self._coordinators_started = 0
         self._echo = echo or (lambda _msg: None)
 
     def __enter__(self) -> LocalFleet:
@@ -219,8 +218,7 @@ class LocalFleet:
         argv = [*COORDINATOR_COMMAND, "run", "--config", str(self.config_path)]
         argv += ["--out", str(out), "--no-progress", *args]
         child = Child("coordinator", argv, self.logs / "coordinator.log")
-        child.start(append=bool(self._coordinators_started))
-        self._coordinators_started += 1
+        child.start(append=bool(self.coordinators))  # one log for all of them
         self.coordinators.append(child)
         return child
 

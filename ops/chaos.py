@@ -72,9 +72,13 @@ class Chaos:
         )
         self.redis = private
         self.figures = Figures()
-        self.coordinator: Child | None = None
         # Workers SIGTERMed, until they have exited: (index, worker, when)
         self.terminating: list[tuple[int, Child, float]] = []
+
+    @property
+    def coordinator(self) -> Child | None:
+        """The coordinator started last (the others were killed)."""
+        return self.fleet.coordinators[-1] if self.fleet.coordinators else None
 
     @property
     def logs(self) -> Path:
@@ -104,7 +108,7 @@ class Chaos:
 
     def start_coordinator(self, out: Path) -> None:
         self.figures.coordinator_starts += 1
-        self.coordinator = self.fleet.start_coordinator(out)
+        self.fleet.start_coordinator(out)
 
     def enqueue(self, problems: Path) -> None:
         """The problems again, from a clean namespace (the workers stay registered)."""
