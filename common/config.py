@@ -201,6 +201,37 @@ class RoutingSpec(Strict):
     )
 
 
+HOLD_S = 0.2  # an in-worker engine's partial batch waits this long at most
+
+
+class SchedulingSpec(Strict):
+    """How work reaches the pools; the defaults keep GPUs busy across CoRD's step barrier
+    (docs/config.md, "scheduling")."""
+
+    stream_results: bool = Field(
+        default=True,
+        description="workers reply per item as items finish, not once per task: a finished "
+        "candidate is scored while the slowest of its task still runs",
+    )
+    hold_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="longest a partial batch waits for more work of its pool; None = 0.2 s "
+        "for in-worker engines (fuller batches pay there), 0 for servers that batch "
+        "continuously",
+    )
+    kv_admission: bool = Field(
+        default=True,
+        description="admit problems while the pools' KV caches (as their workers report "
+        "them) hold their sequences; max_in_flight stays the ceiling",
+    )
+
+    def hold_of(self, continuous_batching: bool) -> float:
+        if self.hold_s is not None:
+            return self.hold_s
+        return 0.0 if continuous_batching else HOLD_S
+
+
 class MetricsSpec(Strict):
     """Prometheus endpoints; a port left out (None) turns that endpoint off."""
 
@@ -335,6 +366,7 @@ class RunConfig(Strict):
     eval: EvalSpec = EvalSpec()
     reliability: ReliabilitySpec = ReliabilitySpec()
     routing: RoutingSpec = RoutingSpec()
+    scheduling: SchedulingSpec = SchedulingSpec()
     metrics: MetricsSpec = MetricsSpec()
     deploy: DeploySpec = DeploySpec()
 
@@ -494,16 +526,21 @@ def config_from_dict(
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
-    bench = [n for n in cfg.model_names if cfg.pool(n).engine == "bench"]
+    bench = [n for n in cfg.model_names if cfg.pool(n).engine in BENCH_ENGINES]
     if bench and not _bench_engine_allowed:
+        engines = sorted({cfg.pool(n).engine for n in bench})
         raise ConfigError(
-            f"{source}: pools {bench} use `engine: bench`, which returns placeholder text "
-            "for overhead benchmarks and never makes data; it runs only under the "
-            "benchmark harness (python ops/bench/fleet.py, make bench). Use engine hf or sglang"
+            f"{source}: pools {bench} use `engine: {'/'.join(engines)}`, which returns "
+            "placeholder text for benchmarks and never makes data; it runs only under the "
+            "benchmark harness (python ops/bench/fleet.py, make bench). Use engine hf, "
+            "vllm or sglang"
         )
     return cfg
 
 
+# Engines whose text is a placeholder: `bench` (workers/engines/bench.py) answers at once,
+# `sim` (workers/engines/sim.py) after a simulated GPU's time.
+BENCH_ENGINES = ("bench", "sim")
 # The `bench` engine (workers/engines/bench.py) answers with placeholder text at once.
 # Only the benchmark harness turns it on, inside its own processes, and it discards the
 # rows; any other config load (cord-coord run/demo/eval, cord-worker) refuses it.

@@ -86,6 +86,8 @@ class TaskRequest(_Msg):
     model: str
     reply_to: str
     attempt: int = 1
+    # Reply per item as items finish (`TaskResult.partial`), not once for the task.
+    stream: bool = False
     expand: list[ExpandItem] = []
     answer: list[AnswerItem] = []
     score: list[ScoreItem] = []
@@ -109,6 +111,9 @@ class TaskResult(_Msg):
     # The worker is shutting down (a spot notice) and gave the task back unfinished:
     # send it elsewhere now, without counting an attempt.
     handed_back: bool = False
+    # Some of the task's items, sent as they finished (`TaskRequest.stream`); the task's
+    # last reply (not partial) carries the rest, and only it closes the task.
+    partial: bool = False
 
 
 # -- the worker registry: what a worker's heartbeat writes, what status and routing read --
@@ -150,6 +155,24 @@ class TokenCounts(_Record):
 TOKEN_KINDS: tuple[str, ...] = tuple(TokenCounts.model_fields)
 
 
+class SimStats(_Record):
+    """The simulated GPU's clock and counters (`engine: sim`), in simulated seconds."""
+
+    clock_s: float = 0.0  # simulated time since the engine started
+    busy_s: float = 0.0  # with at least one sequence prefilling or decoding
+    decode_s: float = 0.0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0  # prompt tokens computed (not served by the cache)
+    evicted_prefill_tokens: int = 0  # of those, tokens whose blocks had been evicted
+    decode_seq_steps: int = 0  # sequence-steps decoded: sum of the batch over passes
+    decode_passes: int = 0
+    preemptions: int = 0  # sequences pushed out of a full cache, to be computed again
+    lag_s: float = 0.0  # real seconds the engine ran behind its clock (too fast a scale)
+
+    def minus(self, other: SimStats) -> SimStats:
+        return SimStats(**{k: getattr(self, k) - getattr(other, k) for k in SimStats.model_fields})
+
+
 class EngineStats(_Record):
     """An engine's counters since it started, and its runtime's own figures."""
 
@@ -164,16 +187,30 @@ class EngineStats(_Record):
     server_restarts: int | None = None
     server_cache_hit_tokens: int | None = None  # vllm: the server's own prefix-cache counters
     server_cache_query_tokens: int | None = None
+    # The runtime's KV cache and queue now (vLLM's /metrics, the simulated card's): what
+    # admission sizes the problems in flight by (coordinator/admission.py).
+    kv_capacity_tokens: int | None = None
+    kv_used_tokens: int | None = None
+    requests_running: int | None = None
+    requests_waiting: int | None = None
+    sim: SimStats | None = None  # engine `sim`: its simulated clock
 
     def since(self, before: EngineStats) -> EngineStats:
         """What the counters grew by since `before` (the benchmarks' figures of one run);
         what is not a number (a URL) stays as it is now."""
         grown = self.model_copy(update={"tokens": self.tokens.minus(before.tokens)})
+        if self.sim is not None:
+            grown.sim = self.sim.minus(before.sim or SimStats())
         for name, value in self:
+            if name in GAUGES:  # a level now, not a counter
+                continue
             old = getattr(before, name)
             if isinstance(value, int | float) and isinstance(old, int | float):
                 setattr(grown, name, value - old)
         return grown
+
+
+GAUGES = ("kv_capacity_tokens", "kv_used_tokens", "requests_running", "requests_waiting")
 
 
 class Heartbeat(_Record):

@@ -43,6 +43,12 @@ class _PoolSpec(Strict):
         """Tasks one worker of this pool runs at once (an in-worker engine: one)."""
         return 1
 
+    @property
+    def continuous_batching(self) -> bool:
+        """Whether the pool's runtime batches requests as they come (a server, or the
+        simulated GPU): then a partial batch gains nothing by waiting for more work."""
+        return False
+
 
 # Threads of a pool's compute on a CPU: the hf engine's torch threads, a CPU vLLM
 # server's OpenMP threads. Several workers or servers share a host here, and threads that
@@ -98,6 +104,10 @@ class _ServerSpec(_PoolSpec):
     @property
     def task_slots(self) -> int:
         return self.concurrency
+
+    @property
+    def continuous_batching(self) -> bool:
+        return True
 
     @property
     def server_url(self) -> str | None:
@@ -220,9 +230,46 @@ class VLLMSpec(_ServerSpec):
         return self.vllm_args
 
 
+class SimSpec(_PoolSpec):
+    """`engine: sim`: one simulated GPU serving one model, for cost benchmarks only
+    (workers/engines/sim.py): continuous batching priced by a roofline of `model` (a shape
+    named in the engine's table) on `card`, a block prefix cache of the card's KV
+    capacity, and step, trace and answer lengths drawn from the ranges below. Its texts
+    are placeholders: nothing it produces is data."""
+
+    engine: Literal["sim"] = "sim"
+    card: str = Field(default="h100-sxm", description="a card of the engine's table")
+    time_scale: float = Field(default=0.05, gt=0, description="real seconds per simulated second")
+    concurrency: int = Field(default=64, ge=1, description="tasks a worker runs at once")
+    max_seqs: int | None = Field(
+        default=None, ge=1, description="sequences decoded at once; None = the card's"
+    )
+    block_tokens: int = Field(default=16, ge=1, description="tokens per KV cache block")
+    kv_tokens: int | None = Field(
+        default=None, ge=1, description="KV cache capacity; None = what the card leaves"
+    )
+    prompt_tokens: tuple[int, int] = (150, 250)
+    step_tokens: tuple[int, int] = (100, 400)
+    trace_tokens: tuple[int, int] = (2000, 16000)
+    answer_tokens: int = Field(default=10, ge=1)
+    # Measured costs instead of the roofline (a CPU server): seconds per decode pass
+    # (base + per sequence), per uncached prompt token, and per request.
+    decode_s: tuple[float, float] | None = None
+    prefill_token_s: float | None = None
+    request_s: float = Field(default=0.0, ge=0)
+
+    @property
+    def task_slots(self) -> int:
+        return self.concurrency
+
+    @property
+    def continuous_batching(self) -> bool:
+        return True
+
+
 META_PROVER_MAX_BATCH = 32  # scoring items per task unless meta_prover.max_batch says
 
-ENGINES: tuple[str, ...] = ("hf", "sglang", "vllm", "bench")
+ENGINES: tuple[str, ...] = ("hf", "sglang", "vllm", "bench", "sim")
 
 
 def _engine_of(value: Any) -> str:
@@ -238,14 +285,15 @@ ModelSpec = Annotated[
     Annotated[HFSpec, Tag("hf")]
     | Annotated[SGLangSpec, Tag("sglang")]
     | Annotated[VLLMSpec, Tag("vllm")]
-    | Annotated[BenchSpec, Tag("bench")],
+    | Annotated[BenchSpec, Tag("bench")]
+    | Annotated[SimSpec, Tag("sim")],
     Discriminator(
         _engine_of,
         custom_error_type="engine",
         custom_error_message=f"unknown engine; use one of {', '.join(ENGINES)}",
     ),
 ]
-AnyModelSpec = HFSpec | SGLangSpec | VLLMSpec | BenchSpec
+AnyModelSpec = HFSpec | SGLangSpec | VLLMSpec | BenchSpec | SimSpec
 ServerSpec = _ServerSpec
 _MODEL_SPEC: TypeAdapter[AnyModelSpec] = TypeAdapter(ModelSpec)
 

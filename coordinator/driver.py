@@ -36,6 +36,7 @@ from cord.common.config import RunConfig
 from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
 from cord.common.messages import Generation, Score, TaskRequest, TaskResult
+from cord.coordinator.admission import KVAdmission
 from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.output import JsonlWriter
 from cord.coordinator.routing import Router
@@ -54,6 +55,9 @@ class Observer:
 
     def served(self, pid: str, model: str, worker: str) -> None:
         """`worker` of pool `model` delivered a result for `pid`."""
+
+    def replied(self, result: TaskResult, round_trip_s: float) -> None:
+        """A reply (or a partial one) came `round_trip_s` after its task was sent."""
 
 
 @dataclass
@@ -114,6 +118,8 @@ class Coordinator:
         self.store = Store(self.redis, self.keys)
         self.router = Router(cfg, self.redis, self.wkeys)
         self.inflight = InFlight(cfg, self.redis, self.wkeys, self.router)
+        self.kv_room = KVAdmission(cfg) if cfg.scheduling.kv_admission else None
+        self._kv_seen = 0  # the router's refreshes the admission has looked at
         self.app = make_celery(cfg)
         self.reply = self.keys.replies(self.id)
         self.writer = JsonlWriter(out_dir, cfg.output.traces_prefix, cfg.output.failed_prefix)
@@ -145,6 +151,8 @@ class Coordinator:
         self._wait_for_redis()
         self._reconcile()
         self.router.refresh(time.monotonic())  # route the first work to live workers
+        if self.kv_room is not None:  # and admit the first problems by the pools' caches
+            self.kv_room.update(self.router.kv, 0)
         self.log.info(
             "coordinator_started",
             namespace=self.cfg.namespace,
@@ -212,7 +220,8 @@ class Coordinator:
 
     # -- admission --------------------------------------------------------------------
     def _admit(self, now: float) -> None:
-        room = self.cfg.max_in_flight - len(self.searches)
+        ceiling = self.cfg.max_in_flight if self.kv_room is None else self.kv_room.room()
+        room = ceiling - len(self.searches)
         if room <= 0:
             return
         ids: list[str] = []
@@ -276,6 +285,7 @@ class Coordinator:
             model=batch.model,
             reply_to=self.reply,
             attempt=batch.attempt,
+            stream=self.cfg.scheduling.stream_results,
             **{batch.kind: batch.items},
         )
         self.app.send_task(
@@ -327,6 +337,9 @@ class Coordinator:
         now = time.monotonic()
         if result.handed_back:
             self.router.leaving(result.worker, now)
+        task = self.inflight.tasks.get(result.task_id)
+        if task is not None:
+            self.observer.replied(result, now - task.sent_at)
         carried = self.inflight.task_keys(result.task_id)  # not re-sent since
         if result.error:
             self.inflight.close(result.task_id)
@@ -351,12 +364,16 @@ class Coordinator:
             if search is None:
                 continue
             self.router.served(p.pid, p.work.model, result.worker)
+            if self.kv_room is not None and isinstance(item, Generation):
+                self.kv_room.observe(p.pid, p.work.model, item)
             self.observer.served(p.pid, p.work.model, result.worker)
             if isinstance(item, Score):
                 outcome = search.on_score(p.work.key, item)
             else:
                 outcome = search.on_generation(p.work.key, item)
             self._apply(p.pid, outcome)
+        if result.partial:  # more of the task is to come
+            return
         for key in self.inflight.close(result.task_id):  # items the result left out
             self._retry_or_fail(key, "the worker's result left this item out", True, now)
 
@@ -377,8 +394,13 @@ class Coordinator:
         )
 
     def _check_deadlines(self, now: float) -> None:
-        """Re-send the items of tasks that will never answer (`InFlight.check`)."""
-        for lost in self.inflight.check(now):
+        """Re-send the items of tasks that will never answer (`InFlight.check`), and let
+        admission look at the pools' caches the check's registry read brought."""
+        lost_tasks = self.inflight.check(now)
+        if self.kv_room is not None and self.router.refreshes != self._kv_seen:
+            self._kv_seen = self.router.refreshes
+            self.kv_room.update(self.router.kv, len(self.searches))
+        for lost in lost_tasks:
             for key in lost.keys:
                 if self.inflight.get(key) is None:
                     continue
@@ -412,6 +434,8 @@ class Coordinator:
     # -- endings ----------------------------------------------------------------------
     def _forget(self, pid: str) -> Search | None:
         self.inflight.forget(pid)
+        if self.kv_room is not None:
+            self.kv_room.finished(pid)
         self.router.forget(pid)
         return self.searches.pop(pid, None)
 

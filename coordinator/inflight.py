@@ -27,7 +27,6 @@ from cord.common.messages import AnswerItem, ExpandItem, ScoreItem, TaskKind
 from cord.coordinator.routing import Router
 from cord.coordinator.search import Work
 
-HOLD_S = 0.2  # longest a partial batch waits for more work of its pool (`batches`)
 CHECK_EVERY_S = 1.0  # how often `check` looks for lost tasks
 
 Route = tuple[str, str | None]  # (queue, the worker whose own queue it is, or None)
@@ -140,7 +139,8 @@ class InFlight:
         """Take from the outbox what goes now, cut into tasks of the pool's `max_batch`,
         each to the queue `route` picks for its problem (cache affinity).
 
-        A full batch goes at once. A partial one waits, for at most `HOLD_S`, while its
+        A full batch goes at once. A partial one for an in-worker engine waits, for at
+        most `HOLD_S` (``scheduling.hold_s``), while its
         queue has as many tasks out as its workers run at once, or while other queues have
         tasks out (their results bring more work for the same pool: problems finish
         their steps at different times). A decode pass costs about the same for 4 rows
@@ -148,7 +148,9 @@ class InFlight:
         cheaper per item; CoRD's steps come in fours (one item per beam), and an idle
         pool was sent each four at once (442 tasks for 48 lab problems, now about 300).
         With nothing else out nothing more can come, so the last problems of a run do
-        not wait. Call `sent` for every batch sent."""
+        not wait. A pool behind a server that batches continuously (vLLM, SGLang) gains
+        nothing by waiting: its partial batches go at once (``scheduling.hold_s`` unset).
+        Call `sent` for every batch sent."""
         out: list[Batch] = []
         on_queue: dict[str, int] = defaultdict(int)
         load: dict[str, int] = defaultdict(int)  # items outstanding per worker, for `route`
@@ -162,10 +164,11 @@ class InFlight:
                 by_route[route(self.pending[key].pid, kind, model, load)].append(key)
             spec = self.cfg.pool(model)
             size = spec.max_batch
+            hold = self.cfg.scheduling.hold_of(spec.continuous_batching)
             for (queue, worker), routed in by_route.items():
                 full = len(routed) - len(routed) % size
                 rest = routed[full:]
-                if rest and now - min(self.pending[k].queued_at for k in rest) < HOLD_S:
+                if rest and now - min(self.pending[k].queued_at for k in rest) < hold:
                     workers = 1 if worker else max(1, len(self.router.live.get(model, [])))
                     busy = on_queue[queue] >= workers * spec.task_slots
                     others_out = len(self.tasks) - on_queue[queue] > 0

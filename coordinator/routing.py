@@ -27,12 +27,34 @@ driver re-sends what was waiting in its private queue (`orphaned`).
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import redis
 
 from cord.common.config import RunConfig
 from cord.common.keys import Keys, private_queue, queue_name
-from cord.common.messages import Heartbeat, TaskKind
+from cord.common.messages import EngineStats, Heartbeat, TaskKind
+
+
+@dataclass(frozen=True)
+class PoolKV:
+    """A pool's KV caches and queues, summed over its live workers (their heartbeats)."""
+
+    capacity: int
+    used: int
+    running: int
+    waiting: int
+
+    @classmethod
+    def of(cls, stats: list[EngineStats]) -> PoolKV | None:
+        """None unless every worker reports all four."""
+        rows = [
+            (e.kv_capacity_tokens, e.kv_used_tokens, e.requests_running, e.requests_waiting)
+            for e in stats
+        ]
+        if not rows or any(v is None for row in rows for v in row):
+            return None
+        return cls(*(sum(int(row[i] or 0) for row in rows) for i in range(4)))
 
 
 class Router:
@@ -49,6 +71,9 @@ class Router:
         # worker restarted under the same name (honcho, k8s) is welcome again after.
         self._leaving: dict[str, float] = {}
         self._used: set[str] = set()  # workers we sent private work to (for cleanup)
+        # model -> its live workers' KV caches and queues, where every one reports them
+        self.kv: dict[str, PoolKV] = {}
+        self.refreshes = 0  # looks at the registry so far
 
     # -- liveness -------------------------------------------------------------------
     def refresh(self, now: float) -> set[str]:
@@ -59,11 +84,17 @@ class Router:
         pipe = self.redis.pipeline(transaction=False)
         for name in records:
             pipe.exists(self.keys.alive(name))
-        model_of = {
-            name: Heartbeat.model_validate_json(raw).model
+        beats = {
+            name: Heartbeat.model_validate_json(raw)
             for (name, raw), alive in zip(records.items(), pipe.execute(), strict=True)
             if alive and name not in self._leaving
         }
+        model_of = {name: beat.model for name, beat in beats.items()}
+        engines: dict[str, list[EngineStats]] = defaultdict(list)
+        for beat in beats.values():
+            engines[beat.model].append(beat.engine)
+        self.kv = {m: kv for m, stats in engines.items() if (kv := PoolKV.of(stats))}
+        self.refreshes += 1
         gone = set(self._model_of) - set(model_of)
         self._set_live(model_of)
         for worker in gone:

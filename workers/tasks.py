@@ -2,8 +2,12 @@
 
 Every task goes through `WorkerRuntime.handle`: it validates the message, binds the log
 context, runs the engine on the whole batch, classifies failures (retryable or not) and
-appends one `TaskResult` to the coordinator's reply stream. Results are never stored in
-a Celery backend (docs/method.md: the Redis result backend is slow at this scale).
+appends one `TaskResult` to the coordinator's reply stream. A task that asks for it
+(``stream``) on an engine whose items finish at different times (a server's continuous
+batch) gets a partial result per group of items as they finish, and its last result
+carries the rest: a finished candidate is scored while the slowest of its task runs.
+Results are never stored in a Celery backend (docs/method.md: the Redis result backend
+is slow at this scale).
 A task delivered twice computes twice and reports twice; the coordinator keeps the first.
 """
 
@@ -21,7 +25,7 @@ from pydantic import ValidationError
 
 from cord.common.keys import TASK_NAMES, Keys
 from cord.common.log import get_logger
-from cord.common.messages import Heartbeat, TaskKind, TaskRequest, TaskResult
+from cord.common.messages import Generation, Heartbeat, Score, TaskKind, TaskRequest, TaskResult
 from cord.workers.engines import Engine, EngineError, serve
 from cord.workers.metrics import WorkerMetrics
 
@@ -74,13 +78,37 @@ class WorkerRuntime:
         with self._lock:
             self._current[req.task_id] = req
         self._mark_running(req.task_id)
+        sent: set[str] = set()  # keys a partial result carried
+
+        def emit(items: list[Any]) -> None:
+            with self._lock:
+                if req.task_id in self._handed_back:
+                    return
+            gens = [i for i in items if isinstance(i, Generation)]
+            scores = [i for i in items if isinstance(i, Score)]
+            with self._lock:  # a server engine's items end in its pool's threads
+                sent.update(i.key for i in items)
+            self._reply(
+                req.reply_to,
+                result.model_copy(
+                    update={
+                        "generations": gens,
+                        "scores": scores,
+                        "partial": True,
+                        "elapsed_s": time.perf_counter() - start,
+                    }
+                ),
+            )
+
         try:
             if req.model != self.engine.name or req.kind != kind:
                 raise EngineError(
                     f"task for {req.kind}/{req.model} reached worker of {self.engine.name}",
                     retryable=True,
                 )
-            result.generations, result.scores = serve(self.engine, req)
+            result.generations, result.scores = serve(
+                self.engine, req, emit if req.stream else None
+            )
         except EngineError as e:
             result.error, result.retryable = str(e), e.retryable
         except Exception as e:
@@ -104,7 +132,10 @@ class WorkerRuntime:
             log.info("task_done_after_hand_back")
             return
         result.elapsed_s = time.perf_counter() - start
-        self.metrics.observe(kind, result)
+        self.metrics.observe(kind, result)  # every item's tokens, the streamed ones too
+        if sent:
+            result.generations = [g for g in result.generations if g.key not in sent]
+            result.scores = [s for s in result.scores if s.key not in sent]
         self._reply(req.reply_to, result)
         self._unmark_running(req.task_id)
         with self._lock:  # tasks may run at once (a server engine)

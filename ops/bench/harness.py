@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +35,7 @@ import yaml
 from cord.common import env
 from cord.common.config import RunConfig, config_from_dict
 from cord.common.keys import Keys
-from cord.common.messages import EngineStats, Heartbeat
+from cord.common.messages import EngineStats, Heartbeat, TaskResult
 from cord.coordinator.driver import Coordinator, Observer
 from cord.coordinator.fleet import LocalFleet, wipe_namespace
 from cord.coordinator.inputs.problems import Problem
@@ -311,6 +311,14 @@ class StepTimer(Observer):
         self.phase_s = 0.0
         self.peak_in_flight = 0
         self.rss_at_peak_mib = 0.0
+        self.round_trip_s = 0.0  # replies: from sending a task to its (partial) reply
+        self.engine_s = 0.0  # the same replies' time inside the workers' engines
+        self.partial_replies = 0
+
+    def replied(self, result: TaskResult, round_trip_s: float) -> None:
+        self.round_trip_s += round_trip_s
+        self.engine_s += min(result.elapsed_s, round_trip_s)
+        self.partial_replies += result.partial
 
     def served(self, pid: str, model: str, worker: str) -> None:
         if pid in self._open:
@@ -354,6 +362,16 @@ class FleetRun:
     wait_s: float = 0.0  # `StepTimer`: results waiting for their step's selection
     phase_s: float = 0.0
     engine: dict[str, EngineStats] = field(default_factory=dict)  # by worker, over the run
+    finished_s: list[float] = field(default_factory=list)  # each problem's end, from start
+    round_trip_s: float = 0.0  # `StepTimer`: replies' round trips, and their engine time
+    engine_s: float = 0.0
+    partial_replies: int = 0  # replies that carried part of a task (streamed)
+
+    @property
+    def fleet_overhead_share(self) -> float | None:
+        """Of the time from sending a task to its replies, the share outside the
+        workers' engines: queues, Celery, Redis, the coordinator's loop."""
+        return 1 - self.engine_s / self.round_trip_s if self.round_trip_s else None
 
     @property
     def selection_wait_share(self) -> float | None:
@@ -382,12 +400,15 @@ def run_fleet(
     problems: list[Problem],
     strategy: str | None = None,
     fleet: BenchFleet | None = None,
+    on_finished: Callable[[int, float], None] | None = None,
 ) -> FleetRun:
     """`problems` through the live fleet, timed by a `StepTimer`, in a problem-state
     namespace of their own (as `cord-coord eval` does); rows to a temporary folder.
     With `fleet`, the CPU time of its workers (their servers included) during the run is
     recorded too, and their engines' counters over the run (`engine`: read from the
-    workers' heartbeats, once a fresh one has come after the run)."""
+    workers' heartbeats, once a fresh one has come after the run). `on_finished` is
+    called with the count of problems finished and the seconds since the start, at each
+    problem's end (in the coordinator's loop: keep it short)."""
     if strategy is not None:
         cfg = cfg.model_copy(
             update={"search": cfg.search.model_copy(update={"strategy": strategy})}
@@ -395,7 +416,15 @@ def run_fleet(
     state_ns = f"{cfg.namespace}:run:{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as out:
         timer = StepTimer(cfg.max_in_flight)
-        coord = Coordinator(cfg, out, state_namespace=state_ns, observer=timer)
+        finished: list[float] = []
+        start = time.perf_counter()
+
+        def on_event(kind: str, pid: str) -> None:
+            finished.append(time.perf_counter() - start)
+            if on_finished is not None:
+                on_finished(len(finished), finished[-1])
+
+        coord = Coordinator(cfg, out, state_namespace=state_ns, observer=timer, on_event=on_event)
         timer.coordinator = coord
         try:
             Store(coord.redis, Keys(state_ns)).enqueue(problems)
@@ -426,6 +455,10 @@ def run_fleet(
         timer.wait_s,
         timer.phase_s,
         engine,
+        finished,
+        timer.round_trip_s,
+        timer.engine_s,
+        timer.partial_replies,
     )
 
 

@@ -33,7 +33,8 @@ class PairRuns:
         the workers' CPU time (servers included); the share of a phase that finished
         results waited for their step's selection (`StepTimer`); and the tokens the
         models ran per problem (prompt tokens not served from a prefix cache, by the
-        servers' own counters where they have them, and generated tokens)."""
+        servers' own counters where they have them, and generated tokens), each part, and
+        the requests (items) the engines served per problem."""
         wall = sum(r.wall_s for r in runs)
         busy = [e.busy_wall_s for r in runs for e in r.engine.values()]
         workers = max(1, len(runs[0].engine)) if runs else 1
@@ -41,9 +42,10 @@ class PairRuns:
         meta = sum(
             v for r in runs for k, v in r.worker_cpu_s.items() if k.startswith(f"{self.meta}-")
         )
-        prefill = generated = scoring = 0.0
+        prefill = generated = scoring = requests = 0.0
         for r in runs:
             for name, e in r.engine.items():
+                requests += e.requests
                 if e.server_cache_query_tokens:
                     computed = e.server_cache_query_tokens - (e.server_cache_hit_tokens or 0)
                 else:
@@ -65,6 +67,8 @@ class PairRuns:
             "scoring_prefill_tokens_per_problem": round(scoring / problems, 1)
             if problems
             else None,
+            "decode_tokens_per_problem": round(generated / problems, 1) if problems else None,
+            "requests_per_problem": round(requests / problems, 1) if problems else None,
         }
 
     def figures(self, tag: str = "") -> dict[str, Any]:

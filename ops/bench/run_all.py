@@ -60,7 +60,7 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("vllm_prefix_cache_hit", None, "", ""),
     ("vllm_server_prefix_cache_hit", None, "", ""),
     ("vllm_vs_hf_wall_ratio", None, "", ""),
-    ("cord_vs_curation_wall_ratio_vllm", 1.0, "<=", "1.72"),
+    ("cord_vs_curation_wall_ratio_vllm", None, "", "1.72"),
     ("cord_vs_curation_wall_ratio_vllm_min", None, "", ""),
     ("cord_vs_curation_wall_ratio_vllm_max", None, "", ""),
     ("cord_vs_curation_wall_ratio_vllm_total", None, "", ""),
@@ -84,6 +84,22 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("admit_backlog_rss_mib", 1024, "<=", ""),
     ("admit_backlog_steps_per_s", None, "", ""),
     ("follow_inflight_after_drain", 0, "<=", ""),
+    ("gpu_cord_vs_curation_ratio", 1.10, "<=", "1.72"),
+    ("gpu_cord_vs_curation_ratio_per_correct", 0.85, "<=", ""),
+    ("gpu_teacher_util_cord", None, "", ""),
+    ("gpu_teacher_util_curation", None, "", ""),
+    ("gpu_teacher_util_ratio", 0.9, ">=", ""),
+    ("gpu_barrier_idle_share", 0.10, "<=", ""),
+    ("gpu_evicted_prefill_share", None, "", ""),
+    ("gpu_fleet_overhead_share_cord", 0.10, "<=", ""),
+    ("gpu_cord_vs_curation_ratio_before", None, "", ""),
+    ("gpu_cord_vs_curation_ratio_per_correct_before", None, "", ""),
+    ("gpu_teacher_util_cord_before", None, "", ""),
+    ("gpu_barrier_idle_share_before", None, "", ""),
+    ("gpu_evicted_prefill_share_before", None, "", ""),
+    ("gpu_meta_teacher_cord_vs_curation_ratio", None, "", ""),
+    ("gpu_7b_a10g_cord_vs_curation_ratio", None, "", ""),
+    ("sim_cpu_vllm_prediction_error", 0.15, "<=", ""),
     ("follow_coordinator_rss_mib_first_wave", None, "", ""),
     ("follow_coordinator_rss_mib_last_wave", None, "", ""),
 ]
@@ -109,6 +125,7 @@ SCRIPTS: dict[str, tuple[Path, str | None]] = {
     "soak": (FLEET, "soak"),
     "memory": (FLEET, "memory"),
     "backlog": (HERE / "backlog.py", None),
+    "gpu_costs": (HERE / "costs.py", "gpu"),
 }
 
 
@@ -191,7 +208,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--redis-url", default=None, help="Default: CORD_REDIS_URL or the local one.")
 @click.option(
     "--only",
-    default="dispatch,overhead,cache,vllm,vllm_pairs,vllm_affinity,soak,memory,backlog",
+    default="dispatch,overhead,cache,vllm,vllm_pairs,vllm_affinity,gpu_costs,soak,memory,backlog",
     show_default=True,
     help="Comma-separated benchmarks to run.",
 )
@@ -209,6 +226,8 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--admit-seconds", default=150, show_default=True)
 @click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
+@click.option("--gpu-problems", default=20, show_default=True)
+@click.option("--gpu-sweep", default="4,8,16", show_default=True)
 @click.option(
     "--doc",
     "doc_path",
@@ -224,7 +243,7 @@ def main(
     doc_path: str,
     no_doc: bool,
     json_path: str | None,
-    **sizes: int,
+    **sizes: Any,
 ) -> None:
     """Run the fleet benchmarks and write their figures (see the module docstring)."""
     sys.path.insert(0, str(HERE))
@@ -260,7 +279,7 @@ def main(
         sys.exit(1)
 
 
-def plan_of(sizes: dict[str, int]) -> dict[str, list[str]]:
+def plan_of(sizes: dict[str, Any]) -> dict[str, list[str]]:
     """Each benchmark's arguments, from the size options (`main`'s)."""
 
     def args(*pairs: tuple[str, str]) -> list[str]:
@@ -285,6 +304,8 @@ def plan_of(sizes: dict[str, int]) -> dict[str, list[str]]:
         # A --follow coordinator while workers are stopped wave after wave.
         "soak": args(("--waves", "soak_waves")),
         "memory": args(("--problems", "memory_problems")),
+        # CoRD against curation on simulated GPUs: what a dataset costs (costs.py).
+        "gpu_costs": [*args(("--problems", "gpu_problems")), "--sweep", str(sizes["gpu_sweep"])],
         # Last: a million problems enqueued, and a coordinator drawing from them.
         "backlog": args(("--problems", "backlog_problems"), ("--admit-seconds", "admit_seconds")),
     }

@@ -4,8 +4,9 @@ what waits, and that the bookkeeping empties as the work is answered."""
 
 import pytest
 
+from cord.common.config import HOLD_S, SchedulingSpec
 from cord.common.keys import Keys, queue_name
-from cord.coordinator.inflight import HOLD_S, Batch, InFlight
+from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.routing import Router
 from cord.coordinator.search import make_search
@@ -97,3 +98,18 @@ def test_a_requeued_item_leaves_its_task_and_a_late_result_still_counts(make_con
     # ... and the re-sent task's answer is then a duplicate.
     assert inflight.settle(key) is None
     assert inflight.sizes()["tasks"] == 2  # the other two teachers' tasks
+
+
+def test_without_a_hold_partial_batches_go_at_once(make_config, redis_client):
+    """A pool behind a server that batches continuously holds nothing back: the same
+    work that waits above goes at once (``scheduling.hold_s`` 0, its default there)."""
+    _, cfg = make_config()
+    cfg = cfg.model_copy(update={"scheduling": SchedulingSpec(hold_s=0.0)})
+    router = Router(cfg, redis_client, Keys(cfg.namespace))
+    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    teachers = [queue_name(cfg.namespace, "expand", t) for t in cfg.teacher_names]
+    start_problems(inflight, cfg, 1, seed=1, now=0.0)
+    send(inflight, inflight.batches(0.0, router.route), 0.0)
+    start_problems(inflight, cfg, 3, seed=2, now=1.0)
+    assert per_queue(inflight.batches(1.0, router.route)) == {q: [3] for q in teachers}
+    assert inflight.waiting() == 0

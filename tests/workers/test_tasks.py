@@ -83,3 +83,44 @@ def test_heartbeat_registers_the_worker(engine, redis_client, namespace):
     assert record.engine.cache_entries is not None  # the hf engine's prefix cache
     runtime.deregister()
     assert redis_client.hget(f"{namespace}:workers", "w1") is None
+
+
+def test_a_streaming_task_replies_per_item_as_items_end(redis_client, namespace):
+    """On an engine whose items end apart (the simulated GPU), a task that asks for it
+    gets partial replies as items end and a last one with the rest: every item once."""
+    from cord.common.pools import model_spec
+    from cord.workers.engines.sim import SimEngine
+
+    sim = SimEngine(model_spec(name="t", engine="sim", model="qwen2.5-7b", time_scale=0.001))
+    runtime = WorkerRuntime(sim, "w1", redis_client, Keys(namespace), ["q"])
+    items = [
+        {
+            "key": f"k{i}",
+            "prompt": "What is 1 + 2?",
+            "steps": [],
+            "next_step": 1,
+            "max_new_tokens": 512,
+            "temperature": 0.6,
+            "seed": i,
+        }
+        for i in range(6)
+    ]
+    for stream_flag in (True, False):
+        stream = f"{namespace}:replies:{stream_flag}"
+        req = TaskRequest(
+            task_id=f"t{stream_flag}",
+            kind="expand",
+            model="t",
+            reply_to=stream,
+            stream=stream_flag,
+            expand=items,
+        )
+        runtime.handle("expand", req.model_dump(mode="json"))
+        got = replies(redis_client, stream)
+        keys = [g.key for r in got for g in r.generations]
+        assert sorted(keys) == [f"k{i}" for i in range(6)]  # each once
+        assert [r.partial for r in got] == [True] * (len(got) - 1) + [False]
+        if stream_flag:  # step lengths differ: the items end at different passes
+            assert len(got) > 2
+        else:
+            assert len(got) == 1

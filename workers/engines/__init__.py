@@ -4,7 +4,7 @@ never beams."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from cord.common.messages import (
     AnswerItem,
@@ -16,9 +16,9 @@ from cord.common.messages import (
     TaskRequest,
 )
 from cord.common.pools import AnyModelSpec
-from cord.workers.engines.base import EngineError
+from cord.workers.engines.base import Emit, EngineError
 
-__all__ = ["Engine", "EngineError", "load_engine", "serve"]
+__all__ = ["Emit", "Engine", "EngineError", "load_engine", "serve"]
 
 
 class Engine(Protocol):
@@ -33,15 +33,20 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
 
-def serve(engine: Engine, req: TaskRequest) -> tuple[list[Generation], list[Score]]:
+def serve(
+    engine: Engine, req: TaskRequest, emit: Emit | None = None
+) -> tuple[list[Generation], list[Score]]:
     """The engine call a task makes: its expansions, its final answers or its scoring.
     A worker's task runs this (`WorkerRuntime.handle`), and so does the benchmarks'
-    one-process baseline."""
+    one-process baseline. An engine that finishes items at different times (``streams``)
+    hands finished ones to `emit` on the way; the call still returns them all."""
+    call: Any = engine
+    kw = {"emit": emit} if emit is not None and getattr(engine, "streams", False) else {}
     if req.kind == "expand":
-        return engine.expand(req.expand), []
+        return call.expand(req.expand, **kw), []
     if req.kind == "answer":
-        return engine.answer(req.answer), []
-    return [], engine.score(req.score)
+        return call.answer(req.answer, **kw), []
+    return [], call.score(req.score, **kw)
 
 
 def load_engine(spec: AnyModelSpec) -> Engine:
@@ -59,6 +64,10 @@ def load_engine(spec: AnyModelSpec) -> Engine:
         from cord.workers.engines.vllm import VLLMEngine
 
         return VLLMEngine(spec)
+    if spec.engine == "sim":  # a simulated GPU, for cost benchmarks only (ops/bench/)
+        from cord.workers.engines.sim import SimEngine
+
+        return SimEngine(spec)
     # Placeholder text at once, for overhead benchmarks only (ops/bench/).
     from cord.workers.engines.bench import BenchEngine
 

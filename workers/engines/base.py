@@ -41,6 +41,9 @@ from cord.common.messages import (
 from cord.common.pools import AnyModelSpec
 from cord.common.scoring import predictive_score
 
+# Where a streaming engine hands over finished items (`cord.workers.engines.Emit`).
+Emit = Callable[[list[Any]], None]
+
 
 class EngineError(RuntimeError):
     """An item the engine cannot serve. `retryable` says whether another try (maybe on
@@ -76,6 +79,10 @@ class IdOutput:
     eos: bool = False
     matched: str | None = None
     text: str | None = None
+
+
+# A runtime's call as one request of `generate_ids` ends: (its index, its output).
+Done = Callable[[int, "IdOutput | EngineError"], None]
 
 
 @dataclass
@@ -134,6 +141,9 @@ class BaseEngine:
     `answer_logprobs` (and may add to `runtime_stats`)."""
 
     max_context: int | None  # tokens a request may hold (prompt + new); None: unknown
+    # A runtime whose requests finish apart (one HTTP request per item) sets this and
+    # calls `generate_ids`' `done` as each ends: the worker replies per item then.
+    streams = False
 
     def __init__(self, spec: AnyModelSpec) -> None:
         assert spec.model is not None  # RunConfig guarantees it
@@ -163,7 +173,11 @@ class BaseEngine:
         self._prefix = lru_cache(maxsize=4096)(self._chat_prefix)
 
     # -- what a runtime implements -------------------------------------------------
-    def generate_ids(self, requests: list[IdRequest]) -> list[IdOutput | EngineError]:
+    def generate_ids(
+        self, requests: list[IdRequest], done: Done | None = None
+    ) -> list[IdOutput | EngineError]:
+        """Every request's output; a runtime that `streams` calls `done(index, output)`
+        as each one ends, before it returns them all."""
         raise NotImplementedError
 
     def answer_logprobs(
@@ -225,20 +239,21 @@ class BaseEngine:
                     self.counters.busy_wall_s += now - self._running_since
 
     # -- the engine interface ------------------------------------------------------
-    def expand(self, items: list[ExpandItem]) -> list[Generation]:
+    def expand(self, items: list[ExpandItem], emit: Emit | None = None) -> list[Generation]:
         with self._call(len(items)):
-            return self._generate_items(items, *expand_texts(self._prefix, items))
+            return self._generate_items(items, *expand_texts(self._prefix, items), emit)
 
-    def answer(self, items: list[AnswerItem]) -> list[Generation]:
+    def answer(self, items: list[AnswerItem], emit: Emit | None = None) -> list[Generation]:
         with self._call(len(items)):
             texts = answer_texts(self._prefix, items)
-            return self._generate_items(items, texts, [()] * len(items))
+            return self._generate_items(items, texts, [()] * len(items), emit)
 
     def _generate_items(
         self,
         items: list[ExpandItem] | list[AnswerItem],
         texts: list[str],
         stops: list[tuple[str, ...]],
+        emit: Emit | None = None,
     ) -> list[Generation]:
         results: list[Generation | None] = [None] * len(items)
         ready: list[int] = []
@@ -260,13 +275,25 @@ class BaseEngine:
                     stops[index],
                 )
             )
-        outs = self.generate_ids(requests) if requests else []
-        for index, request, out in zip(ready, requests, outs, strict=True):
+
+        def finished(k: int, out: IdOutput | EngineError) -> Generation:
+            index = ready[k]
             key = items[index].key
             if isinstance(out, EngineError):
-                results[index] = Generation(key=key, error=str(out), retryable=out.retryable)
+                gen = Generation(key=key, error=str(out), retryable=out.retryable)
             else:
-                results[index] = self._generation(key, request, out)
+                gen = self._generation(key, requests[k], out)
+            results[index] = gen
+            return gen
+
+        def streamed(k: int, out: IdOutput | EngineError) -> None:
+            assert emit is not None
+            emit([finished(k, out)])
+
+        outs = self.generate_ids(requests, done=streamed if emit else None) if requests else []
+        for k, out in enumerate(outs):
+            if results[ready[k]] is None:  # not handed over as it ended
+                finished(k, out)
         return [r for r in results if r is not None]
 
     def _generation(self, key: str, request: IdRequest, out: IdOutput) -> Generation:
@@ -290,8 +317,10 @@ class BaseEngine:
             cached_tokens=out.cached_tokens,
         )
 
-    def score(self, items: list[ScoreItem]) -> list[Score]:
-        """S of each item's reference answer after its trajectory (docs/method.md, step 4)."""
+    def score(self, items: list[ScoreItem], emit: Emit | None = None) -> list[Score]:
+        """S of each item's reference answer after its trajectory (docs/method.md, step 4).
+        Scores come back together (`emit` unused): a step's selection waits for all of
+        them anyway, and each is one short pass over a cached context."""
         with self._call(len(items)):
             return self._scores(items)
 

@@ -43,7 +43,14 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cord.common.pools import HFSpec
-from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
+from cord.workers.engines.base import (
+    AnswerLogprobs,
+    BaseEngine,
+    Done,
+    EngineError,
+    IdOutput,
+    IdRequest,
+)
 from cord.workers.engines.decoding import Pass, Row, Sampling, SlabLayer, sample
 from cord.workers.engines.kvcache import KV, PrefixCache, crop_kv
 
@@ -230,7 +237,10 @@ class HFEngine(BaseEngine):
     # -- generation -----------------------------------------------------------------
     @torch.inference_mode()
     def generate_ids(
-        self, requests: list[IdRequest], stop_ids: set[int] | None = None
+        self,
+        requests: list[IdRequest],
+        stop_ids: set[int] | None = None,
+        done: Done | None = None,  # not called: the rows of a task decode together
     ) -> list[IdOutput | EngineError]:
         """Generate from token ids, all requests decoding together (`_generate`); each
         row draws from its own generator, seeded by its request, so an item samples the

@@ -34,7 +34,14 @@ import atexit
 from typing import Any
 
 from cord.common.pools import SGLangSpec
-from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
+from cord.workers.engines.base import (
+    AnswerLogprobs,
+    BaseEngine,
+    Done,
+    EngineError,
+    IdOutput,
+    IdRequest,
+)
 from cord.workers.engines.server import RequestRejected, ServerSupervisor, request_json
 
 # Some SGLang builds hold sampling seeds in int32 tensors; our seeds are 64-bit digests.
@@ -188,7 +195,11 @@ class SGLangEngine(BaseEngine):
             params["stop"] = list(r.stops)
         return params
 
-    def generate_ids(self, requests: list[IdRequest]) -> list[IdOutput | EngineError]:
+    def generate_ids(
+        self,
+        requests: list[IdRequest],
+        done: Done | None = None,  # not called: a task's items go in one request
+    ) -> list[IdOutput | EngineError]:
         bodies = [
             {"input_ids": r.ids, "sampling_params": self._sampling_params(r)} for r in requests
         ]

@@ -33,18 +33,32 @@ from __future__ import annotations
 
 import atexit
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from http.client import HTTPException
 from typing import Any
 
 from cord.common.pools import VLLMSpec
-from cord.workers.engines.base import AnswerLogprobs, BaseEngine, EngineError, IdOutput, IdRequest
+from cord.workers.engines.base import (
+    AnswerLogprobs,
+    BaseEngine,
+    Done,
+    EngineError,
+    IdOutput,
+    IdRequest,
+)
 from cord.workers.engines.server import RequestRejected, ServerSupervisor, request_json
 
 _SEED_MOD = 2**63  # vLLM takes int64 seeds; ours are 64-bit digests
 _MAX_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS: ids one request may ask log-probs of
 _MAX_CONCURRENT = 64  # requests in flight from one task
 _COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)(?:\{[^}]*\})?\s+(\S+)", re.M)
+# The server's gauges admission reads (coordinator/admission.py), by our names.
+_GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "usage",
+}
 
 
 def _is_length_error(message: str) -> bool:
@@ -126,6 +140,8 @@ class VLLMServer(ServerSupervisor):
 
 
 class VLLMEngine(BaseEngine):
+    streams = True  # one request per item: each is handed over as it ends
+
     def __init__(self, spec: VLLMSpec) -> None:
         super().__init__(spec)
         self.server = VLLMServer(spec)
@@ -155,10 +171,23 @@ class VLLMEngine(BaseEngine):
             return EngineError(f"vLLM answered {n} prompts with {answer!r:.200}", True)
         return answer
 
-    def _post_all(self, bodies: list[dict[str, Any]]) -> list[dict[str, Any] | EngineError]:
-        if len(bodies) == 1:
+    def _post_all(
+        self,
+        bodies: list[dict[str, Any]],
+        done: Callable[[int, dict[str, Any] | EngineError], None] | None = None,
+    ) -> list[dict[str, Any] | EngineError]:
+        """Every body's answer; `done(index, answer)` as each one comes (in the pool's
+        threads)."""
+        if len(bodies) == 1 and done is None:
             return [self._post(bodies[0])]
-        return list(self._pool.map(self._post, bodies))
+        futures = {self._pool.submit(self._post, body): i for i, body in enumerate(bodies)}
+        answers: list[dict[str, Any] | EngineError] = [EngineError("not run", True)] * len(bodies)
+        for future in as_completed(futures):
+            index = futures[future]
+            answers[index] = future.result()
+            if done is not None:
+                done(index, answers[index])
+        return answers
 
     @staticmethod
     def _usage(answer: dict[str, Any], default_prompt: int) -> tuple[int, int]:
@@ -186,12 +215,18 @@ class VLLMEngine(BaseEngine):
             body["stop"] = list(r.stops)
         return body
 
-    def generate_ids(self, requests: list[IdRequest]) -> list[IdOutput | EngineError]:
-        answers = self._post_all([self._body(r) for r in requests])
-        return [
-            a if isinstance(a, EngineError) else self._output(r, a)
-            for r, a in zip(requests, answers, strict=True)
-        ]
+    def generate_ids(
+        self, requests: list[IdRequest], done: Done | None = None
+    ) -> list[IdOutput | EngineError]:
+        def output(i: int, a: dict[str, Any] | EngineError) -> IdOutput | EngineError:
+            return a if isinstance(a, EngineError) else self._output(requests[i], a)
+
+        def ended(i: int, a: dict[str, Any] | EngineError) -> None:
+            assert done is not None
+            done(i, output(i, a))
+
+        answers = self._post_all([self._body(r) for r in requests], ended if done else None)
+        return [output(i, a) for i, a in enumerate(answers)]
 
     def _output(self, r: IdRequest, answer: dict[str, Any]) -> IdOutput:
         (choice,) = answer["choices"]
@@ -279,10 +314,12 @@ class VLLMEngine(BaseEngine):
         return AnswerLogprobs([values[j] for j in range(len(target))], prompt_tokens, cached)
 
     # -- the server's own counters ----------------------------------------------------
-    def server_cache(self) -> dict[str, float]:
-        """The server's prefix-cache counters (tokens), from its /metrics; {} if unread.
-        Read with every heartbeat: a short timeout, so a restarting server never holds
-        the heartbeat up until the worker looks lost."""
+    def server_metrics(self) -> dict[str, float]:
+        """From the server's /metrics ({} if unread): its prefix-cache counters (tokens:
+        `hits`, `queries`), its queue (`running`, `waiting` sequences) and its KV cache
+        (`usage`, a share; `blocks` x `block_size` tokens, from its cache config). Read
+        with every heartbeat: a short timeout, so a restarting server never holds the
+        heartbeat up until the worker looks lost."""
         try:
             status, text = request_json("GET", self.server.url + "/metrics", timeout=2.0)
         except (OSError, HTTPException):
@@ -293,13 +330,32 @@ class VLLMEngine(BaseEngine):
         for name, value in _COUNTER.findall(text):
             key = "hits" if "hits" in name else "queries"
             found[key] = found.get(key, 0.0) + float(value)
+        for name, key in _GAUGES.items():
+            values = re.findall(rf"^{name}(?:{{[^}}]*}})?\s+(\S+)", text, re.M)
+            if values:
+                found[key] = sum(float(v) for v in values)
+        config = re.search(r"^vllm:cache_config_info{([^}]*)}", text, re.M)
+        if config:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', config.group(1)))
+            for key in ("num_gpu_blocks", "block_size"):
+                if labels.get(key, "").isdigit():
+                    found[key] = float(labels[key])
         return found
 
     def runtime_stats(self) -> dict[str, Any]:
-        cache = self.server_cache()
-        return {
+        found = self.server_metrics()
+        stats: dict[str, Any] = {
             "server_url": self.server.url,
             "server_restarts": self.server.restarts,
-            "server_cache_hit_tokens": int(cache.get("hits", 0)),
-            "server_cache_query_tokens": int(cache.get("queries", 0)),
+            "server_cache_hit_tokens": int(found.get("hits", 0)),
+            "server_cache_query_tokens": int(found.get("queries", 0)),
         }
+        if {"num_gpu_blocks", "block_size", "usage", "running", "waiting"} <= set(found):
+            capacity = int(found["num_gpu_blocks"] * found["block_size"])
+            stats.update(
+                kv_capacity_tokens=capacity,
+                kv_used_tokens=int(found["usage"] * capacity),
+                requests_running=int(found["running"]),
+                requests_waiting=int(found["waiting"]),
+            )
+        return stats

@@ -114,3 +114,40 @@ def test_step_labels_follow_the_keys():
     assert harness._step_label([answer, expand(4, 0)]) == "x4"
     assert harness._step_label([answer]) == "a"
     assert harness._step_label([score]) is None
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_tiny_gpu_cost_run_prices_both_strategies_before_and_after(tmp_path, redis_url):
+    """The fleet on simulated GPUs (short traces, a fast clock): every problem comes out
+    under both schedulings, streamed replies only where asked, and the figures the
+    README quotes are printed."""
+    out = tmp_path / "figures.json"
+    args = ["gpu", "--problems", "4", "--in-flight", "8", "--sweep", "", "--scale", "0.005"]
+    args += ["--trace-tokens", "600,1200", "--no-second-shape", "--no-meta-teacher"]
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "costs.py"),
+            *args,
+            "--redis-url",
+            redis_url,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for suffix in ("", "_before"):
+        for strategy in ("cord", "curation"):
+            assert figures[f"gpu_done_{strategy}{suffix}"] == 4
+            assert figures[f"gpu_failed_{strategy}{suffix}"] == 0
+        assert figures[f"gpu_cord_vs_curation_ratio{suffix}"] > 0
+    assert figures["gpu_partial_replies_cord"] > 0  # items came back as they ended
+    assert figures["gpu_partial_replies_cord_before"] == 0  # one reply per task
+    assert 0 <= figures["gpu_barrier_idle_share"] <= 1
+    assert any(line.startswith("gpu_cord_vs_curation_ratio=") for line in done.stdout.splitlines())

@@ -130,20 +130,23 @@ def test_scoring_and_expansion_hit_the_server_prefix_cache(alpha: VLLMEngine, me
     cached tokens the engine reports per item: the context is not prefilled again."""
     items = score_items()
     meta.score(items)  # the contexts are in the cache after this
-    before = meta.server_cache()
+    before = meta.server_metrics()
     again = meta.score(items)
-    after = meta.server_cache()
+    after = meta.server_metrics()
     # Whole blocks of 32 tokens are cached: most of each prompt, never all of it.
     assert after["hits"] - before["hits"] >= 0.3 * sum(s.prompt_tokens for s in again)
     assert all(s.cached_tokens > 0 for s in again)
     # Expansion: step 2 of each problem extends the prompt of step 1.
     alpha.expand(expand_items(1))
-    before = alpha.server_cache()
+    before = alpha.server_metrics()
     second = alpha.expand(expand_items(2))
-    after = alpha.server_cache()
+    after = alpha.server_metrics()
     assert after["hits"] > before["hits"] and all(g.cached_tokens > 0 for g in second)
     stats = alpha.stats()
     assert stats.tokens.cached > 0 and (stats.server_cache_hit_tokens or 0) >= after["hits"] > 0
+    # The server's KV cache and queue, for admission: blocks x block size, idle now.
+    assert stats.kv_capacity_tokens and stats.kv_capacity_tokens % 32 == 0
+    assert stats.requests_running == stats.requests_waiting == 0
 
 
 def test_a_seed_samples_the_same_step_again(alpha: VLLMEngine):
@@ -230,3 +233,14 @@ def test_launch_command_and_environment():
     assert "--distributed-executor-backend" not in cmd and "--kv-cache-memory-bytes" not in cmd
     assert "OMP_NUM_THREADS" not in gpu.launch_env()
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.launch_env()
+
+
+def test_items_are_handed_over_as_their_requests_end(alpha: VLLMEngine):
+    """One request per item: with an `emit`, each generation goes out as its request
+    ends, every item once, the same as without."""
+    items = expand_items(1, temperature=0.0)
+    handed: list[str] = []
+    streamed = alpha.expand(items, emit=lambda ready: handed.extend(g.key for g in ready))
+    assert sorted(handed) == sorted(i.key for i in items)  # each once, as it ended
+    plain = alpha.expand(items)
+    assert [(g.key, g.text) for g in streamed] == [(g.key, g.text) for g in plain]
