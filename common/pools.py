@@ -76,7 +76,28 @@ class BenchSpec(_PoolSpec):
     engine: Literal["bench"] = "bench"
 
 
-class _ServerSpec(_PoolSpec):
+class _Batching(_PoolSpec):
+    """A runtime that batches requests as they come (a server, the simulated GPU): a
+    worker runs `concurrency` tasks at once and their requests reach it together."""
+
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="tasks a worker runs at once: their requests reach the server together, "
+        "which batches them (one task at a time leaves it idle between tasks and draining "
+        "at the end of each)",
+    )
+
+    @property
+    def task_slots(self) -> int:
+        return self.concurrency
+
+    @property
+    def continuous_batching(self) -> bool:
+        return True
+
+
+class _ServerSpec(_Batching):
     """An inference server per worker, launched and supervised or attached
     (workers/engines/server.py). Each engine names its own url/launch/port/args fields;
     `server_url`, `launch`, `port` and `extra_args` read them for the supervisor."""
@@ -93,21 +114,6 @@ class _ServerSpec(_PoolSpec):
     health_interval_s: float = Field(
         default=30.0, gt=0, description="a launched server is probed this often"
     )
-    concurrency: int = Field(
-        default=4,
-        ge=1,
-        description="tasks a worker runs at once: their requests reach the server together, "
-        "which batches them (one task at a time leaves it idle between tasks and draining "
-        "at the end of each)",
-    )
-
-    @property
-    def task_slots(self) -> int:
-        return self.concurrency
-
-    @property
-    def continuous_batching(self) -> bool:
-        return True
 
     @property
     def server_url(self) -> str | None:
@@ -230,7 +236,7 @@ class VLLMSpec(_ServerSpec):
         return self.vllm_args
 
 
-class SimSpec(_PoolSpec):
+class SimSpec(_Batching):
     """`engine: sim`: one simulated GPU serving one model, for cost benchmarks only
     (workers/engines/sim.py): continuous batching priced by a roofline of `model` (a shape
     named in the engine's table) on `card`, a block prefix cache of the card's KV
@@ -257,14 +263,6 @@ class SimSpec(_PoolSpec):
     decode_s: tuple[float, float] | None = None
     prefill_token_s: float | None = None
     request_s: float = Field(default=0.0, ge=0)
-
-    @property
-    def task_slots(self) -> int:
-        return self.concurrency
-
-    @property
-    def continuous_batching(self) -> bool:
-        return True
 
 
 META_PROVER_MAX_BATCH = 32  # scoring items per task unless meta_prover.max_batch says

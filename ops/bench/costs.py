@@ -159,19 +159,23 @@ class CostRun:
 
     def span(self) -> tuple[float, dict[str, SimStats]]:
         """Real seconds and the engines' counters over the steady state; over the whole
-        run when the steady state is shorter than a heartbeat (a tiny run)."""
+        run when the teachers decoded nothing in it by their heartbeats (a steady state
+        shorter than a heartbeat: a tiny run)."""
         if len(self.window.marks) >= 2:
             (_, t1, e1), (_, t2, e2) = self.window.marks[0], self.window.marks[-1]
             grown = sims(e1, e2)
-            if any(s.decode_seq_steps for s in grown.values()):
+            if any(s.decode_seq_steps for w, s in grown.items() if self.teaches(w)):
                 return t2 - t1, grown
         return self.run.wall_s, {k: e.sim or SimStats() for k, e in self.run.engine.items()}
+
+    def teaches(self, worker: str) -> bool:
+        return worker.split("-")[0] in self.teachers
 
     def figures(self) -> dict[str, float | None]:
         real_s, grown = self.span()
         servers = len(grown)
         window_s = real_s / self.scale
-        expanders = [w for w in grown if w.split("-")[0] in self.teachers]
+        expanders = [w for w in grown if self.teaches(w)]
         teach = [grown[w] for w in expanders]
         generated = sum(s.decode_seq_steps for s in teach)  # tokens, counted as decoded
         per_problem = tokens_of(self.run.rows)
