@@ -21,8 +21,9 @@ the heartbeats (about once a second). `KVAdmission` admits while
 
     in flight x sequences x context x duty <= TARGET x capacity
 
-on every teacher pool that reports its cache, and never more while a pool has sequences
-waiting for room. A meta-prover of its own holds each scoring context for one pass and
+on every teacher pool that reports its cache, and never more while a pool's cache is
+full (`FULL`) with sequences waiting (a server also queues requests for other reasons,
+e.g. its batch's token budget: those do not stop admission). A meta-prover of its own holds each scoring context for one pass and
 does not steer. ``max_in_flight`` stays the ceiling, and one problem is always admitted.
 `make bench` measures what it buys (docs/benchmarks.md, "What a dataset costs on GPUs").
 """
@@ -38,6 +39,7 @@ from cord.coordinator.routing import PoolKV
 TARGET = 1.5  # of a pool's KV capacity the problems in flight should want (see above)
 PROMPT_TOKENS = 256  # a question, before any is seen
 LEARN = 0.2  # weight of a new observation in the running means
+FULL = 0.9  # a cache this full, with sequences waiting, is out of room
 
 
 class KVAdmission:
@@ -76,8 +78,8 @@ class KVAdmission:
         footprint = self.seqs * self.context * self.duty
         fits = min(TARGET * kv.capacity / footprint for kv in pools.values())
         limit = max(1, min(self.ceiling, int(fits)))
-        if any(kv.waiting for kv in pools.values()):
-            limit = min(limit, max(1, in_flight))  # sequences queue: admit no more
+        if any(kv.waiting and kv.used >= FULL * kv.capacity for kv in pools.values()):
+            limit = min(limit, max(1, in_flight))  # sequences queue for room: no more
         self.limit = limit
 
     def room(self) -> int:

@@ -42,8 +42,11 @@ def test_waiting_sequences_stop_admission_and_a_low_duty_widens_it():
     adm = admission()
     adm.update(pools(100_000), 0)
     first = adm.room()
-    adm.update(pools(100_000, running=10, waiting=5), 20)
-    assert adm.room() <= 20  # sequences queue: no more than in flight now
+    adm.update(pools(100_000, used=95_000, running=10, waiting=5), 20)
+    assert adm.room() <= 20  # sequences queue for room: no more than in flight now
+    queued = admission()
+    queued.update(pools(100_000, used=10_000, running=10, waiting=5), 1)
+    assert queued.room() > 1  # waiting with room to spare (a token budget): not a stop
     busy = admission()
     idle = admission()
     for _ in range(20):
