@@ -23,8 +23,12 @@ the heartbeats (about once a second). `KVAdmission` admits while
 
 on every teacher pool that reports its cache, and never more while a pool's cache is
 full (`FULL`) with sequences waiting (a server also queues requests for other reasons,
-e.g. its batch's token budget: those do not stop admission). A meta-prover of its own holds each scoring context for one pass and
-does not steer. ``max_in_flight`` stays the ceiling, and one problem is always admitted.
+e.g. its batch's token budget: those do not stop admission). A meta-prover of its own
+holds each scoring context for one pass and does not steer. ``max_in_flight`` stays the
+ceiling, and one problem is always admitted. TARGET is above 1 because on a GPU server
+re-prefilling an evicted prefix rides along memory-bound decode passes, while a thin
+batch wastes them: the simulated sweep in docs/benchmarks.md put the cost lowest at
+about one and a half times what fits.
 `make bench` measures what it buys (docs/benchmarks.md, "What a dataset costs on GPUs").
 """
 
