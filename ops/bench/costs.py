@@ -152,6 +152,20 @@ def sims(before: dict[str, EngineStats], after: dict[str, EngineStats]) -> dict[
 class CostRun:
     """One strategy's run on simulated GPUs, priced over its steady state."""
 
+    NAMES = (
+        "gpu_s_per_problem",
+        "teacher_util",
+        "barrier_idle_share",
+        "evicted_prefill_share",
+        "fleet_overhead_share",
+        "clock_lag_share",
+        "mean_batch",
+        "wall_s",
+        "partial_replies",
+        "done",
+        "failed",
+    )
+
     run: FleetRun
     window: Window
     scale: float
@@ -342,19 +356,8 @@ def put(figures: dict[str, Any], prefix: str, got: dict[str, Any], suffix: str =
     """`compare`'s figures under the names `make bench` prints."""
     figures[f"{prefix}_cord_vs_curation_ratio{suffix}"] = got.get("ratio")
     figures[f"{prefix}_cord_vs_curation_ratio_per_correct{suffix}"] = got.get("ratio_per_correct")
-    names = {
-        "teacher_util": "teacher_util",
-        "barrier_idle_share": "barrier_idle_share",
-        "evicted_prefill_share": "evicted_prefill_share",
-        "gpu_s_per_problem": "s_per_problem",
-        "fleet_overhead_share": "fleet_overhead_share",
-        "clock_lag_share": "clock_lag_share",
-        "mean_batch": "mean_batch",
-        "wall_s": "wall_s",
-        "partial_replies": "partial_replies",
-        "done": "done",
-        "failed": "failed",
-    }
+    # CostRun's figure names, as printed (only GPU-seconds is renamed: `gpu_s_per_problem`)
+    names = {key: key for key in CostRun.NAMES} | {"gpu_s_per_problem": "s_per_problem"}
     for strategy in ("cord", "curation"):
         for key, name in names.items():
             figures[f"{prefix}_{name}_{strategy}{suffix}"] = got.get(f"{strategy}_{key}")

@@ -264,7 +264,7 @@ class SimServer:
     def _room(self) -> bool:
         return len(self.running) < self.max_seqs
 
-    def _blocks(self, seq: Seq, generated: float) -> int:
+    def _blocks(self, generated: float) -> int:
         """Blocks a sequence holds for its prompt's last partial block and `generated`."""
         return math.ceil(generated / self.block) + 1
 
@@ -272,7 +272,7 @@ class SimServer:
         if not self.waiting or not self._room():
             return False
         seq = self.waiting[0]
-        return self.cache.fits(seq.keys, self._blocks(seq, seq.generated))
+        return self.cache.fits(seq.keys, self._blocks(seq.generated))
 
     # -- the loop -------------------------------------------------------------------
     def _loop(self) -> None:
@@ -301,7 +301,7 @@ class SimServer:
         while self.waiting and self._room():
             seq = self.waiting[0]
             keys = seq.keys
-            private = self._blocks(seq, seq.generated)
+            private = self._blocks(seq.generated)
             if not self.cache.fits(keys, private):
                 break
             self.waiting.pop(0)
@@ -341,7 +341,7 @@ class SimServer:
 
     def _growth(self, decoding: list[Seq], passes: float) -> int:
         """New blocks the decoding sequences need for `passes` more tokens."""
-        return sum(max(0, self._blocks(s, s.generated + passes) - s.private) for s in decoding)
+        return sum(max(0, self._blocks(s.generated + passes) - s.private) for s in decoding)
 
     def _passes(self) -> None:
         """Passes until the next event: a sequence ends or finishes its prefill, the cache
@@ -388,7 +388,7 @@ class SimServer:
         ended = []
         for seq in decoding:
             seq.generated += done
-            grown = self._blocks(seq, seq.generated) - seq.private
+            grown = self._blocks(seq.generated) - seq.private
             if grown > 0:
                 seq.private += grown
                 self.cache.grow(grown)
