@@ -257,10 +257,31 @@ class SimSpec(_Batching):
     prompt_tokens: tuple[int, int] = (150, 250)
     step_tokens: tuple[int, int] = (100, 400)
     trace_tokens: tuple[int, int] = (2000, 16000)
+    # Traces a teacher writes whole (curation), where they run otherwise than the ones
+    # built step by step; None: trace_tokens.
+    whole_trace_tokens: tuple[int, int] | None = None
     answer_tokens: int = Field(default=10, ge=1)
+    same_step_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of candidates that write the same step as the others on their "
+        "trajectory that do (identical trajectories are scored once)",
+    )
+    score_passes: Literal["one", "per_token"] = Field(
+        default="one",
+        description="a scoring item as one pass over context and answer (a server that "
+        "returns prompt log-probs), or one prompt per answer token (the vllm engine's way)",
+    )
+    burn_cpu: bool = Field(
+        default=False,
+        description="a measured CPU server: each pass spins a core for its time, so the "
+        "host's servers and the fleet share its cores as real CPU servers do",
+    )
     # Measured costs instead of the roofline (a CPU server): seconds per decode pass
-    # (base + per sequence), per uncached prompt token, and per request.
-    decode_s: tuple[float, float] | None = None
+    # (base + per sequence [+ per token of context held]), per uncached prompt token, and
+    # per request.
+    decode_s: tuple[float, float] | tuple[float, float, float] | None = None
     prefill_token_s: float | None = None
     request_s: float = Field(default=0.0, ge=0)
 

@@ -234,11 +234,13 @@ def compare(
     scale: float,
     samples: int | None,
     accuracy: dict[str, float],
+    tag: str,
 ) -> tuple[dict[str, Any], int]:
     """CoRD, then curation at the N that reaches CoRD's tokens (or `samples`), on the same
-    problems under `scheduling`: their figures and the ratios."""
+    problems (`tag`'s: the same in every run of the benchmark, another in each
+    comparison of one fleet, whose caches outlive a run) under `scheduling`: their
+    figures and the ratios."""
     cfg = with_scheduling(base, scheduling, in_flight)
-    tag = uuid.uuid4().hex[:6]
     cord = run_costed(fleet, cfg, problems, tag, scale)
     n = samples or matched_curation_samples(cfg, cord.run.rows)
     search = cfg.search.model_copy(update={"strategy": "curation", "curation_samples": n})
@@ -279,7 +281,7 @@ def main() -> None:
 )
 @click.option(
     "--sweep",
-    default="4,8,16",
+    default="8,16",
     show_default=True,
     help="Problems in flight, admitted by count, for the ratio against them.",
 )
@@ -325,29 +327,33 @@ def gpu(
         shape, card = SETUPS["32b_h100"]
         with fleet_of(tmp, shape, card) as fleet:
             fleet.up()
-            now, n = compare(fleet, fleet.cfg, {}, in_flight, problems, scale, None, acc)
+            now, n = compare(fleet, fleet.cfg, {}, in_flight, problems, scale, None, acc, "now")
             put(figures, "gpu", now)
             cord_util, cur_util = now.get("cord_teacher_util"), now.get("curation_teacher_util")
             figures["gpu_teacher_util_ratio"] = (
                 r3(cord_util / cur_util) if cord_util and cur_util else None
             )
-            was, _ = compare(fleet, fleet.cfg, BEFORE, in_flight, problems, scale, n, acc)
+            was, _ = compare(fleet, fleet.cfg, BEFORE, in_flight, problems, scale, n, acc, "before")
             put(figures, "gpu", was, suffix="_before")
             for m in counts:
                 count = {"kv_admission": False}
-                at, _ = compare(fleet, fleet.cfg, count, m, max(problems, 2 * m), scale, n, acc)
+                at, _ = compare(
+                    fleet, fleet.cfg, count, m, max(problems, 2 * m), scale, n, acc, f"count{m}"
+                )
                 figures[f"gpu_cord_vs_curation_ratio_in_flight_{m}"] = at.get("ratio")
                 figures[f"gpu_s_per_problem_cord_in_flight_{m}"] = at.get("cord_gpu_s_per_problem")
         if meta_teacher:  # the meta-prover is teacher t1: one pool serves both
             with fleet_of(tmp, shape, card, meta=True) as fleet:
                 fleet.up()
-                got, _ = compare(fleet, fleet.cfg, {}, in_flight, problems, scale, n, acc)
+                got, _ = compare(fleet, fleet.cfg, {}, in_flight, problems, scale, n, acc, "now")
                 put(figures, "gpu_meta_teacher", got)
         if second_shape:
             for name, (shape, card) in SECOND.items():
                 with fleet_of(tmp, shape, card) as fleet:
                     fleet.up()
-                    got, _ = compare(fleet, fleet.cfg, {}, in_flight, problems, scale, None, acc)
+                    got, _ = compare(
+                        fleet, fleet.cfg, {}, in_flight, problems, scale, None, acc, "now"
+                    )
                     put(figures, f"gpu_{name}", got)
     emit(figures, json_path)
 

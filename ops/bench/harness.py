@@ -272,6 +272,32 @@ def _tree_cpu_s(root: int, stats: dict[int, tuple[int, float]]) -> float:
     return total
 
 
+def descendants(root: int) -> list[int]:
+    """The processes below `root` (not `root` itself), by /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for pid, (parent, _) in _proc_stats().items():
+        children[parent].append(pid)
+    out, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def exact_cpu_s(pids: list[int]) -> float:
+    """CPU seconds every thread of `pids` has run, to the nanosecond (the scheduler's own
+    count in /proc/PID/task/TID/schedstat; /proc's stat counts 10 ms ticks)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total / 1e9
+
+
 # -- the coordinator, timed ------------------------------------------------------------
 def _step_label(works: list[Work]) -> str | None:
     """The phase a batch of new work opens for a problem: ``x<step>`` (a CoRD step's

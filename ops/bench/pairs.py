@@ -122,12 +122,13 @@ def cord_curation_pairs(
     pairs: int,
     seed: int = SEED,
     make: Callable[[int, int], list[Problem]] = lab_problems,
+    samples: int | None = None,
 ) -> PairRuns:
     """`pairs` CoRD/curation pairs through `fleet`; `first` is CoRD's run on
-    ``make(problems, seed)``, which sets curation's N and opens the first pair. Pair k
-    runs on ``make(problems, seed + k)``."""
+    ``make(problems, seed)``, which sets curation's N (unless `samples` does) and opens
+    the first pair. Pair k runs on ``make(problems, seed + k)``."""
     cfg = fleet.cfg
-    n = matched_curation_samples(cfg, first.rows)
+    n = samples or matched_curation_samples(cfg, first.rows)
     search = cfg.search.model_copy(update={"strategy": "curation", "curation_samples": n})
     cur_cfg = cfg.model_copy(update={"search": search})
     paired: list[tuple[FleetRun, FleetRun]] = []

@@ -99,6 +99,8 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("gpu_evicted_prefill_share_before", None, "", ""),
     ("gpu_meta_teacher_cord_vs_curation_ratio", None, "", ""),
     ("gpu_7b_a10g_cord_vs_curation_ratio", None, "", ""),
+    ("cord_vs_curation_wall_ratio_sim", None, "", ""),
+    ("cord_vs_curation_model_token_ratio_sim", None, "", ""),
     ("sim_cpu_vllm_prediction_error", 0.15, "<=", ""),
     ("follow_coordinator_rss_mib_first_wave", None, "", ""),
     ("follow_coordinator_rss_mib_last_wave", None, "", ""),
@@ -219,6 +221,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--vllm-problems", default=12, show_default=True)
 @click.option("--vllm-pairs-problems", default=48, show_default=True)
 @click.option("--vllm-pairs", default=5, show_default=True)
+@click.option("--vllm-sim-pairs", default=3, show_default=True)
 @click.option("--affinity-problems", default=24, show_default=True)
 @click.option("--affinity-long-problems", default=16, show_default=True)
 @click.option("--affinity-long-pairs", default=3, show_default=True)
@@ -227,7 +230,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option("--gpu-problems", default=20, show_default=True)
-@click.option("--gpu-sweep", default="4,8,16", show_default=True)
+@click.option("--gpu-sweep", default="8,16", show_default=True)
 @click.option(
     "--doc",
     "doc_path",
@@ -294,7 +297,12 @@ def plan_of(sizes: dict[str, Any]) -> dict[str, list[str]]:
         # The fleet on vLLM servers against hf, the same problems (servers.py).
         "vllm": args(("--problems", "vllm_problems")),
         # CoRD against curation with every pool on a vLLM server.
-        "vllm_pairs": args(("--problems", "vllm_pairs_problems"), ("--pairs", "vllm_pairs")),
+        # Then the sim engine, calibrated on those servers, predicts the pairs.
+        "vllm_pairs": args(
+            ("--problems", "vllm_pairs_problems"),
+            ("--pairs", "vllm_pairs"),
+            ("--sim-pairs", "vllm_sim_pairs"),
+        ),
         # Two vLLM servers per pool: cache hits and wall time with and without affinity.
         "vllm_affinity": args(
             ("--problems", "affinity_problems"),

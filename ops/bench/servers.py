@@ -60,6 +60,7 @@ from typing import Any
 import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibrate
 from harness import (
     SEED,
     WARMUP_SEED,
@@ -67,7 +68,9 @@ from harness import (
     FleetRun,
     cache_share,
     default_redis_url,
+    descendants,
     emit,
+    exact_cpu_s,
     fleet_dict,
     lab_problems,
     machine,
@@ -76,7 +79,7 @@ from harness import (
     run_fleet,
     tokens_of,
 )
-from pairs import cord_curation_pairs
+from pairs import PairRuns, cord_curation_pairs
 
 from cord.common import env
 from cord.common.config import RoutingSpec, RunConfig, allow_bench_engine
@@ -160,6 +163,12 @@ def compare(redis_url: str, problems: int, json_path: str | None) -> None:
 @click.option("--problems", default=48, show_default=True, help="Problems per run.")
 @click.option("--pairs", default=5, show_default=True)
 @click.option(
+    "--sim-pairs",
+    default=3,
+    show_default=True,
+    help="Pairs of the sim engine calibrated on these servers (0: no check).",
+)
+@click.option(
     "--max-in-flight",
     default=None,
     type=int,
@@ -167,9 +176,16 @@ def compare(redis_url: str, problems: int, json_path: str | None) -> None:
 )
 @json_option
 def pairs(
-    redis_url: str, problems: int, pairs: int, max_in_flight: int | None, json_path: str | None
+    redis_url: str,
+    problems: int,
+    pairs: int,
+    sim_pairs: int,
+    max_in_flight: int | None,
+    json_path: str | None,
 ) -> None:
-    """CoRD against curation with every pool on a vLLM server, in pairs."""
+    """CoRD against curation with every pool on a vLLM server, in pairs; then the sim
+    engine, calibrated on these servers and the run's lengths, predicts the pairs
+    (calibrate.py)."""
     figures: dict[str, Any] = {"vllm_pairs_problems": problems}
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
         ns = f"bench-{uuid.uuid4().hex[:8]}"
@@ -180,11 +196,50 @@ def pairs(
             run_fleet(fleet.cfg, lab_problems(4, WARMUP_SEED))  # compiles, connections
             first = run_fleet(fleet.cfg, lab_problems(problems, SEED + 100), fleet=fleet)
             result = cord_curation_pairs(fleet, first, problems, pairs, seed=SEED + 100)
+            sim_data = calibrated_sim(fleet, data, result) if sim_pairs else None
         finally:
             fleet.stop()
-    figures.update(result.figures("_vllm"))
+        figures.update(result.figures("_vllm"))
+        if sim_data is not None:
+            sim_data["namespace"] = f"bench-{uuid.uuid4().hex[:8]}"
+            sim = BenchFleet(sim_data, Path(tmp))
+            try:
+                sim.up()
+                first = run_fleet(sim.cfg, lab_problems(problems, SEED + 100), fleet=sim)
+                # The same experiment: curation at the real run's N.
+                predicted = cord_curation_pairs(
+                    sim, first, problems, sim_pairs, seed=SEED + 100, samples=result.samples
+                )
+            finally:
+                sim.stop()
+            figures.update(calibrate.prediction(result, predicted))
+            figures["sim_costs"] = {
+                t["name"]: t for t in [*sim_data["teachers"], sim_data["meta_prover"]]
+            }
     figures["machine"] = machine()
     emit(figures, json_path)
+
+
+def calibrated_sim(fleet: BenchFleet, data: dict[str, Any], result: PairRuns) -> dict[str, Any]:
+    """`data`'s fleet on the sim engine, priced by its running servers' measured costs,
+    with the lengths of `result`'s rows (calibrate.py)."""
+    by_pool = {name.split("-")[0]: e for name, e in fleet.engine_stats().items()}
+    pids = {w.name.split("-")[0]: w.pid for w in fleet.workers}
+    costs, kv = {}, {}
+    for spec in [*fleet.cfg.teachers, fleet.cfg.meta_prover]:
+        stats = by_pool[spec.name]
+        assert stats.server_url and stats.kv_capacity_tokens and spec.model
+        config = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8"))
+        server = descendants(pids[spec.name])  # the worker's server, and what it runs
+        costs[spec.name] = calibrate.measure(
+            stats.server_url, lambda pids=server: exact_cpu_s(pids), int(config["vocab_size"])
+        )
+        kv[spec.name] = stats.kv_capacity_tokens
+        click.echo(f"{spec.name}: measured {costs[spec.name]}, KV {kv[spec.name]} tokens", err=True)
+    cord = [row for run, _ in result.runs for row in run.rows]
+    curation = [row for _, run in result.runs for row in run.rows]
+    lengths = calibrate.lab_lengths(fleet.cfg, cord, curation)
+    return calibrate.sim_dict(data, costs, lengths, kv)
 
 
 # -- affinity on two servers per pool ---------------------------------------------------

@@ -11,7 +11,9 @@ batching and the admission that price a dataset are the real ones.
 
 Lengths are drawn, seeded by the item's key, from the spec's ranges: a problem's prompt
 and its trace length (log-uniform: most traces are short, some run to the top), each
-step's tokens, the answer's. A trajectory ends (``</think>``) once its steps reach its
+step's tokens, the answer's. A share of candidates (`same_step_share`) write the step
+their trajectory's other agreeing candidates write (small teachers often agree), and the
+coordinator scores such twins once. A trajectory ends (``</think>``) once its steps reach its
 problem's trace length times a factor of its own. Texts are placeholders that carry
 their token counts (`` <tag>#<tokens>``): the engine reads its own steps back to know
 what a prompt holds. Scores are a hash of the key. The run config refuses this engine
@@ -21,10 +23,13 @@ is data, and no quality figure ever comes from it.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
 import queue
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -55,8 +60,10 @@ from cord.workers.engines.simcost import (
 
 _TOKENS = re.compile(r"#(\d+)")
 Segment = tuple[int, int]  # (content hash, tokens)
-# An item's sequence: its prompt, tokens to generate, what it writes, its result to be.
-Work = tuple[list[Segment], int, list[Segment], Generation | Score]
+# A sequence to run: its prompt, tokens to generate, what it writes.
+Part = tuple[list[Segment], int, list[Segment]]
+# An item: its sequences (one, or a scoring pass per answer token) and its result to be.
+Work = tuple[list[Part], Generation | Score]
 
 
 def digest(*parts: object) -> int:
@@ -161,6 +168,7 @@ class Seq:
     keys: list[int] = field(default_factory=list)
     written: list[Segment] = field(default_factory=list)  # what it generates, as segments
     private: int = 0  # blocks held for its new tokens
+    requests: int = 1  # server requests it opens (0: it rides in another's)
     generated: float = 0.0
     cached_tokens: int = 0
     recompute: int = 0  # tokens its (re-)admission prefills
@@ -173,6 +181,44 @@ class Seq:
     @property
     def left(self) -> float:
         return self.new_tokens - self.generated
+
+
+# A process that spins one core for the CPU seconds asked of it, a line at a time.
+_BURN = (
+    "import sys, time\n"
+    "for line in sys.stdin:\n"
+    "    end = time.process_time() + float(line)\n"
+    "    while time.process_time() < end:\n"
+    "        pass\n"
+    "    print(flush=True)\n"
+)
+
+
+class Burner:
+    """A measured CPU server's passes as CPU work: a process of its own spins a core for
+    each slice of a pass. The host's scheduler then shares its cores between the sim
+    servers and the fleet's own processes as it would between real CPU servers and the
+    fleet: a pass takes longer when the cores are busy."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BURN],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        atexit.register(self.close)
+
+    def burn(self, seconds: float) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{seconds!r}\n")
+        self.proc.stdout.readline()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class SimServer:
@@ -192,14 +238,17 @@ class SimServer:
         max_seqs: int,
         scale: float,
         chunk: int | None,
+        burner: Burner | None = None,
     ):
         self.clock = clock
+        self.burner = burner
         self.block = block
         self.max_seqs = max_seqs
         self.scale = scale
         self.chunk = chunk
         self.cache = BlockCache(max(1, kv_tokens // block))
         self.stats = SimStats()
+        self._decoded = [0.0, 0.0]  # passes and sequence-steps, parts of passes included
         self.waiting: list[Seq] = []
         self.running: list[Seq] = []
         self._cv = threading.Condition()
@@ -242,6 +291,37 @@ class SimServer:
         """Let `seconds` of simulated time pass prefilling or decoding (`kind`: the
         counter it adds to; called holding the lock); returns how much did: less when
         new work came in (`interruptible`)."""
+        if self.burner is not None:
+            return self._burned(kind, seconds, interruptible)
+        return self._timed(kind, seconds, interruptible)
+
+    BURN_SLICE_S = 0.002  # real CPU seconds between looks for new work
+
+    def _burned(self, kind: str, seconds: float, interruptible: bool) -> float:
+        """`_run_for` on a burner: the pass is CPU work, in slices (the lock is let go
+        while one burns); the clock follows real time, however long the cores took."""
+        assert self.burner is not None
+        start = self.stats.clock_s
+        self._run = (kind, start, seconds)
+        passed = 0.0
+        while passed < seconds:
+            piece = min(seconds - passed, self.BURN_SLICE_S / self.scale)
+            self._cv.release()
+            try:
+                self.burner.burn(piece * self.scale)
+            finally:
+                self._cv.acquire()
+            passed += piece
+            if interruptible and self._can_admit():
+                break
+        self._run = None
+        now_s = (time.perf_counter() - self._real0) / self.scale
+        self.stats.clock_s = max(start + passed, now_s)
+        self.stats.busy_s += passed
+        setattr(self.stats, kind, getattr(self.stats, kind) + passed)
+        return passed
+
+    def _timed(self, kind: str, seconds: float, interruptible: bool) -> float:
         start = self.stats.clock_s
         deadline = self._real_at(start + seconds)
         self._run = (kind, start, seconds)
@@ -287,6 +367,12 @@ class SimServer:
                 admitted = self._admit()
                 if admitted and self.chunk is None:
                     self._prefill(admitted)
+                    # The prefill's pass writes each new sequence's first token.
+                    for seq in admitted:
+                        seq.generated = max(seq.generated, 1.0)
+                    for seq in [s for s in admitted if s.left <= 1e-9]:
+                        admitted.remove(seq)
+                        self._finish(seq)
                 self.running.extend(admitted)
                 if self.running:
                     self._passes()
@@ -326,7 +412,9 @@ class SimServer:
         """All of `seqs`' prompts at once, nothing decoding meanwhile (no chunking)."""
         tokens = sum(s.recompute for s in seqs)
         context = sum(s.prompt_tokens for s in seqs) // (2 * len(seqs))
-        seconds = self.clock.prefill_s(tokens, context) + self.clock.request_s * len(seqs)
+        requests = sum(s.requests for s in seqs)
+        seconds = self.clock.prefill_s(tokens, context) + self.clock.request_s * requests
+        seconds += self.clock.step_s
         self._run_for("prefill_s", seconds, interruptible=False)
         for seq in seqs:
             self._prefilled(seq, seq.recompute)
@@ -378,8 +466,11 @@ class SimServer:
         kind = "decode_s" if decoding else "prefill_s"
         passed = self._run_for(kind, per_pass * passes, interruptible=True)
         done = passes if passed >= per_pass * passes else passed / per_pass
-        self.stats.decode_passes += math.floor(done) if decoding else 0
-        self.stats.decode_seq_steps += math.floor(done * len(decoding))
+        if decoding:  # counted whole, an interrupted pass's part carried to the next
+            self._decoded[0] += done
+            self._decoded[1] += done * len(decoding)
+            self.stats.decode_passes = math.floor(self._decoded[0] + 1e-6)
+            self.stats.decode_seq_steps = math.floor(self._decoded[1] + 1e-6)
         left = int(done * fill)
         for seq in filling:
             took = min(seq.recompute, left)
@@ -425,8 +516,9 @@ class SimEngine:
         self.spec = spec
         if spec.decode_s is not None and spec.prefill_token_s is not None:
             # A measured CPU server: its own costs, no chunked prefill (the CPU build's).
+            base, per_seq, *per_kv = spec.decode_s
             clock: Clock = Measured(
-                spec.decode_s[0], spec.decode_s[1], spec.prefill_token_s, spec.request_s
+                base, per_seq, per_kv[0] if per_kv else 0.0, spec.prefill_token_s, spec.request_s
             )
             kv, max_seqs, chunk = spec.kv_tokens or 1_000_000, 256, None
         else:
@@ -436,8 +528,9 @@ class SimEngine:
             kv = spec.kv_tokens or kv_capacity_tokens(card, SHAPES[spec.model])
             max_seqs, chunk = card.max_seqs, card.batched_tokens
         self.kv_tokens = kv
+        burner = Burner() if spec.burn_cpu else None
         self.server = SimServer(
-            clock, kv, spec.block_tokens, spec.max_seqs or max_seqs, spec.time_scale, chunk
+            clock, kv, spec.block_tokens, spec.max_seqs or max_seqs, spec.time_scale, chunk, burner
         )
         self.counters = EngineStats(engine="sim", kv_capacity_tokens=kv)
         self._lock = threading.Lock()
@@ -447,10 +540,11 @@ class SimEngine:
         lo, hi = bounds
         return lo + int(unit(*key) * (hi - lo + 1))
 
-    def _trace_tokens(self, prompt: str, key: str) -> int:
-        """The problem's trace length (log-uniform over the range), times the
-        trajectory's own factor (0.8-1.2)."""
-        lo, hi = self.spec.trace_tokens
+    def _trace_tokens(self, prompt: str, key: str, whole: bool) -> int:
+        """The problem's trace length (log-uniform over the range: `whole_trace_tokens`
+        for a trajectory written whole, where set), times the trajectory's own factor
+        (0.8-1.2)."""
+        lo, hi = (self.spec.whole_trace_tokens if whole else None) or self.spec.trace_tokens
         base = lo * (hi / lo) ** unit("trace", prompt)
         return int(base * (0.8 + 0.4 * unit("own", key)))
 
@@ -463,8 +557,11 @@ class SimEngine:
         work: list[Work] = []
         for item in items:
             so_far = sum(step_tokens(s) for s in item.steps)
-            goal = self._trace_tokens(item.prompt, item.key)
-            tag = f"{digest(item.key) % 1_000_000:06d}"
+            # The step every agreeing candidate on this trajectory writes, or its own.
+            agrees = not item.whole and unit("same", item.key) < self.spec.same_step_share
+            own = digest("same", item.prompt, *item.steps) if agrees else item.key
+            goal = self._trace_tokens(item.prompt, str(own), item.whole)
+            tag = f"{digest(own) % 1_000_000:06d}"
             finish: FinishReason
             if item.whole:  # steps until the trajectory's length: one text with headers
                 lengths: list[int] = []
@@ -479,7 +576,7 @@ class SimEngine:
                 )
                 tokens, finish = sum(lengths), "think_end"
             else:
-                tokens = self._range(self.spec.step_tokens, item.key)
+                tokens = self._range(self.spec.step_tokens, own)
                 bodies = [f" {tag}#{tokens}"]
                 text = bodies[0]
                 finish = "think_end" if so_far + tokens >= goal else "step"
@@ -494,7 +591,7 @@ class SimEngine:
                 else bodies
             )
             written = [(digest(t), step_tokens(t)) for t in steps]
-            work.append((self._context(item.prompt, item.steps), tokens, written, plan))
+            work.append(([(self._context(item.prompt, item.steps), tokens, written)], plan))
         return self._run(work, emit)
 
     def answer(self, items: list[AnswerItem], emit: Emit | None = None) -> list[Generation]:
@@ -503,7 +600,7 @@ class SimEngine:
         for i in items:
             n = min(self.spec.answer_tokens, i.max_new_tokens)
             plan = Generation(key=i.key, text=" The final answer is 0.", finish="eos", tokens=n)
-            work.append(([*self._context(i.prompt, i.steps), close], n, [], plan))
+            work.append(([([*self._context(i.prompt, i.steps), close], n, [])], plan))
         return self._run(work, emit)
 
     def score(self, items: list[ScoreItem], emit: Emit | None = None) -> list[Score]:
@@ -513,26 +610,36 @@ class SimEngine:
             plan = Score(
                 key=i.key, score=(digest(i.key) % 1_000_000 + 1) / 1_000_002, answer_tokens=n
             )
-            # The context and the reference answer in one pass (its log-probs).
-            context = [*self._context(i.prompt, i.steps), (digest("a", i.answer), n)]
-            work.append((context, 1, [], plan))
+            context = self._context(i.prompt, i.steps)
+            answer = digest("a", i.answer)
+            if self.spec.score_passes == "one":
+                # The context and the reference answer in one pass (its log-probs).
+                parts: list[Part] = [([*context, (answer, n)], 1, [])]
+            else:
+                # As the vLLM engine scores: one prompt per answer position j (the
+                # context and the answer's first j tokens), all in one request.
+                parts = [([*context, (answer, j)] if j else context, 1, []) for j in range(n)]
+            work.append((parts, plan))
         return self._run(work, emit)
 
     def _run(self, work: list[Work], emit: Emit | None) -> list[Any]:
-        """One sequence per item, all submitted at once; returns each item's planned
-        result with what its prompt cost. With `emit`, results go out as their
-        sequences end (what ends together goes together)."""
+        """The sequences of every item, all submitted at once; returns each item's
+        planned result with what its prompts cost. With `emit`, results go out as their
+        items' last sequences end (what ends together goes together)."""
         finished: queue.Queue[tuple[int, Seq]] = queue.Queue()
         seqs = []
-        for index, (segments, new, written, _) in enumerate(work):
+        for index, (parts, _) in enumerate(work):
 
             def done(seq: Seq, index: int = index) -> None:
                 finished.put((index, seq))
 
-            keys = block_keys(segments, self.spec.block_tokens)
-            seqs.append(Seq(segments, max(1, new), done, keys, written))
+            for k, (segments, new, written) in enumerate(parts):
+                keys = block_keys(segments, self.spec.block_tokens)
+                seqs.append(Seq(segments, max(1, new), done, keys, written, requests=int(k == 0)))
         self.server.submit(seqs)
         out: list[Any] = [None] * len(work)
+        pending = [len(parts) for parts, _ in work]
+        cost = [[0, 0] for _ in work]  # prompt and cached tokens so far
         left = len(work)
         while left:
             ended = [finished.get()]
@@ -543,13 +650,19 @@ class SimEngine:
                     break
             ready = []
             for index, seq in ended:
-                out[index] = work[index][3].model_copy(
-                    update={"prompt_tokens": seq.prompt_tokens, "cached_tokens": seq.cached_tokens}
+                cost[index][0] += seq.prompt_tokens
+                cost[index][1] += seq.cached_tokens
+                pending[index] -= 1
+                if pending[index]:
+                    continue
+                prompt, cached = cost[index]
+                out[index] = work[index][1].model_copy(
+                    update={"prompt_tokens": prompt, "cached_tokens": cached}
                 )
                 ready.append(out[index])
-            left -= len(ended)
+            left -= len(ready)
             self._count(ready)
-            if emit is not None and left:
+            if emit is not None and left and ready:
                 emit(ready)
         return out
 

@@ -17,7 +17,9 @@ plotting stack of a dozen packages and top-level modules named `GenZ` and `Syste
 the sim needs only these three terms, evaluated per scheduler event.
 
 A measured CPU server is priced by its own figures instead (`Measured`): seconds per
-decode pass as ``base + per_seq x B``, per uncached prompt token, and per request.
+decode pass as ``base + per_seq x B + per_kv x context tokens``, per uncached prompt
+token, and per request (whose prefill writes its first token); requests prefilled
+together share one step's base.
 """
 
 from __future__ import annotations
@@ -100,6 +102,9 @@ class Clock(Protocol):
     @property
     def request_s(self) -> float: ...
 
+    @property
+    def step_s(self) -> float: ...
+
 
 @dataclass(frozen=True)
 class Roofline:
@@ -126,6 +131,10 @@ class Roofline:
     def request_s(self) -> float:
         return 0.0
 
+    @property
+    def step_s(self) -> float:
+        return 0.0
+
 
 @dataclass(frozen=True)
 class Measured:
@@ -133,11 +142,13 @@ class Measured:
 
     decode_base_s: float
     decode_per_seq_s: float
+    decode_per_kv_s: float  # per token of context the batch's sequences hold
     prefill_token_s: float
     per_request_s: float
 
     def pass_s(self, batch: int, kv_tokens: int, prefill: int, context: int) -> float:
-        return self.decode_base_s + self.decode_per_seq_s * batch + self.prefill_s(prefill, 0)
+        decode = self.decode_base_s + self.decode_per_seq_s * batch
+        return decode + self.decode_per_kv_s * kv_tokens + self.prefill_s(prefill, 0)
 
     def prefill_s(self, tokens: int, context: int) -> float:
         return self.prefill_token_s * tokens
@@ -145,6 +156,12 @@ class Measured:
     @property
     def request_s(self) -> float:
         return self.per_request_s
+
+    @property
+    def step_s(self) -> float:
+        """What an engine step costs whatever it runs: a prefill of prompts that
+        arrived together pays it once."""
+        return self.decode_base_s
 
 
 def clock_of(card: str, shape: str) -> Roofline:

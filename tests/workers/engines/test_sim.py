@@ -3,6 +3,9 @@ own (no fleet). Its texts are placeholders; what is checked is what it prices.""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from cord.common import config as config_module
@@ -115,6 +118,61 @@ def test_streaming_hands_items_over_as_they_end():
     assert {g.key for g in out} == {i.key for i in items}
     ends = {g.key: g.tokens for g in out}
     assert max(ends[k] for k in early) <= min(ends[k] for k in ends if k not in early)
+
+
+def test_per_token_scoring_prefills_each_prompts_last_partial_block_as_vllm_does():
+    # One prompt per answer position j, context + answer[:j], in one request: the first
+    # computes the context; each other finds the full blocks cached and computes the rest.
+    n, block = 6, 32
+    e = engine(
+        score_passes="per_token", block_tokens=block, answer_tokens=n, prompt_tokens=(100, 100)
+    )
+    (one,) = engine(block_tokens=block, answer_tokens=n, prompt_tokens=(100, 100)).score(
+        [ScoreItem(key="s", prompt="Q5", steps=[" 1#50"], answer="7")]
+    )
+    (per,) = e.score([ScoreItem(key="s", prompt="Q5", steps=[" 1#50"], answer="7")])
+    assert per.score == one.score and one.prompt_tokens == 150 + n
+    lengths = [150 + j for j in range(n)]
+    assert per.prompt_tokens == sum(lengths)
+    computed = lengths[0] + sum(t - (t // block) * block for t in lengths[1:])
+    assert per.prompt_tokens - per.cached_tokens == computed
+    assert e.stats().requests == 1
+
+
+def test_candidates_that_agree_write_the_same_step_and_others_their_own():
+    agree = engine(same_step_share=1.0)
+    a, b = agree.expand([expand("a", [" 1#50"]), expand("b", [" 1#50"])])
+    assert a.text == b.text and a.tokens == b.tokens and a.finish == b.finish
+    (c,) = agree.expand([expand("c", [" 2#50"])])  # another trajectory: another step
+    assert c.text != a.text
+    apart = engine()
+    d, e = apart.expand([expand("a", [" 1#50"]), expand("b", [" 1#50"])])
+    assert d.text != e.text
+
+
+def test_a_burner_spends_the_cpu_time_a_pass_costs():
+    e = engine(
+        model="alpha",
+        time_scale=1.0,
+        decode_s=(0.004, 0.0),
+        prefill_token_s=0.0,
+        burn_cpu=True,
+        step_tokens=(20, 20),
+    )
+    burner = e.server.burner
+    assert burner is not None
+    before = _cpu_s(burner.proc.pid)
+    (g,) = e.expand([expand("b", [])])
+    assert g.tokens == 20
+    # The prefill writes the first token, 19 decode passes of 4 ms each the rest, spun
+    # in the burner's process.
+    assert _cpu_s(burner.proc.pid) - before >= 0.9 * 19 * 0.004
+    burner.close()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_the_config_refuses_the_sim_engine_outside_the_harness(monkeypatch):
