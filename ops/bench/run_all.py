@@ -1,6 +1,6 @@
 """``make bench``: every fleet benchmark in one run, figures into docs/benchmarks.md.
 
-    python ops/bench/run_all.py                       # the full run (about 20 min on 2 cores)
+    python ops/bench/run_all.py                       # the full run (about 28 min on 2 cores)
     python ops/bench/run_all.py --no-doc --only dispatch --dispatch-problems 200   # a look
 
 Each benchmark of `ops/bench/fleet.py` runs in a process of its own, one after another:
@@ -10,7 +10,7 @@ each benchmark's own output, a table of the figures against their targets, and l
 ``name=value`` lines. The figures replace the part of docs/benchmarks.md between
 ``<!-- make bench: begin -->`` and ``<!-- make bench: end -->`` (added at the end if the
 markers are missing); the rest of the file, the GPU figures among it, is left as it is.
-Sizes are flags; the defaults fit in 30 minutes on a 2-core machine (about 20).
+Sizes are flags; the defaults fit in 30 minutes on a 2-core machine (about 28).
 """
 
 from __future__ import annotations
@@ -220,13 +220,14 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--cache-problems", default=24, show_default=True)
 @click.option("--vllm-problems", default=12, show_default=True)
 @click.option("--vllm-pairs-problems", default=48, show_default=True)
-@click.option("--vllm-pairs", default=5, show_default=True)
-@click.option("--vllm-sim-pairs", default=3, show_default=True)
+@click.option("--vllm-pairs", default=4, show_default=True)
+@click.option("--vllm-sim-pairs", default=2, show_default=True)
 @click.option("--affinity-problems", default=24, show_default=True)
+@click.option("--affinity-lab-pairs", default=1, show_default=True)
 @click.option("--affinity-long-problems", default=16, show_default=True)
 @click.option("--affinity-long-pairs", default=3, show_default=True)
 @click.option("--backlog-problems", default=1_000_000, show_default=True)
-@click.option("--admit-seconds", default=150, show_default=True)
+@click.option("--admit-seconds", default=120, show_default=True)
 @click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option("--gpu-problems", default=20, show_default=True)
@@ -306,6 +307,7 @@ def plan_of(sizes: dict[str, Any]) -> dict[str, list[str]]:
         # Two vLLM servers per pool: cache hits and wall time with and without affinity.
         "vllm_affinity": args(
             ("--problems", "affinity_problems"),
+            ("--lab-pairs", "affinity_lab_pairs"),
             ("--long-problems", "affinity_long_problems"),
             ("--long-pairs", "affinity_long_pairs"),
         ),
