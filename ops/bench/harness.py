@@ -260,22 +260,10 @@ def _proc_stats() -> dict[int, tuple[int, float]]:
     return out
 
 
-def _tree_cpu_s(root: int, stats: dict[int, tuple[int, float]]) -> float:
+def descendants(root: int, stats: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """The processes below `root` (not `root` itself), by /proc (or `stats`)."""
     children: dict[int, list[int]] = defaultdict(list)
-    for pid, (parent, _) in stats.items():
-        children[parent].append(pid)
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += stats.get(pid, (0, 0.0))[1]
-        todo += children.get(pid, [])
-    return total
-
-
-def descendants(root: int) -> list[int]:
-    """The processes below `root` (not `root` itself), by /proc."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for pid, (parent, _) in _proc_stats().items():
+    for pid, (parent, _) in (stats if stats is not None else _proc_stats()).items():
         children[parent].append(pid)
     out, todo = [], list(children.get(root, []))
     while todo:
@@ -283,6 +271,10 @@ def descendants(root: int) -> list[int]:
         out.append(pid)
         todo += children.get(pid, [])
     return out
+
+
+def _tree_cpu_s(root: int, stats: dict[int, tuple[int, float]]) -> float:
+    return sum(stats.get(pid, (0, 0.0))[1] for pid in [root, *descendants(root, stats)])
 
 
 def exact_cpu_s(pids: list[int]) -> float:

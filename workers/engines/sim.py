@@ -314,9 +314,13 @@ class SimServer:
             passed += piece
             if interruptible and self._can_admit():
                 break
-        self._run = None
         now_s = (time.perf_counter() - self._real0) / self.scale
-        self.stats.clock_s = max(start + passed, now_s)
+        return self._ran(kind, passed, max(start + passed, now_s))
+
+    def _ran(self, kind: str, passed: float, clock_s: float) -> float:
+        """`passed` seconds of `kind` done, the clock now at `clock_s`."""
+        self._run = None
+        self.stats.clock_s = clock_s
         self.stats.busy_s += passed
         setattr(self.stats, kind, getattr(self.stats, kind) + passed)
         return passed
@@ -335,11 +339,7 @@ class SimServer:
                 passed = min(seconds, max(0.0, (now - self._real0) / self.scale - start))
                 break
             self._cv.wait(deadline - now)
-        self._run = None
-        self.stats.clock_s = start + passed
-        self.stats.busy_s += passed
-        setattr(self.stats, kind, getattr(self.stats, kind) + passed)
-        return passed
+        return self._ran(kind, passed, start + passed)
 
     def _room(self) -> bool:
         return len(self.running) < self.max_seqs
