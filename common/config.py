@@ -99,6 +99,14 @@ class SearchSpec(Strict):
         "only, written once no beam is live (one answer per problem, as curation writes); "
         "`all`, each as it completes (the alternatives then carry answers too)",
     )
+    straggler_cut: int = Field(
+        default=0,
+        ge=0,
+        description="cord: select once all but this many of a step's candidates are "
+        "scored; the slowest are left out and their late results ignored. 0 (the "
+        "default) waits for every candidate, the only setting whose rows do not depend "
+        "on which server was slow",
+    )
     curation_samples: int | None = Field(
         default=None,
         ge=1,

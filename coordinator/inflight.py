@@ -3,7 +3,8 @@ items not sent yet. One class owns all of it, so nothing drifts apart.
 
 An item (`Pending`, keyed by its work key) is in exactly one of two places: the outbox
 (waiting to be sent) or a `Task` (sent, not answered). It leaves when its result arrives
-(`settle`), when its problem ends (`forget`), or goes back to the outbox to be sent
+(`settle`), when its problem ends (`forget`) or its search stops waiting for it
+(`drop`), or goes back to the outbox to be sent
 again (`requeue`: a retry, a hand-back, a re-route). A task lives while it carries an
 item; a task answered, lost or emptied is gone at once. So when the work drains every
 structure here is empty (`sizes`), however many tasks were lost on the way.
@@ -242,14 +243,22 @@ class InFlight:
 
     def forget(self, pid: str) -> None:
         """`pid` ended (done, failed, lease lost): nothing of it is owed any more."""
-        for key in self._of_problem.pop(pid, set()):
-            p = self.pending.pop(key)
-            self._detach(p)
-            outbox = self._outbox.get((p.work.kind, p.work.model))
-            if outbox is not None:
-                outbox.pop(key, None)
-                if not outbox:
-                    del self._outbox[(p.work.kind, p.work.model)]
+        for key in list(self._of_problem.get(pid, ())):
+            self.drop(key)
+
+    def drop(self, key: str) -> None:
+        """Its search no longer waits for `key`, sent or not: it is owed no more, and a
+        result that still comes is late."""
+        p = self.pending.pop(key, None)
+        if p is None:
+            return
+        self._detach(p)
+        self._drop_from_problem(p)
+        outbox = self._outbox.get((p.work.kind, p.work.model))
+        if outbox is not None:
+            outbox.pop(key, None)
+            if not outbox:
+                del self._outbox[(p.work.kind, p.work.model)]
 
     def _detach(self, p: Pending) -> None:
         if p.task is None:

@@ -65,12 +65,15 @@ class Work:
 class Outcome:
     """What one event changed in a search: the work it asks for now, whether its
     committed state changed (the driver persists a snapshot then), how many search steps
-    that commit completed, and, once the search has finished, its output row."""
+    that commit completed, once the search has finished its output row, and the work it
+    no longer waits for (sent or not: the driver owes it nothing more, and ignores its
+    results as late)."""
 
     work: list[Work] = field(default_factory=list)
     commit: bool = False
     steps: int = 0
     row: TraceRow | None = None
+    dropped: list[WorkKey] = field(default_factory=list)
 
 
 class Trajectory(BaseModel):

@@ -6,12 +6,14 @@ samples each); every candidate is scored by the meta-prover as soon as it arrive
 (predictive perplexity S of the reference answer; a trajectory that two teachers wrote
 alike is scored once, about a third of the lab's candidates); when all are scored, the top
 ``beam_width - completed`` distinct trajectories by S across all teachers and beams are
-kept. A trajectory is complete when its step ends in ``</think>`` (or the model's end of
-turn) or the thinking budget is spent; the teacher that wrote its last step writes the
-final answer. With ``search.answers: best`` (the default) only the trace gets one: once no
-beam is live, the best complete trajectory by S is answered (a complete beam that is not
-the trace needs no answer to be data, and answering every one cost CoRD about four answers
-per problem where curation writes one); with ``all`` each is answered as it completes.
+kept (with ``search.straggler_cut: k``, once all but k candidates are scored: the k
+slowest are left out of that step). A trajectory is complete when its step ends in
+``</think>`` (or the model's end of turn) or the thinking budget is spent; the teacher
+that wrote its last step writes the final answer. With ``search.answers: best`` (the
+default) only the trace gets one: once no beam is live, the best complete trajectory by S
+is answered (a complete beam that is not the trace needs no answer to be data, and
+answering every one cost CoRD about four answers per problem where curation writes one);
+with ``all`` each is answered as it completes.
 The search ends when the trace (or every complete trajectory) has its answer; the best
 complete trajectory by S is the trace, the others are alternatives.
 """
@@ -43,6 +45,7 @@ class Candidate(BaseModel):
     key: str
     beam: int
     teacher: str
+    sample: int
     text: str | None = None
     finish: str | None = None
     tokens: int = 0
@@ -155,7 +158,9 @@ class CordSearch(Search):
             for teacher in self.cfg.teacher_names:
                 for sample in range(search.samples_per_beam):
                     key = self.key("x", st.step, b, teacher, sample)
-                    self._cands[str(key)] = Candidate(key=str(key), beam=b, teacher=teacher)
+                    self._cands[str(key)] = Candidate(
+                        key=str(key), beam=b, teacher=teacher, sample=sample
+                    )
                     work.append(self.expand_work(teacher, key, beam.texts, max_new))
         return work
 
@@ -197,7 +202,8 @@ class CordSearch(Search):
         return self._select_when_scored()
 
     def _select_when_scored(self) -> Outcome:
-        if any(c.score is None for c in self._cands.values()):
+        waiting = sum(c.score is None for c in self._cands.values())
+        if waiting > self.cfg.search.straggler_cut or waiting == len(self._cands):
             return Outcome()
         return self._select()
 
@@ -205,10 +211,23 @@ class CordSearch(Search):
         """The trajectory candidate `c` makes: its beam's steps and its own."""
         return (*self.state.beams[c.beam].texts, c.text or "")
 
+    def _left_out(self) -> list[WorkKey]:
+        """The work of the candidates a straggler cut leaves out: their expansions not in
+        and their scores not in."""
+        waiting = {c.key for c in self._cands.values() if c.score is None}
+        keys = [
+            self.key("x", self.state.step, c.beam, c.teacher, c.sample)
+            for c in self._cands.values()
+            if c.text is None
+        ]
+        return keys + [k for k, cand in self._by_score_key.items() if cand in waiting]
+
     def _select(self) -> Outcome:
         st, search = self.state, self.cfg.search
         keep = self.beam_width - len(st.completed)
-        ranked = self.select(self, list(self._cands.values()))
+        dropped = self._left_out()
+        scored = [c for c in self._cands.values() if c.score is not None]
+        ranked = self.select(self, scored)
         chosen: list[Candidate] = []
         seen: set[tuple[str, ...]] = set()
         for c in ranked:
@@ -248,7 +267,7 @@ class CordSearch(Search):
         else:
             self._cands.clear()
         work.extend(self._answers())
-        return Outcome(work, commit=True, steps=1)
+        return Outcome(work, commit=True, steps=1, dropped=dropped)
 
     @property
     def finished(self) -> bool:

@@ -113,3 +113,33 @@ def test_without_a_hold_partial_batches_go_at_once(make_config, redis_client):
     start_problems(inflight, cfg, 3, seed=2, now=1.0)
     assert per_queue(inflight.batches(1.0, router.route)) == {q: [3] for q in teachers}
     assert inflight.waiting() == 0
+
+
+def test_dropped_items_are_owed_nothing_sent_or_not(make_config, redis_client):
+    """A search that stops waiting for items (a straggler cut): one already sent, one
+    still in the outbox. Neither is sent again nor owed; a result that still comes is
+    late; the bookkeeping empties with the rest of the work."""
+    _, cfg = make_config()
+    router = Router(cfg, redis_client, Keys(cfg.namespace))
+    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    start_problems(inflight, cfg, 1, seed=5, now=0.0)
+    (sent_task, *others) = send(inflight, inflight.batches(0.0, router.route), 0.0)
+    (sent_key,) = inflight.task_keys(sent_task)
+    start_problems(inflight, cfg, 1, seed=6, now=1.0)  # held: three tasks are out
+    assert inflight.waiting() == 3
+    waiting_key = next(k for k, p in inflight.pending.items() if p.task is None)
+    inflight.drop(sent_key)
+    inflight.drop(waiting_key)
+    inflight.drop(waiting_key)  # twice: nothing more happens
+    assert sent_task not in inflight.tasks and inflight.waiting() == 2
+    assert inflight.settle(sent_key) is None  # its result comes late: not owed
+    later = inflight.batches(1.0 + 2 * HOLD_S, router.route)
+    assert sorted(k for b in later for k in b.keys) == sorted(
+        k for k, p in inflight.pending.items() if p.task is None
+    )
+    assert waiting_key not in {k for b in later for k in b.keys}
+    send(inflight, later, 2.0)
+    for task_id in [*others, *(t for t in list(inflight.tasks) if t not in others)]:
+        for key in inflight.task_keys(task_id):
+            assert inflight.settle(key) is not None
+    assert inflight.empty, inflight.sizes()

@@ -23,7 +23,7 @@ def on_disk(row):
 PROBLEM = Problem(id="p1", question="What is 1 + 2 + 3?", answer="6", meta={"source": "lab"})
 
 
-def make(beam_width=2, samples=1, budget=1000, strategy="cord", answers="best"):
+def make(beam_width=2, samples=1, budget=1000, strategy="cord", answers="best", cut=0):
     cfg = config_from_dict(
         {
             "teachers": [{"name": "alpha", "model": "a"}, {"name": "beta", "model": "b"}],
@@ -35,6 +35,7 @@ def make(beam_width=2, samples=1, budget=1000, strategy="cord", answers="best"):
                 "max_step_tokens": 50,
                 "strategy": strategy,
                 "answers": answers,
+                "straggler_cut": cut,
             },
         }
     )
@@ -290,6 +291,44 @@ def test_a_trajectory_two_teachers_wrote_alike_is_scored_once():
     ]
     assert search.state.beams[0].score == 0.9 and len(nxt) == 3
     assert search.state.stats.scorings == 4
+
+
+def test_a_straggler_cut_selects_without_the_slowest_candidates():
+    """beam 2 x 2 teachers x 2 samples: with a cut of 2, step 2 is selected once six of
+    its eight candidates are scored; the two left out (one not written yet, one written
+    but not scored) are handed back as dropped, and their late results change nothing.
+    Without a cut the same scores select nothing."""
+    texts = {"alpha": [(" 3 + 3", "step", 4), (" 1 + 5", "step", 4)], "beta": [(" 6", "step", 2)]}
+    for cut, selects in ((0, False), (2, True)):
+        search = make(beam_width=2, samples=2, cut=cut)
+        scores = expand_all(search, search.start().work, texts)
+        nxt = []
+        for s, v in zip(scores, (0.4, 0.7, 0.5), strict=True):
+            nxt += search.on_score(s.key, Score(key=s.item.key, score=v)).work
+        assert len(nxt) == 8 and search.state.step == 2
+        slow_expand = nxt[-1]  # not written yet
+        step2 = expand_all(search, nxt[:-1], texts)  # seven written: six trajectories
+        assert len(step2) == 6
+        outcomes = [
+            search.on_score(s.key, Score(key=s.item.key, score=0.1 * (i + 1)))
+            for i, s in enumerate(step2[:-1])  # the last score straggles
+        ]
+        assert any(o.commit for o in outcomes) is selects
+        if not selects:
+            assert search.state.step == 2 and all(not o.dropped for o in outcomes)
+            continue
+        assert search.state.step == 3 and outcomes[-1].commit
+        assert sorted(map(str, outcomes[-1].dropped)) == sorted(
+            [str(slow_expand.key), str(step2[-1].key)]
+        )
+        # The best two of the five scored trajectories are the beams.
+        assert [b.score for b in search.state.beams] == [0.5, 0.4]
+        late = search.on_score(step2[-1].key, Score(key=step2[-1].item.key, score=0.99))
+        late_x = search.on_generation(
+            slow_expand.key, Generation(key=slow_expand.item.key, text=" 9", tokens=1)
+        )
+        assert late.work == late_x.work == [] and not late.commit and not late_x.commit
+        assert [b.score for b in search.state.beams] == [0.5, 0.4]
 
 
 def test_duplicates_are_ignored():
