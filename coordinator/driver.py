@@ -41,7 +41,7 @@ from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.output import JsonlWriter
 from cord.coordinator.routing import Router
 from cord.coordinator.rows import FailureRow, TraceRow
-from cord.coordinator.search import Outcome, Search, Work, make_search, strategy_of
+from cord.coordinator.search import Outcome, Search, Work, WorkKey, make_search, strategy_of
 from cord.coordinator.store import Store
 
 Event = Callable[[str, str], None]  # (kind: done|failed, problem id)
@@ -53,8 +53,8 @@ class Observer:
     def queued(self, pid: str, works: list[Work]) -> None:
         """A problem asked for new work (its first, or after a result)."""
 
-    def served(self, pid: str, model: str, worker: str) -> None:
-        """`worker` of pool `model` delivered a result for `pid`."""
+    def served(self, pid: str, model: str, worker: str, key: WorkKey) -> None:
+        """`worker` of pool `model` delivered the result of item `key` of `pid`."""
 
     def replied(self, result: TaskResult, round_trip_s: float) -> None:
         """A reply (or a partial one) came `round_trip_s` after its task was sent."""
@@ -368,7 +368,7 @@ class Coordinator:
             self.router.served(p.pid, p.work.model, result.worker)
             if self.kv_room is not None and isinstance(item, Generation):
                 self.kv_room.observe(p.pid, p.work.model, item)
-            self.observer.served(p.pid, p.work.model, result.worker)
+            self.observer.served(p.pid, p.work.model, result.worker, p.work.key)
             if isinstance(item, Score):
                 outcome = search.on_score(p.work.key, item)
             else:

@@ -25,7 +25,12 @@ generated tokens per problem (its rows), are the problems' worth it did.
   of all prefill tokens;
 - ``fleet_overhead_share``: of the time from sending a task to its replies, the share
   spent outside the engines (queues, Celery, Redis, the coordinator): small, or the
-  time scale is too fast for this machine.
+  time scale is too fast for this machine;
+- ``step_tail_share``: of CoRD's step time (its start to its last candidate scored), the
+  share spent on the slowest candidate alone once every other one was done: the most a
+  step could gain by selecting without it (`harness.StepTimer`);
+- ``step_slowest_over_mean``: the median over steps of the slowest candidate's time over
+  the mean candidate's, from the step's start.
 
 Curation runs at the N whose generated tokens reach CoRD's (`matched_curation_samples`);
 the per-correct ratio takes the lab's accuracies (`--accuracy`, from `make lab-eval`).
@@ -35,6 +40,7 @@ the per-correct ratio takes the lab's accuracies (`--accuracy`, from `make lab-e
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import uuid
@@ -160,6 +166,8 @@ class CostRun:
         "fleet_overhead_share",
         "clock_lag_share",
         "mean_batch",
+        "step_tail_share",
+        "step_slowest_over_mean",
         "wall_s",
         "partial_replies",
         "done",
@@ -208,6 +216,10 @@ class CostRun:
             "mean_batch": r3(
                 sum(s.decode_seq_steps for s in teach) / max(1, sum(s.decode_passes for s in teach))
             ),
+            "step_tail_share": r3(self.run.step_tail_share),
+            "step_slowest_over_mean": r3(statistics.median(self.run.slowest_over_mean))
+            if self.run.slowest_over_mean
+            else None,
             "done": len(self.run.rows),
             "failed": self.run.failed,
             "wall_s": round(self.run.wall_s, 1),

@@ -42,7 +42,7 @@ from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.redis_server import LocalRedis
 from cord.coordinator.rows import TraceRow, summarize
 from cord.coordinator.rundir import read_failures, read_traces
-from cord.coordinator.search import Work
+from cord.coordinator.search import Work, WorkKey
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
 
@@ -316,13 +316,25 @@ class StepTimer(Observer):
     trajectories) ends when its last result is in; every result that came before waited
     from its arrival to then. `wait_s` sums those waits, `phase_s` the same results' time
     from the phase's start to its end, so `wait_s / phase_s` is the share of a phase that
-    finished work spent waiting for the rest of its step."""
+    finished work spent waiting for the rest of its step.
+
+    And the tail of a CoRD step: a candidate is done at its last result (its score, or
+    its expansion where a twin's score answers for it). Over the steps with two
+    candidates or more, `tail_s` sums the time from the next-to-last candidate's end to
+    the last one's (what selecting without the slowest candidate would save the step),
+    `span_s` the time from the step's start to its last candidate's end, and
+    `slowest_over_mean` holds each step's slowest candidate's time over its candidates'
+    mean time, both from the step's start."""
 
     def __init__(self, max_in_flight: int) -> None:
         self.coordinator: Coordinator | None = None
         self.max_in_flight = max_in_flight
         self._open: dict[str, tuple[str, float]] = {}
         self._arrived: dict[str, list[float]] = defaultdict(list)  # results of an open phase
+        self._done: dict[str, dict[tuple[str | int, ...], float]] = defaultdict(dict)
+        self.tail_s = 0.0
+        self.span_s = 0.0
+        self.slowest_over_mean: list[float] = []
         self.step_latencies: list[float] = []
         self.steps = 0
         self.wait_s = 0.0
@@ -338,9 +350,22 @@ class StepTimer(Observer):
         self.engine_s += min(result.elapsed_s, round_trip_s)
         self.partial_replies += result.partial
 
-    def served(self, pid: str, model: str, worker: str) -> None:
-        if pid in self._open:
-            self._arrived[pid].append(time.perf_counter())
+    def served(self, pid: str, model: str, worker: str, key: WorkKey) -> None:
+        opened = self._open.get(pid)
+        if opened is not None:
+            now = time.perf_counter()
+            self._arrived[pid].append(now)
+            if key.kind in ("x", "s") and opened[0] == f"x{key.parts[0]}":
+                self._done[pid][key.parts] = now
+
+    def _step_tail(self, pid: str, start: float) -> None:
+        ends = sorted(self._done.pop(pid, {}).values())
+        if len(ends) >= 2:
+            self.tail_s += ends[-1] - ends[-2]
+            self.span_s += ends[-1] - start
+            mean = sum(ends) / len(ends) - start
+            if mean > 0:
+                self.slowest_over_mean.append((ends[-1] - start) / mean)
 
     def queued(self, pid: str, works: list[Work]) -> None:
         label = _step_label(works)
@@ -354,6 +379,7 @@ class StepTimer(Observer):
             if opened is not None and opened[0] != label and opened[0].startswith("x"):
                 self.step_latencies.append(now - opened[1])
                 self.steps += 1
+                self._step_tail(pid, opened[1])
             if label == "a":
                 self._open.pop(pid, None)  # its last phase: nothing more to time
             elif opened is None or opened[0] != label:
@@ -384,6 +410,15 @@ class FleetRun:
     round_trip_s: float = 0.0  # `StepTimer`: replies' round trips, and their engine time
     engine_s: float = 0.0
     partial_replies: int = 0  # replies that carried part of a task (streamed)
+    tail_s: float = 0.0  # `StepTimer`: CoRD steps' wait on their slowest candidate
+    span_s: float = 0.0
+    slowest_over_mean: list[float] = field(default_factory=list)
+
+    @property
+    def step_tail_share(self) -> float | None:
+        """Of CoRD's step time, the share spent waiting on each step's slowest candidate
+        once all the others were done."""
+        return self.tail_s / self.span_s if self.span_s else None
 
     @property
     def fleet_overhead_share(self) -> float | None:
@@ -477,6 +512,9 @@ def run_fleet(
         timer.round_trip_s,
         timer.engine_s,
         timer.partial_replies,
+        timer.tail_s,
+        timer.span_s,
+        timer.slowest_over_mean,
     )
 
 

@@ -92,6 +92,8 @@ TARGETS: list[tuple[str, float | None, str, str]] = [
     ("gpu_barrier_idle_share", 0.10, "<=", ""),
     ("gpu_evicted_prefill_share", None, "", ""),
     ("gpu_fleet_overhead_share_cord", 0.10, "<=", ""),
+    ("gpu_step_tail_share_cord", None, "", ""),
+    ("gpu_step_slowest_over_mean_cord", None, "", ""),
     ("gpu_cord_vs_curation_ratio_before", None, "", ""),
     ("gpu_cord_vs_curation_ratio_per_correct_before", None, "", ""),
     ("gpu_teacher_util_cord_before", None, "", ""),

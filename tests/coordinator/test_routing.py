@@ -15,6 +15,7 @@ from cord.common.messages import Heartbeat
 from cord.coordinator.driver import Coordinator, Observer
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.routing import Router
+from cord.coordinator.search import WorkKey
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
 from tests.conftest import fleet_config, local_fleet
@@ -119,7 +120,7 @@ class Recording(Observer):
     def __init__(self) -> None:
         self.served_by: list[tuple[str, str, str]] = []  # (problem, model, worker)
 
-    def served(self, pid: str, model: str, worker: str) -> None:
+    def served(self, pid: str, model: str, worker: str, key: WorkKey) -> None:
         self.served_by.append((pid, model, worker))
 
 

@@ -116,6 +116,46 @@ def test_step_labels_follow_the_keys():
     assert harness._step_label([score]) is None
 
 
+def test_the_step_timer_measures_the_wait_on_a_steps_slowest_candidate(monkeypatch):
+    """Step 1 opens at t=0 with three candidates. One ends at its expansion (a twin), two
+    at their scores; a step of one candidate has no tail. The last
+    candidate ends at 10, the one before at 4: the tail is 6 of a 10 s step, and the
+    slowest took 10 s against a mean of (2 + 4 + 10) / 3."""
+    harness = load("harness")
+    from cord.common.messages import ExpandItem
+    from cord.coordinator.search import Work, WorkKey
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["t"])
+
+    def expand(step: int, beam: int) -> Work:
+        key = WorkKey("p-1", "x", (step, beam, "a", 0))
+        item = ExpandItem(
+            key=str(key), prompt="q", steps=[], next_step=1, max_new_tokens=1, temperature=0, seed=0
+        )
+        return Work("expand", "a", key, item)
+
+    timer = harness.StepTimer(max_in_flight=1)
+    timer.queued("p-1", [expand(1, b) for b in range(3)])
+    events = [
+        (1.0, WorkKey("p-1", "x", (1, 0, "a", 0))),
+        (1.5, WorkKey("p-1", "x", (1, 1, "a", 0))),
+        (2.0, WorkKey("p-1", "x", (1, 2, "a", 0))),  # a twin: done at its expansion
+        (4.0, WorkKey("p-1", "s", (1, 0, "a", 0))),
+        (10.0, WorkKey("p-1", "s", (1, 1, "a", 0))),
+    ]
+    for t, key in events:
+        clock["t"] = t
+        timer.served("p-1", "m", "w", key)
+    timer.queued("p-1", [expand(2, 0)])
+    assert timer.tail_s == pytest.approx(6.0) and timer.span_s == pytest.approx(10.0)
+    assert timer.slowest_over_mean == [pytest.approx(10.0 / (16.0 / 3))]
+    clock["t"] = 12.0
+    timer.served("p-1", "m", "w", WorkKey("p-1", "s", (2, 0, "a", 0)))  # one candidate
+    timer.queued("p-1", [expand(3, 0)])
+    assert timer.tail_s == pytest.approx(6.0)  # a step of one candidate has no tail
+
+
 @pytest.mark.redis
 @pytest.mark.slow
 @pytest.mark.timeout(600)
