@@ -286,6 +286,12 @@ def main() -> None:
 @click.option("--redis-url", default=default_redis_url, show_default="CORD_REDIS_URL or local")
 @click.option("--problems", default=20, show_default=True, help="Problems per run.")
 @click.option(
+    "--side-problems",
+    default=12,
+    show_default=True,
+    help="Problems per run of the side shapes (meta-prover as a teacher, 7B on 24 GB).",
+)
+@click.option(
     "--in-flight",
     default=64,
     show_default=True,
@@ -310,6 +316,7 @@ def main() -> None:
 def gpu(
     redis_url: str,
     problems: int,
+    side_problems: int,
     in_flight: int,
     sweep: str,
     scale: float,
@@ -357,14 +364,16 @@ def gpu(
         if meta_teacher:  # the meta-prover is teacher t1: one pool serves both
             with fleet_of(tmp, shape, card, meta=True) as fleet:
                 fleet.up()
-                got, _ = compare(fleet, fleet.cfg, {}, in_flight, problems, scale, n, acc, "now")
+                got, _ = compare(
+                    fleet, fleet.cfg, {}, in_flight, side_problems, scale, n, acc, "now"
+                )
                 put(figures, "gpu_meta_teacher", got)
         if second_shape:
             for name, (shape, card) in SECOND.items():
                 with fleet_of(tmp, shape, card) as fleet:
                     fleet.up()
                     got, _ = compare(
-                        fleet, fleet.cfg, {}, in_flight, problems, scale, None, acc, "now"
+                        fleet, fleet.cfg, {}, in_flight, side_problems, scale, None, acc, "now"
                     )
                     put(figures, f"gpu_{name}", got)
     emit(figures, json_path)

@@ -123,7 +123,6 @@ SCRIPTS: dict[str, tuple[Path, str | None]] = {
     "dispatch": (FLEET, "dispatch"),
     "overhead": (FLEET, "overhead"),
     "cache": (FLEET, "cache"),
-    "vllm": (HERE / "servers.py", "compare"),
     "vllm_pairs": (HERE / "servers.py", "pairs"),
     "vllm_affinity": (HERE / "servers.py", "affinity"),
     "soak": (FLEET, "soak"),
@@ -212,7 +211,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--redis-url", default=None, help="Default: CORD_REDIS_URL or the local one.")
 @click.option(
     "--only",
-    default="dispatch,overhead,cache,vllm,vllm_pairs,vllm_affinity,gpu_costs,soak,memory,backlog",
+    default="dispatch,overhead,cache,vllm_pairs,vllm_affinity,gpu_costs,soak,memory,backlog",
     show_default=True,
     help="Comma-separated benchmarks to run.",
 )
@@ -229,7 +228,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--affinity-long-problems", default=16, show_default=True)
 @click.option("--affinity-long-pairs", default=3, show_default=True)
 @click.option("--backlog-problems", default=1_000_000, show_default=True)
-@click.option("--admit-seconds", default=120, show_default=True)
+@click.option("--admit-seconds", default=90, show_default=True)
 @click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option("--gpu-problems", default=20, show_default=True)
@@ -297,11 +296,11 @@ def plan_of(sizes: dict[str, Any]) -> dict[str, list[str]]:
         ),
         "overhead": args(("--problems", "overhead_problems")),
         "cache": args(("--problems", "cache_problems")),
-        # The fleet on vLLM servers against hf, the same problems (servers.py).
-        "vllm": args(("--problems", "vllm_problems")),
-        # CoRD against curation with every pool on a vLLM server.
-        # Then the sim engine, calibrated on those servers, predicts the pairs.
+        # The fleet on vLLM servers against hf, the same problems; CoRD against curation
+        # with every pool on a vLLM server; then the sim engine, calibrated on those
+        # servers, predicts the pairs (servers.py).
         "vllm_pairs": args(
+            ("--compare-problems", "vllm_problems"),
             ("--problems", "vllm_pairs_problems"),
             ("--pairs", "vllm_pairs"),
             ("--sim-pairs", "vllm_sim_pairs"),

@@ -2,20 +2,22 @@
 one server per worker, launched and supervised by it). Part of `make bench`
 (ops/bench/run_all.py runs each subcommand in a process of its own).
 
-    python ops/bench/servers.py compare --problems 12     # CoRD on vLLM against the in-worker
-                                                          #   `hf` engine, the same problems
-    python ops/bench/servers.py pairs --problems 48       # CoRD against curation on vLLM
+    python ops/bench/servers.py pairs --problems 48       # CoRD on vLLM against the in-worker
+                                                          #   `hf` engine, then CoRD against
+                                                          #   curation on vLLM
     python ops/bench/servers.py affinity                  # two servers per pool: prefix-cache
                                                           #   hits and wall time with and
                                                           #   without cache-affine routing
 
-`compare`: per engine the wall time, generated tokens per second (all models, kept and
+`pairs` first runs CoRD on 12 problems (`--compare-problems`) on the `hf` engine, then
+on the vLLM servers, cold (one start-up of the servers serves the comparison and the
+pairs): per engine the wall time, generated tokens per second (all models, kept and
 discarded steps, answers), the prompt tokens the prefix caches served (the rows' own
 count) and, for vLLM, the share from the servers' own counters
 (`vllm:prefix_cache_hits_total` over `vllm:prefix_cache_queries_total`, as each worker's
 heartbeat reports them); last `vllm_vs_hf_wall_ratio=`.
 
-`pairs`: `fleet.py overhead`'s pairs method (`pairs.cord_curation_pairs`: alternating
+Then `fleet.py overhead`'s pairs method (`pairs.cord_curation_pairs`: alternating
 order, new problems per pair, the median ratio with its spread and the ratio of totals)
 with every pool on a vLLM server and every problem of a pair in flight at once (a
 dataset keeps thousands in flight: the servers stay busy while any one problem waits for
@@ -118,44 +120,40 @@ url_option = click.option(
 json_option = click.option("--json", "json_path", default=None, help="Also write figures here.")
 
 
-@main.command()
-@url_option
-@click.option("--problems", default=12, show_default=True)
-@json_option
-def compare(redis_url: str, problems: int, json_path: str | None) -> None:
-    """CoRD with every pool on the in-worker `hf` engine, then on vLLM servers."""
-    todo = lab_problems(problems, SEED + 7)
-    figures: dict[str, Any] = {"servers_problems": problems}
-    walls: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
-        for engine in ("hf", "vllm"):
-            ns = f"bench-{uuid.uuid4().hex[:8]}"
-            fleet = BenchFleet(fleet_dict(redis_url, ns, engine=engine), Path(tmp))
-            try:
-                start_s = fleet.up(timeout_s=900)
-                run = run_fleet(fleet.cfg, todo)
-                stats = fleet.engine_stats()
-            finally:
-                fleet.stop()
-            walls[engine] = run.wall_s
-            tokens = tokens_of(run.rows) * len(run.rows)
-            figures[f"{engine}_start_s"] = r3(start_s)
-            figures[f"{engine}_wall_s"] = r3(run.wall_s)
-            figures[f"{engine}_done"] = len(run.rows)
-            figures[f"{engine}_failed"] = run.failed
-            figures[f"{engine}_tokens_per_s"] = r3(tokens / run.wall_s if run.wall_s else 0.0)
-            figures[f"{engine}_prefix_cache_hit"] = cache_share(run.rows)
-            if engine == "vllm":
-                figures["vllm_server_prefix_cache_hit"] = server_share(stats)
-            click.echo(
-                f"{engine}: {len(run.rows)} done in {run.wall_s:.1f}s, "
-                f"{figures[f'{engine}_tokens_per_s']} generated tok/s, "
-                f"cache {figures[f'{engine}_prefix_cache_hit']}",
-                err=True,
-            )
-    figures["machine"] = machine()
-    figures["vllm_vs_hf_wall_ratio"] = r3(walls["vllm"] / walls["hf"])
-    emit(figures, json_path)
+def engine_figures(
+    engine: str, start_s: float, run: FleetRun, stats: dict[str, EngineStats]
+) -> dict[str, Any]:
+    """One engine's figures in the comparison of the in-worker `hf` engine with vLLM."""
+    tokens = tokens_of(run.rows) * len(run.rows)
+    figures: dict[str, Any] = {
+        f"{engine}_start_s": r3(start_s),
+        f"{engine}_wall_s": r3(run.wall_s),
+        f"{engine}_done": len(run.rows),
+        f"{engine}_failed": run.failed,
+        f"{engine}_tokens_per_s": r3(tokens / run.wall_s if run.wall_s else 0.0),
+        f"{engine}_prefix_cache_hit": cache_share(run.rows),
+    }
+    if engine == "vllm":
+        figures["vllm_server_prefix_cache_hit"] = server_share(stats)
+    click.echo(
+        f"{engine}: {len(run.rows)} done in {run.wall_s:.1f}s, "
+        f"{figures[f'{engine}_tokens_per_s']} generated tok/s, "
+        f"cache {figures[f'{engine}_prefix_cache_hit']}",
+        err=True,
+    )
+    return figures
+
+
+def hf_run(redis_url: str, tmp: Path, todo: list[Problem]) -> dict[str, Any]:
+    """CoRD on `todo` with every pool on the in-worker `hf` engine."""
+    fleet = BenchFleet(fleet_dict(redis_url, f"bench-{uuid.uuid4().hex[:8]}"), tmp)
+    try:
+        start_s = fleet.up(timeout_s=900)
+        run = run_fleet(fleet.cfg, todo)
+        stats = fleet.engine_stats()
+    finally:
+        fleet.stop()
+    return engine_figures("hf", start_s, run, stats)
 
 
 @main.command()
@@ -174,6 +172,13 @@ def compare(redis_url: str, problems: int, json_path: str | None) -> None:
     type=int,
     help="Problems in flight at once (default: all of a run's).",
 )
+@click.option(
+    "--compare-problems",
+    default=12,
+    show_default=True,
+    help="First, CoRD on this many problems on the hf engine, then on the cold vLLM "
+    "servers (0: a warm-up instead).",
+)
 @json_option
 def pairs(
     redis_url: str,
@@ -181,19 +186,30 @@ def pairs(
     pairs: int,
     sim_pairs: int,
     max_in_flight: int | None,
+    compare_problems: int,
     json_path: str | None,
 ) -> None:
-    """CoRD against curation with every pool on a vLLM server, in pairs; then the sim
-    engine, calibrated on these servers and the run's lengths, predicts the pairs
-    (calibrate.py)."""
+    """CoRD on the in-worker `hf` engine, then on vLLM servers, the same problems; CoRD
+    against curation on those servers, in pairs; then the sim engine, calibrated on these
+    servers and the run's lengths, predicts the pairs (calibrate.py)."""
     figures: dict[str, Any] = {"vllm_pairs_problems": problems}
     with tempfile.TemporaryDirectory(prefix="cord-bench-") as tmp, redis_at(redis_url, Path(tmp)):
+        todo = lab_problems(compare_problems, SEED + 7)
+        hf = hf_run(redis_url, Path(tmp), todo) if compare_problems else {}
         ns = f"bench-{uuid.uuid4().hex[:8]}"
         data = fleet_dict(redis_url, ns, engine="vllm", max_in_flight=max_in_flight or problems)
         fleet = BenchFleet(data, Path(tmp))
         try:
-            figures["vllm_pairs_start_s"] = r3(fleet.up(timeout_s=900))
-            run_fleet(fleet.cfg, lab_problems(4, WARMUP_SEED))  # compiles, connections
+            start_s = fleet.up(timeout_s=900)
+            figures["vllm_pairs_start_s"] = r3(start_s)
+            if compare_problems:  # on cold servers, as a fleet's first problems meet them
+                run = run_fleet(fleet.cfg, todo, fleet=fleet)
+                figures.update(engine_figures("vllm", start_s, run, fleet.engine_stats()))
+                figures["servers_problems"] = compare_problems
+                figures.update(hf)
+                figures["vllm_vs_hf_wall_ratio"] = r3(run.wall_s / hf["hf_wall_s"])
+            else:
+                run_fleet(fleet.cfg, lab_problems(4, WARMUP_SEED))  # compiles, connections
             first = run_fleet(fleet.cfg, lab_problems(problems, SEED + 100), fleet=fleet)
             result = cord_curation_pairs(fleet, first, problems, pairs, seed=SEED + 100)
             sim_data = calibrated_sim(fleet, data, result) if sim_pairs else None
