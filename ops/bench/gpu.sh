@@ -4,6 +4,9 @@
 #
 #   bash ops/bench/gpu.sh OUTDIR
 #
+# 0. ops/bench/gpu_clock.py: the sim's GPU clock (the roofline of costs.py) against this
+#    card: its measured bandwidth and bf16 FLOP/s, then decode passes at batch 1-64 and
+#    prefill of a random-weight Qwen2.5-7B shape, each beside the roofline's prediction.
 # 1. ops/bench/engine_gpu.py: the hf engine (prefix cache on and off) against
 #    model.generate and a padded forward, same random-initialised ~0.5B model, same run.
 # 2. ops/bench/fleet.py overhead --device cuda: CoRD through the fleet (Redis, one
@@ -28,6 +31,11 @@ if ! python3 -c 'import cord.common' 2>/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$out/gpu.txt"
+
+if [ -z "${SKIP_CLOCK:-}" ]; then
+  timeout "${CLOCK_TIMEOUT:-300}" python3 ops/bench/gpu_clock.py --json "$out/clock.json" \
+    2>&1 | tee "$out/clock.log"
+fi
 
 if [ -z "${SKIP_ENGINE:-}" ]; then
   timeout "${ENGINE_TIMEOUT:-240}" python3 ops/bench/engine_gpu.py --out "$out/engine.json" \
