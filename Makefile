@@ -67,7 +67,7 @@ chaos: venv
 # one process, CoRD against curation (in-worker engine and vLLM servers), prefix-cache
 # hits with and without affinity, a --follow soak, coordinator memory with 10,000 problems
 # in flight, a million-problem backlog, the GPU projection and the sim checked against
-# vLLM; about 31 minutes on 2 cores. Rewrites the current
+# vLLM; 36 minutes on a slow 2-core host, less on faster ones. Rewrites the current
 # figures in docs/benchmarks.md; sizes via BENCH_ARGS, e.g.
 # BENCH_ARGS='--only overhead --overhead-problems 24 --no-doc'.
 BENCH_ARGS ?=

@@ -4,10 +4,10 @@ items not sent yet. One class owns all of it, so nothing drifts apart.
 An item (`Pending`, keyed by its work key) is in exactly one of two places: the outbox
 (waiting to be sent) or a `Task` (sent, not answered). It leaves when its result arrives
 (`settle`), when its problem ends (`forget`) or its search stops waiting for it
-(`drop`), or goes back to the outbox to be sent
-again (`requeue`: a retry, a hand-back, a re-route). A task lives while it carries an
-item; a task answered, lost or emptied is gone at once. So when the work drains every
-structure here is empty (`sizes`), however many tasks were lost on the way.
+(`drop`), or goes back to the outbox to be sent again (`requeue`: a retry, a hand-back,
+a re-route). A task lives while it carries an item; a task answered, lost or emptied is
+gone at once. So when the work drains every structure here is empty (`sizes`), however
+many tasks were lost on the way.
 
 `batches` cuts the outbox into tasks (a pool's `max_batch` each, to the queue the
 router picks); `check` finds sent tasks that will never answer. The driver sends the

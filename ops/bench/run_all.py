@@ -1,6 +1,6 @@
 """``make bench``: every fleet benchmark in one run, figures into docs/benchmarks.md.
 
-    python ops/bench/run_all.py                       # the full run (about 31 min on 2 cores)
+    python ops/bench/run_all.py                       # the full run (36 min on a slow 2-core host)
     python ops/bench/run_all.py --no-doc --only dispatch --dispatch-problems 200   # a look
 
 Each benchmark of `ops/bench/fleet.py` runs in a process of its own, one after another:
