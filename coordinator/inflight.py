@@ -214,11 +214,8 @@ class InFlight:
         """`key` has its result, from whichever task brought it first: it is owed no
         more. None when it was not owed (late or a duplicate)."""
         p = self.pending.get(key)
-        if p is None:
-            return None
-        self._detach(p)
-        del self.pending[key]
-        self._drop_from_problem(p)
+        if p is not None:  # a late result of an item re-sent may find it in the outbox
+            self.drop(key)
         return p
 
     def requeue(self, key: str, now: float, attempt: bool = True) -> Pending:

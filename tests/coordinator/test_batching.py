@@ -100,6 +100,22 @@ def test_a_requeued_item_leaves_its_task_and_a_late_result_still_counts(make_con
     assert inflight.sizes()["tasks"] == 2  # the other two teachers' tasks
 
 
+def test_a_late_result_of_an_item_waiting_to_be_sent_again_settles_it(make_config, redis_client):
+    """Its worker was taken for lost and the item went back to the outbox; the first task
+    answers before the item is sent again: it is owed nothing, and never sent."""
+    _, cfg = make_config()
+    router = Router(cfg, redis_client, Keys(cfg.namespace))
+    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    start_problems(inflight, cfg, 1, seed=4, now=0.0)
+    (task_id, *_) = send(inflight, inflight.batches(0.0, router.route), 0.0)
+    (key,) = inflight.task_keys(task_id)
+    inflight.requeue(key, 5.0)
+    assert inflight.waiting() == 1
+    assert inflight.settle(key) is not None
+    assert inflight.waiting() == 0
+    assert inflight.batches(5.0 + 2 * HOLD_S, router.route) == []
+
+
 def test_without_a_hold_partial_batches_go_at_once(make_config, redis_client):
     """A pool behind a server that batches continuously holds nothing back: the same
     work that waits above goes at once (``scheduling.hold_s`` 0, its default there)."""
