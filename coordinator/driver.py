@@ -257,7 +257,7 @@ class Coordinator:
         """Take in what one event changed in `pid`'s search: new work to send, a state
         to commit, its row once it finished."""
         for key in outcome.dropped:
-            self.inflight.drop(str(key))
+            self.inflight.drop(key)
         if outcome.work:
             self.inflight.add(pid, outcome.work, time.monotonic())
             self.observer.queued(pid, outcome.work)

@@ -73,7 +73,7 @@ class Outcome:
     commit: bool = False
     steps: int = 0
     row: TraceRow | None = None
-    dropped: list[WorkKey] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # items' keys, as sent
 
 
 class Trajectory(BaseModel):

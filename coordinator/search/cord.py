@@ -45,7 +45,6 @@ class Candidate(BaseModel):
     key: str
     beam: int
     teacher: str
-    sample: int
     text: str | None = None
     finish: str | None = None
     tokens: int = 0
@@ -158,9 +157,7 @@ class CordSearch(Search):
             for teacher in self.cfg.teacher_names:
                 for sample in range(search.samples_per_beam):
                     key = self.key("x", st.step, b, teacher, sample)
-                    self._cands[str(key)] = Candidate(
-                        key=str(key), beam=b, teacher=teacher, sample=sample
-                    )
+                    self._cands[str(key)] = Candidate(key=str(key), beam=b, teacher=teacher)
                     work.append(self.expand_work(teacher, key, beam.texts, max_new))
         return work
 
@@ -211,16 +208,12 @@ class CordSearch(Search):
         """The trajectory candidate `c` makes: its beam's steps and its own."""
         return (*self.state.beams[c.beam].texts, c.text or "")
 
-    def _left_out(self) -> list[WorkKey]:
+    def _left_out(self) -> list[str]:
         """The work of the candidates a straggler cut leaves out: their expansions not in
-        and their scores not in."""
+        (a candidate's key is its expansion's) and their scores not in."""
         waiting = {c.key for c in self._cands.values() if c.score is None}
-        keys = [
-            self.key("x", self.state.step, c.beam, c.teacher, c.sample)
-            for c in self._cands.values()
-            if c.text is None
-        ]
-        return keys + [k for k, cand in self._by_score_key.items() if cand in waiting]
+        expansions = [c.key for c in self._cands.values() if c.text is None]
+        return expansions + [str(k) for k, cand in self._by_score_key.items() if cand in waiting]
 
     def _select(self) -> Outcome:
         st, search = self.state, self.cfg.search
