@@ -15,6 +15,12 @@ from cord.lab.arith import make_problems
 pytestmark = [pytest.mark.redis]
 
 
+def fresh(cfg, redis_client) -> tuple[Router, InFlight]:
+    """A router and an empty `InFlight` on the run's namespace."""
+    router = Router(cfg, redis_client, Keys(cfg.namespace))
+    return router, InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+
+
 def start_problems(inflight: InFlight, cfg, n: int, seed: int, now: float) -> None:
     for p in make_problems(n, seed=seed):
         problem = Problem(**p.to_json())
@@ -37,8 +43,7 @@ def send(inflight: InFlight, batches: list[Batch], now: float) -> list[str]:
 
 def test_partial_batches_wait_only_while_other_tasks_are_out(make_config, redis_client):
     _, cfg = make_config()  # a problem's first step: one item per teacher
-    router = Router(cfg, redis_client, Keys(cfg.namespace))
-    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    router, inflight = fresh(cfg, redis_client)
     teachers = [queue_name(cfg.namespace, "expand", t) for t in cfg.teacher_names]
     assert len(teachers) == 3
 
@@ -80,8 +85,7 @@ def test_partial_batches_wait_only_while_other_tasks_are_out(make_config, redis_
 
 def test_a_requeued_item_leaves_its_task_and_a_late_result_still_counts(make_config, redis_client):
     _, cfg = make_config()
-    router = Router(cfg, redis_client, Keys(cfg.namespace))
-    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    router, inflight = fresh(cfg, redis_client)
     start_problems(inflight, cfg, 1, seed=4, now=0.0)
     (task_id, *_) = send(inflight, inflight.batches(0.0, router.route), 0.0)
     (key,) = inflight.task_keys(task_id)
@@ -104,8 +108,7 @@ def test_a_late_result_of_an_item_waiting_to_be_sent_again_settles_it(make_confi
     """Its worker was taken for lost and the item went back to the outbox; the first task
     answers before the item is sent again: it is owed nothing, and never sent."""
     _, cfg = make_config()
-    router = Router(cfg, redis_client, Keys(cfg.namespace))
-    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    router, inflight = fresh(cfg, redis_client)
     start_problems(inflight, cfg, 1, seed=4, now=0.0)
     (task_id, *_) = send(inflight, inflight.batches(0.0, router.route), 0.0)
     (key,) = inflight.task_keys(task_id)
@@ -121,8 +124,7 @@ def test_without_a_hold_partial_batches_go_at_once(make_config, redis_client):
     work that waits above goes at once (``scheduling.hold_s`` 0, its default there)."""
     _, cfg = make_config()
     cfg = cfg.model_copy(update={"scheduling": SchedulingSpec(hold_s=0.0)})
-    router = Router(cfg, redis_client, Keys(cfg.namespace))
-    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    router, inflight = fresh(cfg, redis_client)
     teachers = [queue_name(cfg.namespace, "expand", t) for t in cfg.teacher_names]
     start_problems(inflight, cfg, 1, seed=1, now=0.0)
     send(inflight, inflight.batches(0.0, router.route), 0.0)
@@ -136,8 +138,7 @@ def test_dropped_items_are_owed_nothing_sent_or_not(make_config, redis_client):
     still in the outbox. Neither is sent again nor owed; a result that still comes is
     late; the bookkeeping empties with the rest of the work."""
     _, cfg = make_config()
-    router = Router(cfg, redis_client, Keys(cfg.namespace))
-    inflight = InFlight(cfg, redis_client, Keys(cfg.namespace), router)
+    router, inflight = fresh(cfg, redis_client)
     start_problems(inflight, cfg, 1, seed=5, now=0.0)
     (sent_task, *others) = send(inflight, inflight.batches(0.0, router.route), 0.0)
     (sent_key,) = inflight.task_keys(sent_task)
