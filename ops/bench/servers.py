@@ -121,9 +121,12 @@ json_option = click.option("--json", "json_path", default=None, help="Also write
 
 
 def engine_figures(
-    engine: str, start_s: float, run: FleetRun, stats: dict[str, EngineStats]
+    engine: str, fleet: BenchFleet, start_s: float, todo: list[Problem]
 ) -> dict[str, Any]:
-    """One engine's figures in the comparison of the in-worker `hf` engine with vLLM."""
+    """CoRD on `todo` through `fleet`, every pool on `engine`: its figures in the
+    comparison of the in-worker `hf` engine with vLLM."""
+    servers = engine == "vllm"  # their own counters over the run, from later heartbeats
+    run = run_fleet(fleet.cfg, todo, fleet=fleet if servers else None)
     tokens = tokens_of(run.rows) * len(run.rows)
     figures: dict[str, Any] = {
         f"{engine}_start_s": r3(start_s),
@@ -133,8 +136,8 @@ def engine_figures(
         f"{engine}_tokens_per_s": r3(tokens / run.wall_s if run.wall_s else 0.0),
         f"{engine}_prefix_cache_hit": cache_share(run.rows),
     }
-    if engine == "vllm":
-        figures["vllm_server_prefix_cache_hit"] = server_share(stats)
+    if servers:
+        figures["vllm_server_prefix_cache_hit"] = run_server_share(run)
     click.echo(
         f"{engine}: {len(run.rows)} done in {run.wall_s:.1f}s, "
         f"{figures[f'{engine}_tokens_per_s']} generated tok/s, "
@@ -148,12 +151,9 @@ def hf_run(redis_url: str, tmp: Path, todo: list[Problem]) -> dict[str, Any]:
     """CoRD on `todo` with every pool on the in-worker `hf` engine."""
     fleet = BenchFleet(fleet_dict(redis_url, f"bench-{uuid.uuid4().hex[:8]}"), tmp)
     try:
-        start_s = fleet.up(timeout_s=900)
-        run = run_fleet(fleet.cfg, todo)
-        stats = fleet.engine_stats()
+        return engine_figures("hf", fleet, fleet.up(timeout_s=900), todo)
     finally:
         fleet.stop()
-    return engine_figures("hf", start_s, run, stats)
 
 
 @main.command()
@@ -203,11 +203,9 @@ def pairs(
             start_s = fleet.up(timeout_s=900)
             figures["vllm_pairs_start_s"] = r3(start_s)
             if compare_problems:  # on cold servers, as a fleet's first problems meet them
-                run = run_fleet(fleet.cfg, todo, fleet=fleet)
-                figures.update(engine_figures("vllm", start_s, run, fleet.engine_stats()))
+                figures.update(engine_figures("vllm", fleet, start_s, todo), **hf)
                 figures["servers_problems"] = compare_problems
-                figures.update(hf)
-                figures["vllm_vs_hf_wall_ratio"] = r3(run.wall_s / hf["hf_wall_s"])
+                figures["vllm_vs_hf_wall_ratio"] = r3(figures["vllm_wall_s"] / hf["hf_wall_s"])
             else:
                 run_fleet(fleet.cfg, lab_problems(4, WARMUP_SEED))  # compiles, connections
             first = run_fleet(fleet.cfg, lab_problems(problems, SEED + 100), fleet=fleet)
