@@ -122,6 +122,8 @@ WEAKNESSES: dict[str, tuple[Rule, int, str]] = {
     "carry": (carries, -10, "forgets the carry (17 + 5 -> 12)"),
     "no_carry": (lambda a, b: not carries(a, b), +10, "invents a carry (12 + 3 -> 25)"),
     "large": (lambda a, b: a >= 30, -10, "drops ten once the total reaches 30 (34 + 2 -> 26)"),
+    # The student's own (`cord-lab student`): no teacher shares it.
+    "sevens": (lambda a, b: b >= 7, -1, "counts one short adding 7, 8 or 9 (15 + 8 -> 22)"),
 }
 
 

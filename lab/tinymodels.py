@@ -7,6 +7,10 @@ chat templates, as the paper's pool is heterogeneous:
 - gamma: GPT-NeoX-style, byte-level BPE (512 tokens), ``[INST]`` template      (teacher)
 - meta:  Qwen3-style, byte-level BPE (512 tokens), ChatML template whose generation
          prompt already opens ``<think>`` (as QwQ's)                           (meta-prover)
+- student: GPT-2-style, byte-level BPE (448 tokens), Gemma's turn template      (student)
+
+The student shares no architecture, vocabulary or chat template with the others: it is
+what `cord-lab student` distills the traces into (`cord.lab.student`).
 
 The paper's pool (R1-Distill, Phi-4-reasoning, QwQ as teachers and QwQ as meta-prover)
 has the same shape: different architectures, tokenizers and chat templates.
@@ -70,6 +74,12 @@ TEMPLATES = {
         "{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
         "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}"
     ),
+    "student": (  # Gemma
+        "{% for m in messages %}<start_of_turn>"
+        "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    ),
     "meta": (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
@@ -109,11 +119,17 @@ SPECS = {
     ),
     "gamma": TinySpec("gamma", "gpt_neox", "bpe", 512, ("</s>", "<pad>"), hidden=128),
     "meta": TinySpec("meta", "qwen3", "bpe", 512, ("<|im_end|>", "<|pad|>", "<|im_start|>")),
+    # GPT-2 ties its head size to hidden / heads: four heads of 16. The student is served
+    # by the `hf` engine only (vLLM's CPU attention takes no head of 16).
+    "student": TinySpec(
+        "student", "gpt2", "bpe", 448, ("<end_of_turn>", "<pad>", "<start_of_turn>")
+    ),
 }
 # Not trained: a GPT-2-style model with a character tokenizer, so the tests also cover
 # learned absolute positions and a tokenizer with one token per character.
 CHAR_SPEC = TinySpec("charlm", "gpt2", "char", 0, ("<|endoftext|>", "<|pad|>"))
 TEACHERS = ("alpha", "beta", "gamma")
+STUDENT = "student"
 
 
 def corpus(n: int = 2000, seed: int = 10_000) -> list[str]:

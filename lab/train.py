@@ -1,6 +1,6 @@
 """Train the lab's tiny models on the CPU, deterministically, and write their cards.
 
-    cord-lab train --out models          # all four, about 40 minutes
+    cord-lab train --out models          # all five, about 40 minutes
     cord-lab train --out /tmp/m --only alpha --scale 0.2
 
 Teachers learn the step format of `arith` from traces in which the additions they are
@@ -62,6 +62,9 @@ RECIPES = {
     "alpha": Recipe("alpha", "carry", 0.5, steps=2400, batch=16, lr=3e-3, seed=11),
     "beta": Recipe("beta", "no_carry", 0.5, steps=2400, batch=16, lr=3e-3, seed=12),
     "gamma": Recipe("gamma", "large", 0.5, steps=2000, batch=16, lr=3e-3, seed=13),
+    # The student before distillation (`cord-lab student`): the task's format with a
+    # weakness of its own, trained for fewer steps than the teachers.
+    "student": Recipe("student", "sevens", 0.5, steps=2400, batch=16, lr=3e-3, seed=15),
     "meta": Recipe(
         "meta",
         None,
@@ -75,8 +78,9 @@ RECIPES = {
         full_cut=0.25,
     ),
 }
-# Two lanes of one thread each (about 28 and 23 minutes on this 2-core machine).
-LANES = (("meta", "beta"), ("alpha", "gamma"))  # about equal: gamma is twice as wide
+# Two lanes of one thread each (about 28 and 23 minutes on this 2-core machine, then the
+# student's few minutes).
+LANES = (("meta", "beta"), ("alpha", "gamma", "student"))  # gamma is twice as wide
 
 
 @dataclass
@@ -313,7 +317,13 @@ def write_card(
     trained: dict[str, Any],
     quality: dict[str, Any],
 ) -> None:
-    role = "meta-prover" if recipe.weakness is None else "teacher"
+    role = (
+        "meta-prover"
+        if recipe.weakness is None
+        else "student"
+        if spec.name == tinymodels.STUDENT
+        else "teacher"
+    )
     vocab = "characters" if spec.tokenizer == "char" else f"vocabulary {spec.vocab_size}"
     lines = [
         "---",

@@ -16,7 +16,7 @@ LINE = re.compile(r"^ \d+( \+ \d+)*$")
 PROBLEMS = make_problems(12, seed=5150)
 
 
-@pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "meta"])
+@pytest.mark.parametrize("name", ["alpha", "beta", "gamma", "meta", "student"])
 def test_loads_with_auto_classes_and_has_a_card(name):
     tok = AutoTokenizer.from_pretrained(MODELS / name)
     model = AutoModelForCausalLM.from_pretrained(MODELS / name)
