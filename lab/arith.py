@@ -99,6 +99,27 @@ def held_out_terms() -> set[tuple[int, ...]]:
     }
 
 
+def terms_of(question: str) -> tuple[int, ...]:
+    """The terms of a lab question ("What is 3 + 4 + 2?")."""
+    return tuple(int(x) for x in question.removeprefix("What is ").rstrip("?").split(" + "))
+
+
+def valid_steps(terms: tuple[int, ...], lines: list[str]) -> int:
+    """How many of `lines` (a trace's steps, headers included or not) each rewrite the
+    line before with its first addition done right and the rest copied; a trace's
+    process is sound when all are, whatever its final answer."""
+    prev, ok = list(terms), 0
+    for line in lines:
+        body = line.split(".", 1)[1] if line.startswith("###") else line
+        try:
+            now = [int(x) for x in body.split(" + ")]
+        except ValueError:
+            break
+        ok += len(prev) > 1 and now == [prev[0] + prev[1], *prev[2:]]
+        prev = now
+    return ok
+
+
 def solution_lines(terms: tuple[int, ...]) -> list[str]:
     """The lines after each step: the first two terms added, the rest copied."""
     return weak_lines(terms, None, 0.0, random.Random(0))

@@ -2,9 +2,11 @@ import random
 
 from cord.lab.arith import (
     WEAKNESSES,
+    as_steps,
     held_out_terms,
     make_problems,
     solution_steps,
+    valid_steps,
     weak_lines,
 )
 
@@ -52,3 +54,13 @@ def test_problem_sets_are_deterministic_and_held_out_is_known():
     assert make_problems(5, 3) != make_problems(5, 4)
     held = held_out_terms()
     assert all(p.terms in held for p in make_problems(300, 7))
+
+
+def test_valid_steps_counts_the_sound_rewrites_only():
+    terms = (1, 6, 2, 9, 3, 5)
+    assert valid_steps(terms, solution_steps(terms)) == 5
+    # A right final answer by a wrong process (a CoRD trace of the lab): only 17 + 3 -> 20
+    # rewrites its line right; the errors before and after cancel out.
+    steps = as_steps(["3 + 2 + 9 + 3 + 5", "9 + 9 + 3 + 5", "17 + 3 + 5", "20 + 5", "26"])
+    assert valid_steps(terms, steps) == 1
+    assert valid_steps(terms, ["### Step 1. no number"]) == 0
