@@ -2,7 +2,7 @@
 
     cord-lab problems --n 20 --seed 1000 [--like gsm8k|math] [--out FILE]
     cord-lab train --out models [--only alpha] [--scale 0.2]
-    cord-lab student --start-workers [--train-problems 300] [--json FILE]
+    cord-lab student --start-workers [--train-problems 1000] [--seeds 3] [--json FILE]
 
 `problems` writes arithmetic problems the bundled models can solve (as cord's own input,
 or shaped as GSM8K and MATH write theirs, to try `enqueue`'s field mapping); `train`
@@ -85,7 +85,7 @@ def train(args: tuple[str, ...]) -> None:
     help="The fleet that makes the data: teachers and meta-prover.",
 )
 @click.option("--train-seed", type=int, default=1234, show_default=True)
-@click.option("--train-problems", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--train-problems", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option(
     "--eval-seed",
     type=int,

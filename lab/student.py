@@ -1,8 +1,8 @@
 """``cord-lab student``: does the data teach? Students distilled from each strategy's
 traces, compared on held-out problems.
 
-    cord-lab student --start-workers                     # the defaults: about 15 minutes
-    cord-lab student --start-workers --train-problems 600 --seeds 3 --out data/student-full
+    cord-lab student --start-workers                     # the defaults (make lab-student)
+    cord-lab student --start-workers --seeds 3 --out data/student-full  # three seeds
 
 1. **Data, as a user makes it.** The lab's problems on a training seed (any problem of
    the evaluation or demo sets is left out), run through the fleet once per strategy
