@@ -336,13 +336,14 @@ def plot_students(run: RunDir, path: Path) -> Plot | None:
     ax = fig.subplots()
     names = list(found.students)
     colors = _palette(names, STRATEGY_COLORS)
-    # Sets trained on one budget sit at one x: each is nudged sideways to stay readable.
+    # Sets trained on one budget sit at one x: each is nudged sideways to stay readable
+    # (the untrained student stays at 0).
     nudge = 0.015 * max([f.tokens for f in found.students.values()] + [1])
     for i, (name, f) in enumerate(found.students.items()):
         err = [[f.accuracy - f.ci[0]], [f.ci[1] - f.accuracy]]
         marker = "s" if name.endswith("+correct") else "o"
         ax.errorbar(
-            [f.tokens + (i - len(names) / 2) * nudge],
+            [f.tokens + (i - len(names) / 2) * nudge if f.tokens else 0],
             [f.accuracy],
             yerr=err,
             fmt=marker,
