@@ -145,12 +145,19 @@ def test_a_small_run_trains_every_student_and_each_answers_through_the_fleet(fle
         }
     # The exports are the user's: `cord-coord export`, one per set.
     assert len(list((opts.out / "sets").glob("*.jsonl"))) == 6
-    # Each student was a pool of its own and wrote an answer to every held-out problem.
+    # Each student was a pool of its own: a worker loaded it and it wrote every held-out
+    # problem's trace. What a student trained for a few steps writes is its own; the
+    # untrained one (the lab's format, pre-trained) ends each with an answer.
     run = read_run_dir(opts.out / "eval")
     by_strategy = {r.strategy: r for r in run.runs}
     for name in result.students:
-        rows = by_strategy[f"single:{lab.pool_name(name if name != 'none' else None, 0)}"].traces
-        assert len(rows) == 3 and all(r.final_answer for r in rows), rows
+        pool = lab.pool_name(name if name != "none" else None, 0)
+        rows = by_strategy[f"single:{pool}"].traces
+        assert len(rows) == 3, rows
+        assert all(r.steps and {s.teacher for s in r.steps} == {pool} for r in rows), rows
+        assert all(r.answer_teacher == pool for r in rows), rows
+        if name == "none":
+            assert all(r.final_answer for r in rows), rows
     assert (opts.out / "eval" / STUDENTS_FILE).exists()
     page = write_report(run, tmp_path / "report")
     plot = next(p for p in page.plots if p.name == "students")
