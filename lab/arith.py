@@ -104,20 +104,26 @@ def terms_of(question: str) -> tuple[int, ...]:
     return tuple(int(x) for x in question.removeprefix("What is ").rstrip("?").split(" + "))
 
 
-def valid_steps(terms: tuple[int, ...], lines: list[str]) -> int:
-    """How many of `lines` (a trace's steps, headers included or not) each rewrite the
-    line before with its first addition done right and the rest copied; a trace's
-    process is sound when all are, whatever its final answer."""
-    prev, ok = list(terms), 0
+def step_checks(terms: tuple[int, ...], lines: list[str]) -> list[bool]:
+    """For each of `lines` (a trace's steps, headers included or not) up to the first
+    that is not a sum: does it rewrite the line before with its first addition done
+    right and the rest copied?"""
+    prev, checks = list(terms), []
     for line in lines:
-        body = line.split(".", 1)[1] if line.startswith("###") else line
+        body = line.partition(".")[2] if line.startswith("###") else line
         try:
             now = [int(x) for x in body.split(" + ")]
         except ValueError:
             break
-        ok += len(prev) > 1 and now == [prev[0] + prev[1], *prev[2:]]
+        checks.append(len(prev) > 1 and now == [prev[0] + prev[1], *prev[2:]])
         prev = now
-    return ok
+    return checks
+
+
+def valid_steps(terms: tuple[int, ...], lines: list[str]) -> int:
+    """How many of `lines` are right rewrites (`step_checks`); a trace's process is sound
+    when all are, whatever its final answer."""
+    return sum(step_checks(terms, lines))
 
 
 def solution_lines(terms: tuple[int, ...]) -> list[str]:

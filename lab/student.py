@@ -50,6 +50,7 @@ from cord.common.config import RunConfig, load_config
 from cord.coordinator.evaluate import evaluate, run_strategy
 from cord.coordinator.fleet import LocalFleet
 from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.inputs.sources import write_records
 from cord.coordinator.report import (
     STUDENTS_FILE,
     SetFigures,
@@ -110,8 +111,9 @@ def split_problems(
 ) -> tuple[list[Problem], list[Problem]]:
     """`train_n` training problems on `train_seed`, none of them in the evaluation set or
     the lab's held-out sets; `eval_n` evaluation problems on `eval_seed`."""
-    held = [Problem(**p.to_json()) for p in make_problems(eval_n, eval_seed)]
-    unseen = held_out_terms() | {p.terms for p in make_problems(eval_n, eval_seed)}
+    evaluation = make_problems(eval_n, eval_seed)
+    held = [Problem(**p.to_json()) for p in evaluation]
+    unseen = held_out_terms() | {p.terms for p in evaluation}
     train: list[Problem] = []
     stream = make_problems(train_n * 2 + 100, train_seed)
     for p in stream:
@@ -120,12 +122,6 @@ def split_problems(
         if len(train) == train_n:
             break
     return train, held
-
-
-def write_problems(problems: Sequence[Problem], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps({"id": p.id, "question": p.question, "answer": p.answer}) for p in problems)
-    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
 def export_set(data_dir: Path, ts: TrainingSet, out: Path, log: Path) -> Path:
@@ -197,7 +193,6 @@ class Trained:
     path: Path
     rows: int
     tokens: int  # completion tokens per epoch
-    steps: int
     train_s: float
 
 
@@ -323,8 +318,10 @@ def run(opts: Options, echo: Callable[[str], None]) -> Students:
     train, held = split_problems(
         opts.train_seed, opts.train_problems, opts.eval_seed, opts.eval_problems
     )
-    write_problems(train, out / "problems" / "train.jsonl")
-    write_problems(held, out / "problems" / "eval.jsonl")
+    for name, problems in (("train", train), ("eval", held)):
+        write_records(
+            [p.model_dump(exclude={"meta"}) for p in problems], out / "problems" / f"{name}.jsonl"
+        )
     teachers = list(cfg.teacher_names)
     with contextlib.ExitStack() as stack:
         fleet: LocalFleet | None = None
@@ -390,7 +387,7 @@ def train_all(
     echo(f"sets: cut to {budget} training tokens each (the smallest set's)")
     figures = {name: set_figures(rows) for name, (rows, _) in loaded.items()}
     students: dict[str, Trained] = {
-        pool_name(None, 0): Trained(opts.base, 0, 0, 0, 0.0),
+        pool_name(None, 0): Trained(opts.base, 0, 0, 0.0),
     }
     for seed in range(opts.seeds):
         for ts in sets:
@@ -404,7 +401,7 @@ def train_all(
                 f"student {name}: {len(kept)} of {len(rows)} rows, {total} tokens, "
                 f"{steps} steps, {wall:.0f}s"
             )
-            students[name] = Trained(opts.out / "students" / name, len(kept), total, steps, wall)
+            students[name] = Trained(opts.out / "students" / name, len(kept), total, wall)
     return students, budget, figures
 
 

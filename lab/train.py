@@ -37,6 +37,7 @@ from cord.lab.arith import (
     held_out_terms,
     make_problems,
     random_terms,
+    step_checks,
     weak_lines,
 )
 
@@ -63,7 +64,7 @@ RECIPES = {
     "beta": Recipe("beta", "no_carry", 0.5, steps=2400, batch=16, lr=3e-3, seed=12),
     "gamma": Recipe("gamma", "large", 0.5, steps=2000, batch=16, lr=3e-3, seed=13),
     # The student before distillation (`cord-lab student`): the task's format with a
-    # weakness of its own, trained for fewer steps than the teachers.
+    # weakness of its own.
     "student": Recipe("student", "sevens", 0.5, steps=2400, batch=16, lr=3e-3, seed=15),
     "meta": Recipe(
         "meta",
@@ -226,15 +227,8 @@ def teacher_accuracy(
         ]
         formatted += bool(lines) and prompts.THINK_CLOSE in text
         right += stated_number(answer) == p.answer
-        prev = list(p.terms)
-        for line in lines:
-            try:
-                now = [int(x) for x in line.split(" + ")]
-            except ValueError:
-                break
-            steps_all += 1
-            steps_ok += now == [prev[0] + prev[1], *prev[2:]] if len(prev) > 1 else False
-            prev = now
+        checks = step_checks(p.terms, lines)
+        steps_ok, steps_all = steps_ok + sum(checks), steps_all + len(checks)
     return {
         "problems": n,
         "seed": seed,
