@@ -167,7 +167,7 @@ class SimStats(_Record):
     decode_seq_steps: int = 0  # sequence-steps decoded: sum of the batch over passes
     decode_passes: int = 0
     preemptions: int = 0  # sequences pushed out of a full cache, to be computed again
-    lag_s: float = 0.0  # real seconds the engine ran behind its clock (too fast a scale)
+    lag_s: float = 0.0  # real seconds passes ended late (the host, not the card): not in clock_s
 
     def minus(self, other: SimStats) -> SimStats:
         return SimStats(**{k: getattr(self, k) - getattr(other, k) for k in SimStats.model_fields})

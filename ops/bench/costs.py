@@ -17,7 +17,11 @@ window is counted in tokens: the teachers' decoded tokens in it, over the run's 
 generated tokens per problem (its rows), are the problems' worth it did.
 
 - ``gpu_s_per_problem``: GPU-seconds per problem, all servers (the rented time, idle
-  included): servers x window / problems' worth of work done in it;
+  included): the servers' simulated clocks over the window / problems' worth of work
+  done in it. A clock leaves out the moments its engine noticed a pass's end late (the
+  host's Python, `clock_lag_share`), which a card would not lose;
+  ``gpu_s_per_problem_wall`` counts them (servers x the window's real time, scaled): on a
+  slow host it prices the simulator's own lag as GPU time;
 - ``teacher_util``: share of a teacher server's time decoding;
 - ``barrier_idle_share``: share of a teacher server's time with nothing to run while
   problems are in flight: they wait on selection (scoring, the step barrier);
@@ -160,6 +164,7 @@ class CostRun:
 
     NAMES = (
         "gpu_s_per_problem",
+        "gpu_s_per_problem_wall",
         "teacher_util",
         "barrier_idle_share",
         "evicted_prefill_share",
@@ -179,22 +184,24 @@ class CostRun:
     scale: float
     teachers: list[str]  # the workers that expand
 
-    def span(self) -> tuple[float, dict[str, SimStats]]:
-        """Real seconds and the engines' counters over the steady state; over the whole
-        run when the teachers decoded nothing in it by their heartbeats (a steady state
-        shorter than a heartbeat: a tiny run)."""
+    def span(self) -> tuple[float, dict[str, SimStats], float]:
+        """Real seconds, the engines' counters and their clocks' seconds over the steady
+        state; over the whole run when the teachers decoded nothing in it by their
+        heartbeats (a steady state shorter than a heartbeat: a tiny run), its real time
+        scaled standing for the clocks."""
         if len(self.window.marks) >= 2:
             (_, t1, e1), (_, t2, e2) = self.window.marks[0], self.window.marks[-1]
             grown = sims(e1, e2)
             if any(s.decode_seq_steps for w, s in grown.items() if self.teaches(w)):
-                return t2 - t1, grown
-        return self.run.wall_s, {k: e.sim or SimStats() for k, e in self.run.engine.items()}
+                return t2 - t1, grown, sum(s.clock_s for s in grown.values())
+        whole = {k: e.sim or SimStats() for k, e in self.run.engine.items()}
+        return self.run.wall_s, whole, len(whole) * self.run.wall_s / self.scale
 
     def teaches(self, worker: str) -> bool:
         return worker.split("-")[0] in self.teachers
 
     def figures(self) -> dict[str, float | None]:
-        real_s, grown = self.span()
+        real_s, grown, clocks_s = self.span()
         servers = len(grown)
         window_s = real_s / self.scale
         expanders = [w for w in grown if self.teaches(w)]
@@ -207,9 +214,12 @@ class CostRun:
         evicted = sum(s.evicted_prefill_tokens for s in grown.values())
         lag = sum(s.lag_s for s in grown.values())
         return {
-            "gpu_s_per_problem": round(servers * window_s / worth, 1) if worth else None,
+            "gpu_s_per_problem": round(clocks_s / worth, 1) if worth else None,
+            "gpu_s_per_problem_wall": round(servers * window_s / worth, 1) if worth else None,
             "teacher_util": r3(sum(s.decode_s for s in teach) / clock) if clock else None,
-            "barrier_idle_share": r3(1 - sum(s.busy_s for s in teach) / clock) if clock else None,
+            "barrier_idle_share": r3(max(0.0, 1 - sum(s.busy_s for s in teach) / clock))
+            if clock
+            else None,
             "evicted_prefill_share": r3(evicted / prefill) if prefill else None,
             "fleet_overhead_share": r3(self.run.fleet_overhead_share),
             "clock_lag_share": r3(lag / (servers * real_s)) if real_s else None,
@@ -265,6 +275,8 @@ def compare(
         ratio = c["gpu_s_per_problem"] / k["gpu_s_per_problem"]  # type: ignore[operator]
         out["ratio"] = r3(ratio)
         out["ratio_per_correct"] = r3(ratio * accuracy["curation"] / accuracy["cord"])
+    if c.get("gpu_s_per_problem_wall") and k.get("gpu_s_per_problem_wall"):
+        out["ratio_wall"] = r3(c["gpu_s_per_problem_wall"] / k["gpu_s_per_problem_wall"])  # type: ignore[operator]
     click.echo(
         f"in flight {in_flight} {scheduling or 'default scheduling'}: "
         f"cord {c.get('gpu_s_per_problem')} GPU-s/problem, curation N={n} "
@@ -383,8 +395,12 @@ def put(figures: dict[str, Any], prefix: str, got: dict[str, Any], suffix: str =
     """`compare`'s figures under the names `make bench` prints."""
     figures[f"{prefix}_cord_vs_curation_ratio{suffix}"] = got.get("ratio")
     figures[f"{prefix}_cord_vs_curation_ratio_per_correct{suffix}"] = got.get("ratio_per_correct")
+    figures[f"{prefix}_cord_vs_curation_ratio_wall{suffix}"] = got.get("ratio_wall")
     # CostRun's figure names, as printed (only GPU-seconds is renamed: `gpu_s_per_problem`)
-    names = {key: key for key in CostRun.NAMES} | {"gpu_s_per_problem": "s_per_problem"}
+    names = {key: key for key in CostRun.NAMES} | {
+        "gpu_s_per_problem": "s_per_problem",
+        "gpu_s_per_problem_wall": "s_per_problem_wall",
+    }
     for strategy in ("cord", "curation"):
         for key, name in names.items():
             figures[f"{prefix}_{name}_{strategy}{suffix}"] = got.get(f"{strategy}_{key}")

@@ -7,7 +7,9 @@ block prefix cache of the card's KV capacity serves what it holds, evicts the le
 recently used blocks and makes evicted prefixes be prefilled again; sequences wait while
 the cache cannot hold them. Simulated time runs ``time_scale`` times real time, so the
 real coordinator, Redis, Celery workers and routing run on top of it: the barrier, the
-batching and the admission that price a dataset are the real ones.
+batching and the admission that price a dataset are the real ones. When the engine's own
+thread notices a pass's end late (its Python, on a busy host), the clock is held back by
+as much: a card does not lose that time, so the clock does not count it (``lag_s`` does).
 
 Lengths are drawn, seeded by the item's key, from the spec's ranges: a problem's prompt
 and its trace length (log-uniform: most traces are short, some run to the top), each
@@ -254,6 +256,10 @@ class SimServer:
         self._cv = threading.Condition()
         self._run: tuple[str, float, float] | None = None  # (counter, start, length) now
         self._real0 = time.perf_counter()
+        # Simulated seconds the clock was held back: whenever the thread noticed a pass's
+        # end late (its own Python on a busy host, not the card), the clock took up from
+        # the pass's end, not from then. What a GPU would not have lost is not its time.
+        self._held_s = 0.0
         self._thread = threading.Thread(target=self._loop, name="cord-sim", daemon=True)
         self._thread.start()
 
@@ -272,7 +278,7 @@ class SimServer:
         with self._cv:
             stats = self.stats.model_copy()
             run = self._run
-        now = (time.perf_counter() - self._real0) / self.scale
+        now = self._now_s()
         if run is not None:
             kind, start, seconds = run
             part = min(seconds, max(0.0, now - start))
@@ -284,8 +290,12 @@ class SimServer:
         return stats
 
     # -- the clock ------------------------------------------------------------------
+    def _now_s(self) -> float:
+        """Simulated time now: real time since the start, scaled, less what was held."""
+        return (time.perf_counter() - self._real0) / self.scale - self._held_s
+
     def _real_at(self, t: float) -> float:
-        return self._real0 + t * self.scale
+        return self._real0 + (t + self._held_s) * self.scale
 
     def _run_for(self, kind: str, seconds: float, interruptible: bool) -> float:
         """Let `seconds` of simulated time pass prefilling or decoding (`kind`: the
@@ -314,8 +324,7 @@ class SimServer:
             passed += piece
             if interruptible and self._can_admit():
                 break
-        now_s = (time.perf_counter() - self._real0) / self.scale
-        return self._ran(kind, passed, max(start + passed, now_s))
+        return self._ran(kind, passed, max(start + passed, self._now_s()))
 
     def _ran(self, kind: str, passed: float, clock_s: float) -> float:
         """`passed` seconds of `kind` done, the clock now at `clock_s`."""
@@ -334,9 +343,10 @@ class SimServer:
             now = time.perf_counter()
             if now >= deadline:
                 self.stats.lag_s += now - deadline
+                self._held_s += (now - deadline) / self.scale
                 break
             if interruptible and self._can_admit():
-                passed = min(seconds, max(0.0, (now - self._real0) / self.scale - start))
+                passed = min(seconds, max(0.0, self._now_s() - start))
                 break
             self._cv.wait(deadline - now)
         return self._ran(kind, passed, start + passed)
@@ -361,8 +371,7 @@ class SimServer:
                 if not self.running and not self.waiting:
                     self._cv.wait()
                     # Idle until now: the clock catches up with real time.
-                    now_s = (time.perf_counter() - self._real0) / self.scale
-                    self.stats.clock_s = max(self.stats.clock_s, now_s)
+                    self.stats.clock_s = max(self.stats.clock_s, self._now_s())
                     continue
                 admitted = self._admit()
                 if admitted and self.chunk is None:

@@ -187,6 +187,7 @@ def test_a_tiny_gpu_cost_run_prices_both_strategies_before_and_after(tmp_path, r
             assert figures[f"gpu_done_{strategy}{suffix}"] == 4
             assert figures[f"gpu_failed_{strategy}{suffix}"] == 0
         assert figures[f"gpu_cord_vs_curation_ratio{suffix}"] > 0
+        assert figures[f"gpu_cord_vs_curation_ratio_wall{suffix}"] > 0
     assert figures["gpu_partial_replies_cord"] > 0  # items came back as they ended
     assert figures["gpu_partial_replies_cord_before"] == 0  # one reply per task
     assert 0 <= figures["gpu_barrier_idle_share"] <= 1

@@ -4,6 +4,8 @@ own (no fleet). Its texts are placeholders; what is checked is what it prices.""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -168,6 +170,34 @@ def test_a_burner_spends_the_cpu_time_a_pass_costs():
     # in the burner's process.
     assert _cpu_s(burner.proc.pid) - before >= 0.9 * 19 * 0.004
     burner.close()
+
+
+def test_the_clock_leaves_out_the_time_its_thread_noticed_a_pass_late():
+    # One request of 20 tokens, its passes 10 ms each at scale 1: ~0.2 s of work. The
+    # test holds the server's lock for 0.4 s meanwhile, as a busy host's other threads
+    # would: the passes end late, and the clock does not count the lateness.
+    e = engine(
+        model="alpha",
+        time_scale=1.0,
+        decode_s=(0.01, 0.0),
+        prefill_token_s=0.0,
+        step_tokens=(20, 20),
+    )
+    server = e.server
+    start = time.perf_counter() - server._real0
+    done = threading.Thread(target=e.expand, args=([expand("late", [])],))
+    done.start()
+    time.sleep(0.05)
+    with server._cv:
+        time.sleep(0.4)
+    done.join()
+    sim = server.snapshot()
+    elapsed = time.perf_counter() - server._real0
+    assert sim.lag_s >= 0.2  # the passes ended ~0.25 s late
+    assert sim.busy_s == pytest.approx(0.2, abs=0.02)  # the work itself, as priced
+    # The clock ran with real time, less the lateness, to the millisecond.
+    assert sim.clock_s == pytest.approx(elapsed - sim.lag_s, abs=0.01)
+    assert sim.clock_s - start < elapsed - start - 0.2
 
 
 def _cpu_s(pid: int) -> float:
