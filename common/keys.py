@@ -91,3 +91,15 @@ class Keys:
     def replies(self, coordinator_id: str) -> str:
         """STREAM the workers append results to for one coordinator."""
         return f"{self.ns}:replies:{coordinator_id}"
+
+    @property
+    def listening_pattern(self) -> str:
+        """SCAN pattern of the live coordinators' `listening` keys."""
+        return listening(self.replies("*"))
+
+
+def listening(reply_to: str) -> str:
+    """STRING beside a coordinator's reply stream, with a TTL of its lease, renewed while
+    it runs and deleted when it stops: a worker runs no task whose coordinator is gone
+    (the tasks an interrupted run left queued), and `status` counts the live ones."""
+    return f"{reply_to}:listening"

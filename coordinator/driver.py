@@ -33,7 +33,7 @@ from kombu.exceptions import OperationalError
 
 from cord.common.celery_app import make_celery
 from cord.common.config import RunConfig
-from cord.common.keys import TASK_NAMES, Keys
+from cord.common.keys import TASK_NAMES, Keys, listening
 from cord.common.log import get_logger
 from cord.common.messages import Generation, Score, TaskRequest, TaskResult
 from cord.coordinator.admission import KVAdmission
@@ -45,6 +45,8 @@ from cord.coordinator.search import Outcome, Search, Work, WorkKey, make_search,
 from cord.coordinator.store import Store
 
 Event = Callable[[str, str], None]  # (kind: done|failed, problem id)
+Waiting = Callable[[list[str]], None]  # pools that have work and no live worker
+WAIT_NOTE_S = 5.0  # how often a run says which pools it waits for
 
 
 class Observer:
@@ -78,7 +80,7 @@ class Counters:
     items_sent: int = 0
     redispatched: int = 0
     rerouted: int = 0  # waiting on a worker that left: sent elsewhere, no attempt counted
-    duplicates: int = 0
+    late_results: int = 0  # results for items already settled (a re-sent task's twin): ignored
     results: int = 0
     done: int = 0
     failed: int = 0
@@ -103,12 +105,15 @@ class Coordinator:
         on_event: Event | None = None,
         state_namespace: str | None = None,
         observer: Observer | None = None,
+        on_wait: Waiting | None = None,
     ) -> None:
         strategy_of(cfg)  # a config the workers accept may name no strategy we know
         self.cfg = cfg
         self.id = coordinator_id or new_coordinator_id()
         self.follow = follow
         self.on_event = on_event
+        self.on_wait = on_wait
+        self._next_wait_note = 0.0
         self.observer = observer or Observer()
         # Queues always follow cfg.namespace (the workers'); the problem state may live
         # apart, e.g. one namespace per strategy in `cord-coord eval`.
@@ -149,6 +154,7 @@ class Coordinator:
     def run(self) -> dict[str, Any]:
         start = time.monotonic()
         self._wait_for_redis()
+        self._listen()  # before any task is sent
         self._reconcile()
         self.router.refresh(time.monotonic())  # route the first work to live workers
         if self.kv_room is not None:  # and admit the first problems by the pools' caches
@@ -185,6 +191,7 @@ class Coordinator:
         self._read(block_ms=50 if self.searches else 250)  # persists what it applied
         self._check_deadlines(time.monotonic())
         self._renew(time.monotonic())
+        self._note_missing_workers(time.monotonic())
         return not self.searches and not self._closing and not self.follow and self._drained()
 
     def _wait_for_redis(self) -> None:
@@ -201,6 +208,24 @@ class Coordinator:
     def stop(self) -> None:
         self._stop = True
 
+    def pools_without_workers(self) -> list[str]:
+        """The config's pools with no live worker, as the router last saw them."""
+        return [m for m in self.cfg.model_names if not self.router.live.get(m)]
+
+    def _note_missing_workers(self, now: float) -> None:
+        """Every few seconds while there is work and some pool has no live worker, say
+        so (a log line, and `on_wait`): otherwise a run with no workers waits in silence."""
+        if now < self._next_wait_note:
+            return
+        self._next_wait_note = now + WAIT_NOTE_S
+        missing = self.pools_without_workers()
+        if not missing or (not self.searches and self._drained()):
+            return
+        if self.on_wait is not None:
+            self.on_wait(missing)
+        else:
+            self.log.warning("waiting_for_workers", pools=missing)
+
     def _drained(self) -> bool:
         """All enqueued work is done: nothing waits and nobody holds a problem. Problems
         a dead coordinator held are taken over when their lease runs out."""
@@ -213,7 +238,8 @@ class Coordinator:
             if self.searches:  # a clean stop hands unfinished problems back at once
                 self.store.release(self.id, self.searches)
                 self.log.info("released_problems", count=len(self.searches))
-            self.redis.delete(self.reply)
+            # Tasks of ours still queued are dropped unrun by the workers.
+            self.redis.delete(self.reply, listening(self.reply))
         except (redis.ConnectionError, redis.TimeoutError) as e:
             # Nothing is lost: the leases run out and another coordinator resumes.
             self.log.warning("shutdown_without_redis", error=str(e))
@@ -360,7 +386,7 @@ class Coordinator:
             # The first result for an item wins, whichever task brought it.
             p = self.inflight.settle(item.key)
             if p is None:
-                self.counters.duplicates += 1
+                self.counters.late_results += 1
                 continue
             search = self.searches.get(p.pid)
             if search is None:
@@ -413,14 +439,21 @@ class Coordinator:
                 else:
                     self._retry_or_fail(key, lost.reason, True, now)
 
+    def _listen(self) -> None:
+        """Say we are here for a lease: workers run our tasks only while we are."""
+        self.redis.set(listening(self.reply), self.id, px=int(self.lease_s * 1000))
+
     def _renew(self, now: float) -> None:
-        if now < self._next_renew or not (self.searches or self._closing):
+        if now < self._next_renew:
+            return
+        self._next_renew = now + self.lease_s / 3
+        self._listen()
+        if not (self.searches or self._closing):
             return
         lost = self.store.renew(self.id, [*self.searches, *self._closing], self.lease_s)
         # The reply stream lives while we do: were we killed, it expires (workers set the
         # same TTL on each write, so a late result cannot leave it behind either).
         self.redis.pexpire(self.reply, int(self.cfg.reliability.reply_ttl_s * 1000))
-        self._next_renew = now + self.lease_s / 3
         for pid in lost:
             self._drop_lost(pid)
 

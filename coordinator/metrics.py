@@ -63,7 +63,9 @@ class CoordinatorCollector(Collector):
         yield _counter(
             "cord_coord_redispatched", "Items sent again (lost worker, timeout).", c.redispatched
         )
-        yield _counter("cord_coord_duplicates", "Late or duplicate results ignored.", c.duplicates)
+        yield _counter(
+            "cord_coord_late_results", "Results for items already settled, ignored.", c.late_results
+        )
         yield _counter("cord_coord_results", "Task results read from the reply stream.", c.results)
         yield _counter(
             "cord_coord_resumed", "Problems taken over from a dead coordinator.", c.resumed

@@ -1,5 +1,5 @@
 """JSONL output: ``<dir>/traces.jsonl`` and ``<dir>/failed.jsonl``, a `TraceRow` or a
-`FailureRow` (`cord.coordinator.rows`) per line.
+`FailureRow` (`cord.coordinator.rows`) per line; both are made with the first row.
 
 Each row is appended whole (one write, flushed and fsynced) under an exclusive file
 lock, so two coordinators sharing a folder never interleave. A torn last line (power loss
@@ -20,13 +20,23 @@ class JsonlWriter:
         self, out_dir: str | Path, traces_prefix: str = "traces", failed_prefix: str = "failed"
     ) -> None:
         self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.traces = self.dir / f"{traces_prefix}.jsonl"
         self.failed = self.dir / f"{failed_prefix}.jsonl"
         for path in (self.traces, self.failed):
             repair_torn_tail(path)
+        self._opened = False
+
+    def _open(self) -> None:
+        """The folder and both files, made with the first row (a run with nothing to do
+        leaves no folder; a run with rows always has both files, empty or not)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for path in (self.traces, self.failed):
+            path.touch(exist_ok=True)
+        self._opened = True
 
     def write(self, row: TraceRow | FailureRow) -> None:
+        if not self._opened:
+            self._open()
         data = row.model_dump_json().encode("utf-8") + b"\n"
         with open(self.failed if isinstance(row, FailureRow) else self.traces, "ab") as f:
             fcntl.flock(f, fcntl.LOCK_EX)

@@ -1,6 +1,9 @@
 """What `cord-coord status` reports for one run (a namespace): problems queued / in
 flight / done / failed, queue depth per pool, live workers per pool, generated tokens
-per second per pool over the last minute, the prefix-cache hit share, and an ETA.
+per second per pool over the last minute, the prefix-cache hit share, an ETA, the
+coordinators running (each with the problems it holds: a coordinator is running while
+its `keys.listening` key lives) and the problems in flight whose coordinator is gone
+(their lease ran out: the next `cord-coord run` resumes them).
 
 Everything is read from Redis: the coordinator's keys, the Celery queues (each pool's
 shared queue and its workers' private ones), the workers' heartbeat records (which carry
@@ -99,7 +102,13 @@ def completion_eta(
 def fleet_status(cfg: RunConfig, client: redis.Redis | None = None) -> dict[str, Any]:
     r = client or redis.Redis.from_url(cfg.redis_url)
     keys = Keys(cfg.namespace)
-    status: dict[str, Any] = {"namespace": cfg.namespace, **Store(r, keys).counts()}
+    store = Store(r, keys)
+    status: dict[str, Any] = {"namespace": cfg.namespace, **store.counts()}
+    held, status["orphaned"] = store.holders()
+    # Coordinators are those listening for results, and any other still holding leases.
+    found = (r.get(k) for k in r.scan_iter(match=keys.listening_pattern))
+    running = sorted({v.decode() for v in found if v is not None} | set(held))
+    status["coordinators"] = {c: held.get(c, 0) for c in running}
     depths = queue_depths(r, cfg)
     status["queues"] = {q: n for per in depths.values() for q, n in per.items()}
     status["queue_depth"] = {m: sum(per.values()) for m, per in depths.items()}
@@ -133,8 +142,21 @@ def format_status(st: dict[str, Any], redis_url: str) -> str:
     lines = [f"namespace {st['namespace']} at {redact_url(redis_url)}"]
     counts = "  ".join(f"{k} {st[k]}" for k in ("queued", "in_flight", "done", "failed"))
     lines.append(f"problems: {counts}  (of {st['total']})")
+    coords = st["coordinators"]
+    if coords:
+        held = ", ".join(f"{c} ({n} problems)" for c, n in coords.items())
+        lines.append(f"coordinators running: {held}")
+    else:
+        lines.append("coordinators running: none")
+    if st["orphaned"]:
+        lines.append(
+            f"{st['orphaned']} problem(s) in flight wait for a coordinator (theirs stopped "
+            "or died): `cord-coord run` resumes them"
+        )
     if st["queued"] + st["in_flight"] == 0:
         lines.append("ETA: nothing queued or in flight")
+    elif not coords:
+        lines.append("ETA: none while no coordinator runs (`cord-coord run --config ...`)")
     elif st["eta_s"] is None:
         lines.append("ETA: unknown (fewer than two problems finished in the last 5 min)")
     else:

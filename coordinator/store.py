@@ -195,6 +195,21 @@ class Store:
         if mapping:
             self.r.hset(self.keys.inflight, mapping=mapping)
 
+    def holders(self, now: float | None = None) -> tuple[dict[str, int], int]:
+        """Problems in flight per coordinator holding a live lease, and the number whose
+        lease ran out (their coordinator stopped or died: the next coordinator to run
+        resumes them). Reads the whole in-flight hash: for `status`, not the loop."""
+        now = time.time() if now is None else now
+        held: dict[str, int] = {}
+        orphaned = 0
+        for raw in self.r.hvals(self.keys.inflight):
+            lease = json.loads(raw)
+            if float(lease["until"]) >= now:
+                held[lease["owner"]] = held.get(lease["owner"], 0) + 1
+            else:
+                orphaned += 1
+        return held, orphaned
+
     def counts(self) -> dict[str, int]:
         k = self.keys
         pipe = self.r.pipeline()

@@ -268,7 +268,7 @@ def coordinator_totals(path: Path) -> dict[str, int]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if '"coordinator_finished"' in line:
             row = json.loads(line)
-            for k in ("redispatched", "duplicates", "resumed", "redis_outages", "lost_leases"):
+            for k in ("redispatched", "late_results", "resumed", "redis_outages", "lost_leases"):
                 totals[k] += int(row.get(k, 0))
     return dict(totals)
 
@@ -321,7 +321,7 @@ def report_of(
         + coordinator_events.get("redis_unreachable", 0),
         "leases_lost": coordinator_events.get("lease_lost", 0),
         # ...and from the summaries of the coordinators that finished.
-        "duplicates_ignored": totals.get("duplicates", 0),
+        "late_results_ignored": totals.get("late_results", 0),
         "problems_resumed": totals.get("resumed", 0),
         "tasks_handed_back": worker_events.get("task_handed_back", 0),
         "check": result,

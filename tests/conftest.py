@@ -17,7 +17,7 @@ import yaml
 
 from cord.common import env
 from cord.common.config import RunConfig, load_config
-from cord.common.keys import Keys
+from cord.common.keys import Keys, listening
 from cord.common.metrics import free_port
 from cord.coordinator.fleet import LocalFleet, wipe_namespace
 from cord.coordinator.redis_server import LocalRedis, ping
@@ -85,6 +85,13 @@ def base_config(
         "max_in_flight": 32,
         "reliability": {"task_timeout_s": 120, "heartbeat_s": 1.0},
     }
+
+
+def listening_stream(client: redis.Redis, stream: str) -> str:
+    """A reply stream with a coordinator listening on it, as a running coordinator marks
+    its own (`keys.listening`): tests that send tasks by hand stand in for one."""
+    client.set(listening(stream), "test", ex=600)
+    return stream
 
 
 def write_config(path: Path, data: dict[str, Any]) -> Path:

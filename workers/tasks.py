@@ -23,7 +23,7 @@ import redis
 from celery import Celery
 from pydantic import ValidationError
 
-from cord.common.keys import TASK_NAMES, Keys
+from cord.common.keys import TASK_NAMES, Keys, listening
 from cord.common.log import get_logger
 from cord.common.messages import Generation, Heartbeat, Score, TaskKind, TaskRequest, TaskResult
 from cord.workers.engines import Engine, EngineError, serve
@@ -72,6 +72,11 @@ class WorkerRuntime:
         log = self.log.bind(
             task_id=req.task_id, kind=kind, items=len(req.keys()), attempt=req.attempt
         )
+        if not self.redis.exists(listening(req.reply_to)):
+            # Its coordinator stopped (an interrupted run) or is dead for a lease (its
+            # problems go to another, which sends its own tasks): nobody would read it.
+            log.info("task_dropped_coordinator_gone")
+            return
         result = TaskResult(
             task_id=req.task_id, kind=kind, model=req.model, worker=self.worker_name
         )

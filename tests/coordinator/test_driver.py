@@ -145,6 +145,6 @@ def test_lost_tasks_are_found_and_a_poison_task_is_not_retried_for_ever(
     assert "failed after 2 attempt(s)" in row["reason"]
     assert "worker ghost@test was lost while running the task" in row["reason"]
     assert coordinator.counters.redispatched == 1
-    assert not (tmp_path / "out" / "traces.jsonl").exists()
+    assert (tmp_path / "out" / "traces.jsonl").read_text() == ""  # no trace, only the failure
     # The lost and the poison task left nothing behind in the coordinator.
     assert not any(coordinator.sizes().values()), coordinator.sizes()

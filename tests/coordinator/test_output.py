@@ -22,3 +22,12 @@ def test_torn_last_line_is_cut_on_open(tmp_path):
     assert path.read_text() == '{"id": "a"}\n'
     assert read_ids(path) == {"a"}
     assert repair_torn_tail(path) is False
+
+
+def test_the_folder_and_both_files_come_with_the_first_row(tmp_path):
+    out = tmp_path / "out"
+    w = JsonlWriter(out)
+    assert not out.exists() and w.written_ids() == (set(), set())  # nothing to do, nothing made
+    w.write(trace_row("a"))
+    assert w.failed.exists() and w.failed.read_text() == ""
+    assert w.written_ids() == ({"a"}, set())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cord.common.keys import Keys
+from cord.common.keys import Keys, listening
 from cord.common.messages import Heartbeat, TokenCounts
 from cord.coordinator.inputs.problems import Problem
 from cord.coordinator.status import completion_eta, fleet_status, format_status
@@ -63,4 +63,23 @@ def test_queues_and_liveness(redis_client, namespace, make_config):
     text = format_status(st, cfg.redis_url)
     assert "ETA: nothing queued" in text and "workers alpha: alpha-1@h" in text
     Store(redis_client, keys).enqueue([Problem(id="p", question="q", answer="1")])
-    assert "ETA: unknown" in format_status(fleet_status(cfg, redis_client), cfg.redis_url)
+    # Work and no coordinator: no ETA, and what to run; with one listening: no rate yet.
+    text = format_status(fleet_status(cfg, redis_client), cfg.redis_url)
+    assert "coordinators running: none" in text and "ETA: none while no coordinator" in text
+    redis_client.set(listening(keys.replies("c1")), "host-1-c1", px=10_000)
+    text = format_status(fleet_status(cfg, redis_client), cfg.redis_url)
+    assert "coordinators running: host-1-c1 (0 problems)" in text and "ETA: unknown" in text
+
+
+def test_problems_whose_coordinator_is_gone_are_counted_apart(redis_client, namespace, make_config):
+    _, cfg = make_config()
+    keys = Keys(namespace)
+    store = Store(redis_client, keys)
+    store.enqueue([Problem(id=f"p{i}", question=f"q{i}", answer="1") for i in range(3)])
+    assert len(store.claim("live-c", 2, lease_s=60)) == 2
+    dead = store.claim("dead-c", 1, lease_s=60)
+    store.release("dead-c", dead)  # its lease runs out at once
+    st = fleet_status(cfg, redis_client)
+    assert st["in_flight"] == 3 and st["orphaned"] == 1
+    assert st["coordinators"] == {"live-c": 2}
+    assert "1 problem(s) in flight wait for a coordinator" in format_status(st, cfg.redis_url)

@@ -9,6 +9,7 @@ from cord.common.messages import Heartbeat, TaskRequest, TaskResult
 from cord.common.pools import HFSpec
 from cord.workers.engines.hf import HFEngine
 from cord.workers.tasks import WorkerRuntime
+from tests.conftest import listening_stream
 
 pytestmark = pytest.mark.redis
 MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -25,7 +26,7 @@ def replies(client, stream):
 
 def test_expand_task_replies_on_the_stream(engine, redis_client, namespace):
     runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"], reply_ttl_s=90)
-    stream = f"{namespace}:replies:test"
+    stream = listening_stream(redis_client, f"{namespace}:replies:test")
     req = TaskRequest(
         task_id="t1",
         kind="expand",
@@ -55,7 +56,7 @@ def test_expand_task_replies_on_the_stream(engine, redis_client, namespace):
 
 def test_wrong_pool_is_a_retryable_error(engine, redis_client, namespace):
     runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"])
-    stream = f"{namespace}:replies:test"
+    stream = listening_stream(redis_client, f"{namespace}:replies:test")
     req = TaskRequest(
         task_id="t2",
         kind="score",
@@ -107,7 +108,7 @@ def test_a_streaming_task_replies_per_item_as_items_end(redis_client, namespace)
         for i in range(6)
     ]
     for stream_flag in (True, False):
-        stream = f"{namespace}:replies:{stream_flag}"
+        stream = listening_stream(redis_client, f"{namespace}:replies:{stream_flag}")
         req = TaskRequest(
             task_id=f"t{stream_flag}",
             kind="expand",
@@ -125,3 +126,36 @@ def test_a_streaming_task_replies_per_item_as_items_end(redis_client, namespace)
             assert len(got) >= 2
         else:
             assert len(got) == 1
+
+
+def test_a_task_whose_coordinator_is_gone_is_dropped_unrun(engine, redis_client, namespace):
+    # Its coordinator stopped (its listening key deleted) or died a lease ago (lapsed):
+    # nobody reads the reply. The worker neither runs it nor answers it.
+    runtime = WorkerRuntime(engine, "w1", redis_client, Keys(namespace), ["q"])
+    stream = f"{namespace}:replies:gone"
+    req = TaskRequest(
+        task_id="t-gone",
+        kind="expand",
+        model="alpha",
+        reply_to=stream,
+        expand=[
+            {
+                "key": "k0",
+                "prompt": "What is 1 + 2?",
+                "steps": [],
+                "next_step": 1,
+                "max_new_tokens": 5,
+                "temperature": 0.6,
+                "seed": 0,
+            }
+        ],
+    )
+    runtime.handle("expand", req.model_dump(mode="json"))
+    assert redis_client.exists(stream) == 0
+    assert not redis_client.hexists(Keys(namespace).running, "t-gone")
+    assert runtime.tasks_done == 0
+    # The same task once its coordinator listens: run and answered.
+    listening_stream(redis_client, stream)
+    runtime.handle("expand", req.model_dump(mode="json"))
+    (result,) = replies(redis_client, stream)
+    assert [g.key for g in result.generations] == ["k0"] and runtime.tasks_done == 1
