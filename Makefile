@@ -80,9 +80,11 @@ BENCH_ARGS ?=
 bench: venv
 	$(BIN)/python ops/bench/run_all.py $(BENCH_ARGS)
 
-# The demo fleet under honcho (see Procfile); stop with Ctrl-C.
+# The demo fleet under honcho (see Procfile); stop with Ctrl-C. Another config's fleet:
+# PROCFILE=examples/paper.Procfile.
+PROCFILE ?= Procfile
 fleet: venv
-	$(BIN)/honcho start
+	$(BIN)/honcho start -f $(PROCFILE) -d .
 
 # Kubernetes manifests and SkyPilot tasks of the demo config into ops/k8s, ops/skypilot
 # (docs/deploy.md); tests/coordinator/deploy/test_deploy.py checks the committed ones are current.

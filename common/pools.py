@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    model_validator,
+)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$"
 ModelName = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -114,6 +122,42 @@ class _ServerSpec(_Batching):
     health_interval_s: float = Field(
         default=30.0, gt=0, description="a launched server is probed this often"
     )
+    gpus: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="the GPUs a launched server uses (its CUDA_VISIBLE_DEVICES), one per "
+        "tensor-parallel rank, e.g. [2, 3]; None: the GPU `device` names (cuda:N), else "
+        "every GPU the worker sees. `cord-worker --gpus 2,3` sets it per worker",
+    )
+
+    @property
+    def parallel(self) -> int:
+        """GPUs one server spans (its tensor parallelism)."""
+        return 1
+
+    @property
+    def visible_gpus(self) -> list[int] | None:
+        """The launched server's CUDA_VISIBLE_DEVICES; None leaves the worker's."""
+        if self.gpus is not None:
+            return self.gpus
+        if self.device.startswith("cuda:"):
+            return [int(self.device.split(":", 1)[1])]
+        return None
+
+    @model_validator(mode="after")
+    def _gpus_fit(self) -> _ServerSpec:
+        if self.gpus is not None and self.device.startswith("cpu"):
+            raise ValueError("gpus is set but device is cpu; set device: cuda")
+        if self.gpus is not None and len(set(self.gpus)) != len(self.gpus):
+            raise ValueError(f"gpus {self.gpus} names a GPU twice")
+        have = self.visible_gpus
+        if have is not None and len(have) != self.parallel:
+            raise ValueError(
+                f"the server spans {self.parallel} GPU(s) (tensor parallelism) but is given "
+                f"{len(have)} ({have}); list one GPU per rank in gpus, e.g. "
+                f"{list(range(self.parallel))}"
+            )
+        return self
 
     @property
     def server_url(self) -> str | None:
@@ -162,6 +206,10 @@ class SGLangSpec(_ServerSpec):
     mem_fraction_static: float | None = Field(
         default=None, gt=0.0, lt=1.0, description="GPU memory for weights and KV; None = SGLang's"
     )
+
+    @property
+    def parallel(self) -> int:
+        return self.tp_size
 
     @property
     def server_url(self) -> str | None:
@@ -218,6 +266,10 @@ class VLLMSpec(_ServerSpec):
         "(--kv-cache-memory-bytes; vLLM's own default takes far more)",
     )
     cpu_threads: CpuThreads = 1
+
+    @property
+    def parallel(self) -> int:
+        return self.tensor_parallel_size
 
     @property
     def server_url(self) -> str | None:

@@ -286,7 +286,7 @@ def _worker_container(cfg: RunConfig, pool: str, gpus: int) -> dict[str, Any]:
         "name": "worker",
         "image": d.image,
         "command": command,
-        "args": ["--config", d.config_path, "--teacher", pool],
+        "args": ["--config", d.config_path, "--pool", pool],
         "env": [_secret_env("CORD_REDIS_URL", REDIS_SECRET, "url")],
         "resources": {"requests": requests, "limits": limits},
         "volumeMounts": mounts,

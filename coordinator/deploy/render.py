@@ -74,6 +74,7 @@ def render_config(config_path: str | Path) -> Rendered:
 
 def render(cfg: RunConfig, source: str = "the run config") -> Rendered:
     names = _k8s_names(cfg)
+    _check_parallel(cfg)
     config_text = _config_yaml(cfg)
     out = Rendered()
     header = f"{HEADER} from {source}; change the config and render again.\n"
@@ -145,6 +146,19 @@ def _k8s_names(cfg: RunConfig) -> dict[str, str]:
     return names
 
 
+def _check_parallel(cfg: RunConfig) -> None:
+    """A worker's server spans `parallel` GPUs: its pod must get at least as many."""
+    for pool in cfg.model_names:
+        spec = cfg.pool(pool)
+        need = getattr(spec, "parallel", 1)
+        got = cfg.deploy.gpus_of(pool)
+        if need > 1 and got < need:
+            raise ConfigError(
+                f"pool {pool!r}: its server spans {need} GPUs (tensor parallelism) but "
+                f"deploy gives each worker {got}; set deploy.gpus: {{{pool}: {need}}}"
+            )
+
+
 def _config_yaml(cfg: RunConfig) -> str:
     """The validated config as the cluster reads it: the fields the file set (defaults
     stay defaults). redis_url is left out: every container gets CORD_REDIS_URL from the
@@ -159,7 +173,7 @@ SKY_CONFIG = "~/cord/run.yaml"
 
 
 def sky_run_command(cfg: RunConfig, pool: str) -> str:
-    worker = ["cord-worker", "--config", SKY_CONFIG, "--teacher", pool]
+    worker = ["cord-worker", "--config", SKY_CONFIG, "--pool", pool]
     watch = ["cord-spot-watch", "--notice-exit-code", str(NOTICE_EXIT_CODE), "--"]
     # The config path is left unquoted so that the shell expands ~.
     return " ".join(shlex.quote(w) if w != SKY_CONFIG else w for w in [*watch, *worker])
@@ -233,6 +247,20 @@ def _warnings(cfg: RunConfig) -> list[str]:
             f"{', '.join(on_cpu)}: device is 'cpu' but deploy gives their workers GPUs; "
             "set device: cuda in the config (or deploy.gpus: {name: 0} for a CPU pool)"
         )
+    for pool in cfg.model_names:
+        spec, got = cfg.pool(pool), d.gpus_of(pool)
+        need = getattr(spec, "parallel", 1)
+        if got > need and spec.device != "cpu":
+            out.append(
+                f"{pool}: deploy gives each worker {got} GPUs, its server uses {need}; "
+                "the rest idle (set deploy.gpus, or the server's tensor parallelism)"
+            )
+        pinned = getattr(spec, "gpus", None)
+        if pinned and max(pinned) >= got:
+            out.append(
+                f"{pool}: gpus {pinned} names GPUs a pod of {got} does not have (a pod "
+                "numbers its GPUs from 0); drop gpus for a cluster"
+            )
     m = cfg.metrics
     if (m.coordinator_port or m.worker_port) and m.host in ("127.0.0.1", "localhost"):
         out.append(

@@ -272,8 +272,16 @@ class ServerSupervisor:
         return [sys.executable, *cmd[1:]] if cmd and cmd[0] == "python" else cmd
 
     def launch_env(self) -> dict[str, str]:
-        """Environment the launched server gets on top of the worker's."""
+        """Environment the launched server gets on top of the worker's (an engine's own)."""
         return {}
+
+    def server_env(self) -> dict[str, str]:
+        """`launch_env`, and the GPUs the server may use (`visible_gpus`)."""
+        env = self.launch_env()
+        gpus = self.spec.visible_gpus
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        return env
 
     def _launch(self) -> None:
         port = self.spec.port or free_port()
@@ -283,7 +291,7 @@ class ServerSupervisor:
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 cmd,
-                env={**os.environ, **self.launch_env()},
+                env={**os.environ, **self.server_env()},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -80,7 +80,7 @@ def test_demo_renders_one_worker_and_scaler_per_pool(tmp_path: Path) -> None:
             assert t["authenticationRef"]["name"] in _by_kind(docs, "TriggerAuthentication")
         args = _cmdline(worker)
         assert args[0] == "cord-worker"
-        assert args[args.index("--teacher") + 1] == pool
+        assert args[args.index("--pool") + 1] == pool
         assert args[args.index("--config") + 1] == "/etc/cord/run.yaml"
         c = _container(worker)
         assert c["image"] == "cord:latest"
@@ -142,7 +142,7 @@ def test_skypilot_tasks_are_spot_jobs_that_recover(tmp_path: Path) -> None:
         run = task["run"].split()
         assert run[0] == "cord-spot-watch"
         assert run[run.index("--notice-exit-code") + 1] == str(NOTICE_EXIT_CODE)
-        assert run[run.index("--teacher") + 1] == pool
+        assert run[run.index("--pool") + 1] == pool
         assert task["secrets"] == {"CORD_REDIS_URL": None}
         for local in task["file_mounts"].values():
             assert (out / "skypilot" / local).is_file()
@@ -285,6 +285,49 @@ def test_warnings_tell_what_will_not_work(tmp_path: Path) -> None:
     assert "device is 'cpu'" not in res.stderr and "spot nodes" not in res.stderr
 
 
+def test_a_pod_must_hold_the_gpus_its_server_spans(tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "examples" / "paper.yaml").read_text())
+    data["teachers"][0].update({"tensor_parallel_size": 2, "gpus": [0, 1]})
+    one = write_config(tmp_path / "one.yaml", {**data, "deploy": {"default_gpus": 1}})
+    res = CliRunner().invoke(
+        main, ["ops", "render", "--config", str(one), "--out", str(tmp_path / "o")]
+    )
+    assert res.exit_code == 2
+    assert (
+        "pool 'r1': its server spans 2 GPUs (tensor parallelism) but deploy gives each worker 1"
+        in res.output
+    )
+    assert not (tmp_path / "o").exists()
+    # Room for it: rendered, with a word on GPUs that would idle and on GPU numbers a pod
+    # does not have (a pod numbers its own from 0).
+    two = write_config(tmp_path / "two.yaml", {**data, "deploy": {"default_gpus": 2}})
+    res = CliRunner().invoke(
+        main, ["ops", "render", "--config", str(two), "--out", str(tmp_path / "p")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "qwq: deploy gives each worker 2 GPUs, its server uses 1" in res.stderr
+    assert "phi4: gpus [2] names GPUs a pod of 2 does not have" in res.stderr
+    worker = _by_kind(_docs(tmp_path / "p"), "Deployment")
+    r1 = next(d for name, d in worker.items() if name.endswith("r1"))
+    assert _container(r1)["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_the_paper_config_validates_and_places_each_server(tmp_path: Path) -> None:
+    cfg = load_config(ROOT / "examples" / "paper.yaml")
+    assert cfg.teacher_names == ["r1", "qwq", "phi4"] and cfg.meta_prover.name == "qwq"
+    assert [cfg.pool(t).visible_gpus for t in cfg.teacher_names] == [[0], [1], [2]]
+    assert (cfg.search.beam_width, cfg.search.thinking_budget, cfg.search.answer_budget) == (
+        4,
+        16384,
+        4096,
+    )
+    procfile = (ROOT / "examples" / "paper.Procfile").read_text()
+    served = {
+        line.split("--pool ")[1].split()[0] for line in procfile.splitlines() if "--pool" in line
+    }
+    assert served == set(cfg.model_names)
+
+
 def test_committed_ops_output_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """ops/k8s and ops/skypilot are `make ops-render` of the demo config."""
     monkeypatch.chdir(ROOT)  # the files name the config as the Makefile gives it
@@ -322,7 +365,9 @@ K8S_VERSION = "1.32"
 CUSTOM_KINDS = {"ScaledObject", "TriggerAuthentication"}
 
 
-@pytest.mark.parametrize("config", [DEMO, ROOT / "examples" / "vllm.yaml"])
+@pytest.mark.parametrize(
+    "config", [DEMO, ROOT / "examples" / "vllm.yaml", ROOT / "examples" / "paper.yaml"]
+)
 def test_rendered_kubernetes_kinds_match_the_real_schemas(tmp_path: Path, config: Path) -> None:
     import kubernetes_validate
 

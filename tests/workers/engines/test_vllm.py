@@ -235,6 +235,36 @@ def test_launch_command_and_environment():
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in gpu.launch_env()
 
 
+def test_the_launched_server_runs_on_the_gpus_its_pool_names(tmp_path):
+    """`gpus` (or `device: cuda:N`) becomes the launched server's CUDA_VISIBLE_DEVICES:
+    the environment of the process the worker starts, read back from it."""
+    seen = tmp_path / "env"
+    dump = f"import os; open({str(seen)!r}, 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))"
+    base = {
+        "name": "m",
+        "model": "/models/R1",
+        "engine": "vllm",
+        "vllm_launch": ["python", "-c", dump],
+    }
+    for fields, visible in (
+        ({"device": "cuda", "tensor_parallel_size": 2, "gpus": [2, 3]}, "2,3"),
+        ({"device": "cuda:1"}, "1"),
+        ({"device": "cuda"}, None),  # every GPU the worker sees: its own environment
+    ):
+        seen.unlink(missing_ok=True)
+        server = VLLMServer(model_spec(**base, **fields))
+        server._launch()
+        try:
+            deadline = time.monotonic() + 60
+            while not seen.exists() or not seen.read_text():
+                assert time.monotonic() < deadline, "the launched process wrote nothing"
+                time.sleep(0.05)
+        finally:
+            server._kill()
+        inherited = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+        assert seen.read_text() == (visible if visible is not None else inherited)
+
+
 def test_items_are_handed_over_as_their_requests_end(alpha: VLLMEngine):
     """One request per item: with an `emit`, each generation goes out as its request
     ends, every item once, the same as without."""
