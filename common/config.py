@@ -69,6 +69,11 @@ class InputSpec(Strict):
         description="how the reference is written in `answer_field`: `field`, the whole "
         "value; `gsm8k`, the text after the last `####`; `boxed`, the last `\\boxed{...}`",
     )
+    answers_as_text: bool = Field(
+        default=False,
+        description='take a number in the answer field as its text (`72` as "72"): '
+        "AIME-style sets stored with integer answers; off, a number is refused",
+    )
     id_field: str | None = Field(
         default=None,
         description="the field with each problem's id (then every record needs one); "

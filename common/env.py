@@ -9,6 +9,9 @@
   click reads them by this prefix.
 - ``CORD_SPOT_METADATA_URL``: ``cord-spot-watch``'s metadata service (tests point it at a
   local one).
+- ``CORD_DEBUG=1``: a command that fails on an ordinary mistake (Redis unreachable, a model
+  that is not there) shows its traceback, not only the one line that names the fix
+  (``cord-coord --debug`` sets it).
 - ``CORD_REQUIRE_VLLM=1``: the test suite fails, instead of skipping, the vLLM tests when
   vLLM is not installed (CI sets it).
 """
@@ -23,6 +26,7 @@ LOG_LEVEL = "CORD_LOG_LEVEL"
 WORKER_PREFIX = "CORD_WORKER"
 SPOT_METADATA_URL = "CORD_SPOT_METADATA_URL"
 REQUIRE_VLLM = "CORD_REQUIRE_VLLM"
+DEBUG = "CORD_DEBUG"
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -38,6 +42,14 @@ def namespace() -> str | None:
 
 def log_level() -> str | None:
     return os.environ.get(LOG_LEVEL) or None
+
+
+def debug() -> bool:
+    return os.environ.get(DEBUG, "") not in ("", "0")
+
+
+def set_debug() -> None:
+    os.environ[DEBUG] = "1"
 
 
 def require_vllm() -> bool:

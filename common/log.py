@@ -12,6 +12,7 @@ import structlog
 from cord.common import env
 
 _configured = False
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # what --log-level takes
 
 
 def configure(level: str | None = None, json: bool | None = None) -> None:

@@ -15,8 +15,10 @@ from typing import Any, cast
 
 import click
 
+from cord.common import env
+from cord.common.cli import OneLineGroup
 from cord.common.config import ConfigError, InputSpec, RunConfig, load_config, redact_url
-from cord.common.log import configure, get_logger
+from cord.common.log import LEVELS, configure, get_logger
 from cord.coordinator.inputs.answers import ANSWER_FROM
 from cord.coordinator.matching import MATCH_METHODS
 from cord.coordinator.search import lookup, strategy_names, strategy_of
@@ -48,10 +50,44 @@ def _load(config_path: str) -> RunConfig:
         raise click.UsageError(str(e)) from e
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING (env CORD_LOG_LEVEL).")
-def main(log_level: str | None) -> None:
+LOG_LEVEL_HELP = "DEBUG, INFO, WARNING (env CORD_LOG_LEVEL)."
+
+
+def _set_log_level(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        configure(level=value)
+
+
+class CoordGroup(OneLineGroup):
+    """Every verb takes --log-level too, after its name as before it."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        if not any(p.name == "log_level" for p in cmd.params):
+            cmd.params.append(
+                click.Option(
+                    ["--log-level"],
+                    type=click.Choice(LEVELS, case_sensitive=False),
+                    expose_value=False,
+                    callback=_set_log_level,
+                    help=LOG_LEVEL_HELP,
+                )
+            )
+        super().add_command(cmd, name)
+
+
+@click.group(cls=CoordGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-level",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default=None,
+    help=LOG_LEVEL_HELP,
+)
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (env CORD_DEBUG=1).")
+@click.version_option(package_name="cord")
+def main(log_level: str | None, debug: bool) -> None:
     """Coordinator of a cord fleet (CoRD beam search over teacher pools)."""
+    if debug:
+        env.set_debug()
     configure(level=log_level)
 
 
@@ -79,6 +115,12 @@ def input_options(f: Any) -> Any:
             "--id-field",
             default=None,
             help="Field with each problem's id (default: `id` where present, else a digest).",
+        ),
+        click.option(
+            "--answers-as-text",
+            is_flag=True,
+            default=None,
+            help='Take a number in the answer field as its text (72 as "72").',
         ),
         click.option("--split", default=None, help="Split of a dataset folder or Hub dataset."),
         click.option("--subset", default=None, help="Configuration of a Hub dataset."),
@@ -155,6 +197,55 @@ def enqueue(
         f"enqueued {report.added} new problem(s); {report.known} already known "
         f"(namespace {cfg.namespace!r} at {redact_url(cfg.redis_url)})"
     )
+    if report.known and not report.added:
+        click.echo(
+            "a known problem is not run again: to start over, `cord-coord reset --config "
+            f"{config_path} --rows`, or enqueue into another namespace (CORD_NAMESPACE)",
+            err=True,
+        )
+
+
+@main.command()
+@config_option
+@out_option
+@click.option(
+    "--rows", is_flag=True, help="Also delete the output folder's traces and failure records."
+)
+@click.option("--force", is_flag=True, help="Even while a coordinator runs on the namespace.")
+@click.confirmation_option(
+    "--yes", "-y", prompt="Delete every problem, state and queued task of this namespace?"
+)
+def reset(config_path: str, out_dir: str | None, rows: bool, force: bool) -> None:
+    """Start a namespace over: delete its problems, their states, leases and finished
+    marks, and its queued tasks; live workers stay registered and keep serving.
+
+    Rows on disk are kept unless --rows: a coordinator marks the problems they hold done
+    again at its start, so a problem re-enqueued beside its row is not run again."""
+    import redis
+
+    from cord.common.keys import Keys
+    from cord.coordinator.fleet import wipe_namespace
+    from cord.coordinator.status import fleet_status
+
+    cfg = _load(config_path)
+    running = fleet_status(cfg)["coordinators"]
+    if running and not force:
+        raise click.UsageError(
+            f"coordinator(s) {', '.join(running)} run on namespace {cfg.namespace!r}; stop "
+            "them first (Ctrl-C), or pass --force"
+        )
+    client = redis.Redis.from_url(cfg.redis_url)
+    deleted = wipe_namespace(client, Keys(cfg.namespace), keep_workers=True)
+    click.echo(f"deleted {deleted} key(s) of namespace {cfg.namespace!r}")
+    out = Path(out_dir or cfg.output.dir)
+    for prefix in (cfg.output.traces_prefix, cfg.output.failed_prefix):
+        path = out / f"{prefix}.jsonl"
+        if path.exists():
+            if rows:
+                path.unlink()
+                click.echo(f"deleted {path}")
+            else:
+                click.echo(f"kept {path} (--rows deletes it)")
 
 
 @main.command()
@@ -163,7 +254,12 @@ def enqueue(
 @click.option("--follow", is_flag=True, help="Keep waiting for new problems instead of exiting.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a TTY).")
 def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | None) -> None:
-    """Drive every enqueued problem to a trace or a failure record, then exit 0."""
+    """Drive every enqueued problem to a trace or a failure record, then exit 0.
+
+    Ctrl-C (or SIGTERM) stops at the next pass of the loop: the problems in flight are
+    handed back, the summary is printed, and the same command resumes them (exit 130 on
+    Ctrl-C). A second Ctrl-C stops at once; the problems then come back when their lease
+    runs out."""
     from tqdm import tqdm
 
     from cord.coordinator.driver import Coordinator
@@ -187,28 +283,46 @@ def run(config_path: str, out_dir: str | None, follow: bool, progress: bool | No
         else:
             log.info("progress", problem_id=pid, outcome=kind, **closed, **_open_now(coord))
 
-    coord = Coordinator(cfg, out, follow=follow, on_event=on_event)
+    def on_wait(pools: list[str]) -> None:
+        start = [f"cord-worker --config {config_path} --pool {p}" for p in pools]
+        log.warning("waiting_for_workers", pools=pools, start=start)
+        if bar is not None:
+            bar.set_postfix_str(f"no live worker: {', '.join(pools)}")
+
+    coord = Coordinator(cfg, out, follow=follow, on_event=on_event, on_wait=on_wait)
+    paths = {"traces_file": str(coord.writer.traces), "failed_file": str(coord.writer.failed)}
+    log.info("writing", **paths)
     if cfg.metrics.coordinator_port is not None:
         from cord.coordinator.metrics import serve_coordinator
 
         serve_coordinator(coord, cfg.metrics.coordinator_port, cfg.metrics.host)
-    signal.signal(signal.SIGTERM, lambda *_: coord.stop())
+    interrupted: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if interrupted and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: now
+        interrupted.append(signum)
+        coord.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         summary = coord.run()
-    except KeyboardInterrupt:
-        coord.stop()
-        raise
     finally:
         if bar is not None:
             bar.close()
-    click.echo(
-        json.dumps(
-            {
-                k: summary[k]
-                for k in ("done", "failed", "tasks_sent", "redispatched", "duplicates", "wall_s")
-            }
+    shown = ("done", "failed", "tasks_sent", "redispatched", "late_results", "wall_s")
+    click.echo(json.dumps({**{k: summary[k] for k in shown}, **paths}))
+    if interrupted:
+        left = _open_problems(cfg)
+        more = f"{left} problem(s) left; " if left else ""
+        click.echo(
+            f"stopped: {more}run `cord-coord run --config {config_path}"
+            f"{f' --out {out_dir}' if out_dir else ''}` again to resume.",
+            err=True,
         )
-    )
+        if interrupted[0] == signal.SIGINT:
+            sys.exit(130)
 
 
 def _open_now(coord: Any) -> dict[str, int]:
@@ -286,12 +400,8 @@ def demo(
 
 @main.command("eval")
 @config_option
-@click.option(
-    "--problems",
-    "problems_file",
-    required=True,
-    help="A file, dataset folder or Hub name, as `enqueue` reads.",
-)
+@click.argument("source", required=False)
+@click.option("--problems", "problems_file", hidden=True, help="SOURCE, as an option.")
 @input_options
 @click.option(
     "--strategies",
@@ -315,17 +425,23 @@ def demo(
 )
 def eval_cmd(
     config_path: str,
-    problems_file: str,
+    source: str | None,
+    problems_file: str | None,
     strategies: str,
     out_dir: str,
     as_json: bool,
     start_workers: bool,
     **flags: str | None,
 ) -> None:
-    """Run the problems through the live workers once per strategy and compare them."""
+    """Run the problems of SOURCE through the live workers once per strategy and compare
+    them. SOURCE is what `enqueue` reads (a file, dataset folder or Hub name)."""
     from cord.coordinator.evaluate import evaluate, format_table
     from cord.coordinator.inputs.sources import SourceError, read_problems
 
+    if (source is None) == (problems_file is None):
+        raise click.UsageError("give the problems once: `cord-coord eval --config CFG SOURCE`")
+    problems_file = source or problems_file
+    assert problems_file is not None
     cfg = _load(config_path)
     try:
         problems, errors = read_problems(problems_file, _input_spec(cfg, flags))
@@ -440,7 +556,7 @@ def redis_up(config_path: str | None, url: str | None, data_dir: str, foreground
         sys.exit(proc.wait())
 
 
-@main.group()
+@main.group(cls=CoordGroup)
 def ops() -> None:
     """Deployment material rendered from the run config (docs/deploy.md)."""
 
@@ -521,7 +637,12 @@ def _read_run_dir(in_dir: str, match: str | None, traces_prefix: str, failed_pre
 )
 @click.option("--out", "out_path", required=True, type=click.Path(), help="File (folder for hf).")
 @click.option("--correct-only", is_flag=True, help="Only traces whose final answer is right.")
-@click.option("--min-score", type=float, default=None, help="Only traces with S at least this.")
+@click.option(
+    "--min-score",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Only traces with S (0 to 1) at least this.",
+)
 @click.option(
     "--strategy",
     "strategies",
@@ -556,7 +677,7 @@ def export_cmd(
         picked = list(strategies) or None
         result = export(run, out_path, cast(Any, fmt), correct_only, min_score, picked, force)
     except ExportError as e:
-        raise click.ClickException(str(e)) from e
+        raise click.UsageError(str(e)) from e
     why = []
     if correct_only:
         why.append(f"{result.not_correct} not correct")
@@ -591,7 +712,8 @@ def report_cmd(
     report = write_report(run, out_dir)
     click.echo(
         f"wrote {report.index} with {len(report.plots)} plots "
-        f"({len(run.traces)} traces, {len(run.failed)} failed, {len(run.runs)} strategies)"
+        f"({len(run.traces)} traces, {len(run.failed)} failed, {len(run.runs)} "
+        f"{'strategy' if len(run.runs) == 1 else 'strategies'})"
     )
 
 

@@ -70,7 +70,7 @@ def run_demo(
                 (out_dir / name).unlink(missing_ok=True)
         report = enqueue_file(cfg, problems)
         if report.errors:
-            raise click.ClickException("\n".join(str(e) for e in report.errors))
+            raise click.UsageError("\n".join(str(e) for e in report.errors))
         click.echo(f"enqueued {report.added} problem(s) from {problems}")
         start = time.monotonic()
         coord = Coordinator(cfg, str(out_dir))

@@ -164,7 +164,7 @@ class LocalFleet:
 
     def _spawn(self, pool: str, slot: str, node: str) -> Child:
         args = [*self.worker_command, "--config", str(self.config_path)]
-        args += ["--teacher", pool, "--name", node]
+        args += ["--pool", pool, "--name", node]
         again = slot in self._generation
         self._generation.setdefault(slot, 1)
         return Child(slot, args, self.logs / f"{slot}.log", pool=pool, node=node).start(again)

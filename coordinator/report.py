@@ -41,6 +41,7 @@ STRATEGY_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#9378
 RIGHT, WRONG = "#2ca02c", "#d62728"
 ACCURACY, MEAN_S = "#4c72b0", "#dd8452"
 DPI = 100
+FEW = 20  # right (or wrong) traces below which an AUROC is a hint, not a figure
 
 
 # -- students (`cord-lab student`) ------------------------------------------------------
@@ -207,9 +208,9 @@ def plot_score_right_wrong(run: RunDir, path: Path) -> Plot:
     ax.set_ylabel("traces")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     area = auroc(right, wrong)
-    ax.set_title(
-        "S of right and wrong traces" + (f" (AUROC {area:.3f})" if area is not None else "")
-    )
+    counts = f"{len(right)} right, {len(wrong)} wrong"
+    shown = f"AUROC {area:.3f}; {counts}" if area is not None else counts
+    ax.set_title(f"S of right and wrong traces ({shown})")
     ax.legend()
     fig.savefig(path)
     return Plot(
@@ -217,7 +218,8 @@ def plot_score_right_wrong(run: RunDir, path: Path) -> Plot:
         "S of right and wrong traces",
         "How well S separates traces whose final answer is right from those whose answer "
         "is wrong (all strategies together); AUROC: the chance that a right trace scores "
-        "above a wrong one.",
+        f"above a wrong one. With fewer than {FEW} of either, one trace moves it by "
+        "tenths: read it as a hint.",
         {"right": right, "wrong": wrong, "auroc": area},
         {"right": RIGHT, "wrong": WRONG},
     )
@@ -437,6 +439,13 @@ def _students_table(found: Students | None) -> str:
     )
 
 
+def _few(s: Summary) -> str:
+    """A word beside an AUROC of too few traces."""
+    if s.auroc is None or s.traces >= FEW:
+        return ""
+    return f" (of {s.traces} traces: too few to trust)"
+
+
 def render_html(run: RunDir, plots: list[Plot], summary: dict[str, Summary]) -> str:
     esc = html.escape
     title = f"cord report: {run.path.resolve().name}"
@@ -448,7 +457,7 @@ def render_html(run: RunDir, plots: list[Plot], summary: dict[str, Summary]) -> 
     body = "\n".join(
         f"<tr><td>{_cell(name)}</td><td>{s.problems}</td><td>{s.traces}</td>"
         f"<td>{s.failed}</td><td>{_cell(s.accuracy, '.3f')}</td>"
-        f"<td>{_cell(s.mean_score, '.4f')}</td><td>{_cell(s.auroc, '.3f')}</td>"
+        f"<td>{_cell(s.mean_score, '.4f')}</td><td>{_cell(s.auroc, '.3f')}{_few(s)}</td>"
         f"<td>{_cell(s.mean_generated_tokens, '.0f')}</td>"
         f"<td>{_cell(s.mean_thinking_tokens, '.0f')}</td>"
         f"<td>{_cell(s.mean_wall_s, '.1f')}</td></tr>"

@@ -1,6 +1,6 @@
 """``cord-worker``: one Celery worker process serving one model pool.
 
-    cord-worker --config examples/demo.yaml --teacher alpha
+    cord-worker --config examples/demo.yaml --pool alpha
 
 The model is loaded once, before the worker takes any task. A teacher's worker consumes
 ``<ns>.expand.<name>`` (step expansion and final answers); the meta-prover's consumes
@@ -19,24 +19,33 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 import redis
 from celery import signals
+from pydantic import ValidationError
 
 from cord.common import env
 from cord.common.celery_app import make_celery
-from cord.common.config import ConfigError, RunConfig, load_config, redact_url
+from cord.common.cli import OneLineCommand
+from cord.common.config import BENCH_ENGINES, ConfigError, RunConfig, load_config, redact_url
 from cord.common.keys import Keys, private_queue
-from cord.common.log import configure, get_logger
+from cord.common.log import LEVELS, configure, get_logger
 from cord.common.pools import AnyModelSpec
 
 if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
 
 
-@click.command(context_settings={"auto_envvar_prefix": env.WORKER_PREFIX})
+@click.command(
+    cls=OneLineCommand,
+    context_settings={
+        "auto_envvar_prefix": env.WORKER_PREFIX,
+        "help_option_names": ["-h", "--help"],
+    },
+)
 @click.option(
     "--config",
     "config_path",
@@ -45,39 +54,62 @@ if TYPE_CHECKING:
     help="Run config (YAML).",
 )
 @click.option(
+    "--pool",
     "--teacher",
-    "--model",
-    "model_name",
+    "pool",
     required=True,
-    help="Pool to serve: a teacher's name or the meta-prover's.",
+    help="Pool to serve: a teacher's name or the meta-prover's (--teacher: the same).",
 )
 @click.option(
     "--name", "node", default=None, help="Celery node name (default: <model>-<id>@<host>)."
 )
 @click.option("--device", default=None, help="Override the model's device, e.g. cuda:1.")
-@click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--gpus",
+    default=None,
+    help="GPUs of this worker's launched server, e.g. 2,3 (its CUDA_VISIBLE_DEVICES; one "
+    "per tensor-parallel rank); overrides the pool's gpus.",
+)
+@click.option(
+    "--log-level",
+    "--loglevel",
+    "log_level",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    default=None,
+    help="DEBUG, INFO, WARNING (env CORD_LOG_LEVEL; default INFO).",
+)
+@click.version_option(package_name="cord")
 def main(
-    config_path: str, model_name: str, node: str | None, device: str | None, loglevel: str
+    config_path: str,
+    pool: str,
+    node: str | None,
+    device: str | None,
+    gpus: str | None,
+    log_level: str | None,
 ) -> None:
-    """Serve one model pool from the run config's Redis queues."""
+    """Serve one model pool from the run config's Redis queues.
+
+    Every option can also be set as CORD_WORKER_<OPTION> (CORD_WORKER_TEACHER=alpha,
+    CORD_WORKER_DEVICE=cuda:1): one image, its pool chosen by the environment."""
+    loglevel = (log_level or env.log_level() or "INFO").upper()
     configure(level=loglevel)
     loading = _stop_on_sigterm_while_loading()
     try:
         cfg = load_config(config_path)
-        spec = cfg.pool(model_name)
+        spec = cfg.pool(pool)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
-    if device:
-        spec = spec.model_copy(update={"device": device})
+    spec = _with_overrides(spec, device, gpus)
+    missing = model_missing(spec, config_path)
+    if missing:
+        raise click.UsageError(missing)
     suffix = os.environ.get("HONCHO_PROCESS_NAME", "").replace(".", "-") or str(os.getpid())
-    node = node or f"{model_name}-{suffix}@{socket.gethostname()}"
+    node = node or f"{pool}-{suffix}@{socket.gethostname()}"
     # The pool's shared queue, and this worker's own beside it: the coordinator sends
     # there the work whose prefix this worker has cached (cache-affine routing).
-    queues = cfg.pool_queues(model_name)
-    queues += [
-        private_queue(cfg.namespace, k, model_name, node) for k in cfg.pool_kinds(model_name)
-    ]
-    log = get_logger("cord.worker", worker=node, model=model_name)
+    queues = cfg.pool_queues(pool)
+    queues += [private_queue(cfg.namespace, k, pool, node) for k in cfg.pool_kinds(pool)]
+    log = get_logger("cord.worker", worker=node, model=pool)
     log.info(
         "loading_model",
         path=spec.model,
@@ -88,6 +120,60 @@ def main(
     runtime = _load_runtime(cfg, spec, node, queues)
     loading["runtime"] = runtime
     _serve(cfg, runtime, node, spec.task_slots, loglevel, log)
+
+
+def _with_overrides(spec: AnyModelSpec, device: str | None, gpus: str | None) -> AnyModelSpec:
+    """The pool's spec with this worker's --device and --gpus, checked as the config is."""
+    update: dict[str, Any] = {}
+    if device:
+        update["device"] = device
+    if gpus:
+        try:
+            update["gpus"] = [int(g) for g in gpus.split(",") if g.strip()]
+        except ValueError as e:
+            raise click.BadParameter(
+                f"{gpus!r}: give GPU numbers, e.g. 2,3", param_hint="--gpus"
+            ) from e
+        if "gpus" not in type(spec).model_fields:
+            raise click.BadParameter(
+                f"engine {spec.engine!r} launches no server; --gpus is for vllm and sglang "
+                "(an hf pool takes --device cuda:N)",
+                param_hint="--gpus",
+            )
+    if not update:
+        return spec
+    try:
+        return type(spec).model_validate({**spec.model_dump(), **update})
+    except ValidationError as e:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+        raise click.UsageError(f"pool {spec.name!r} on this worker: {problems}") from e
+
+
+def model_missing(spec: AnyModelSpec, config_path: str) -> str | None:
+    """Why the pool's model cannot be loaded here, offline; None when it can (or when the
+    pool attaches to a server that has its own). Checked before transformers is imported:
+    a wrong path is one line, at once."""
+    if spec.engine in BENCH_ENGINES or spec.model is None or getattr(spec, "server_url", None):
+        return None
+    if Path(spec.model).expanduser().exists():
+        return None
+    where = f"{Path(config_path).resolve().parent} (the config's folder) and {Path.cwd()}"
+    fix = f"fix `model:` of pool {spec.name!r} in {config_path}"
+    if spec.model.startswith((".", "/", "~")) or spec.model.count("/") > 1:
+        return f"pool {spec.name!r}: no model folder {spec.model!r} in {where}; {fix}"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(spec.model, "config.json"), str)
+    except Exception:  # not a valid hub id either
+        cached = False
+    if cached:
+        return None
+    return (
+        f"pool {spec.name!r}: {spec.model!r} is no folder in {where} and not in the local "
+        f"Hugging Face cache ({constants.HF_HUB_CACHE}); workers load models offline: "
+        f"download it first (`hf download {spec.model}`), or {fix}"
+    )
 
 
 def _stop_on_sigterm_while_loading() -> dict[str, Any]:

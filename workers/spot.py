@@ -1,6 +1,6 @@
 """``cord-spot-watch``: turn a spot preemption notice into SIGTERM for the worker.
 
-    cord-spot-watch -- cord-worker --config run.yaml --teacher alpha
+    cord-spot-watch -- cord-worker --config run.yaml --pool alpha
     cord-spot-watch --provider gcp --notice-exit-code 75 -- cord-worker ...
     cord-spot-watch --pid 4242            # or --pid-file worker.pid: watch for a running one
 

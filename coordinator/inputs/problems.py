@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict
@@ -60,6 +61,7 @@ def plan_of(spec: InputSpec) -> Plan:
         spec.id_field,
         frozenset(consumed),
         2 if spec.answer_from == "field" else 1,
+        spec.answers_as_text,
     )
 
 
@@ -72,6 +74,7 @@ class Plan(NamedTuple):
     # extracted from a longer text (gsm8k/boxed: a worked solution) leaves it in `meta`.
     consumed: frozenset[str]
     always: int  # consumed fields every valid record has
+    answers_as_text: bool = False  # a number in the answer field is taken as its text
 
 
 DEFAULT_INPUT = InputSpec()
@@ -133,9 +136,10 @@ def _text_field(
     if not isinstance(value, str):
         kind = "null" if value is None else type(value).__name__
         example = f" (`{json.dumps(str(value))}`, not `{value}`)" if _is_number(value) else ""
-        return None, LineError(
-            line, field, f"must be text, got {kind}", f"write `{field}` as a string{example}", unit
-        )
+        fix = f"write `{field}` as a string{example}"
+        if _is_number(value) and flag == "--answer-field":
+            fix += ", or pass --answers-as-text (input.answers_as_text) to take numbers as text"
+        return None, LineError(line, field, f"must be text, got {kind}", fix, unit)
     if not value.strip():
         return None, LineError(line, field, "is empty", f"give `{field}` a non-empty value", unit)
     return value, None
@@ -143,6 +147,19 @@ def _text_field(
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite_number(value: Any) -> TypeGuard[float]:
+    return _is_number(value) and math.isfinite(value)
+
+
+def number_text(value: float) -> str:
+    """A finite number as a reference answer's text: `72` for 72 and for 72.0 (a float
+    column of whole numbers, as pandas makes an integer column with nulls), `0.5` for
+    0.5."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _surrogate_error(obj: dict[str, Any], line: int, unit: str = "line") -> LineError:
@@ -218,6 +235,8 @@ def check_record(
             return err
     afield = plan.answer_field
     answer = obj.get(afield)
+    if plan.answers_as_text and _finite_number(answer):
+        answer = number_text(answer)  # NaN and infinities stay numbers, and are refused
     if type(answer) is not str or not answer.strip():
         answer, err = _text_field(obj, (afield,), line, unit, "--answer-field")
         if err:

@@ -1,9 +1,16 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from cord.common.keys import Keys, listening
+from cord.common.metrics import free_port
 from cord.coordinator.cli import main
 from tests.conftest import base_config, write_config
 from tests.coordinator.inputs.test_sources import GSM8K, MATH, parquet
@@ -131,3 +138,146 @@ def test_the_run_config_maps_fields_and_flags_override_it(
     result = run("enqueue", "--config", config, "--answer-field", "nope", math)
     assert result.exit_code == 2
     assert "no column `nope` for the answer" in result.output
+
+
+# -- a newcomer's first hour ----------------------------------------------------------
+
+
+def _cord_coord(*args: object, **kw):
+    """`cord-coord` in a process of its own (signals, stdout and stderr apart)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cord.coordinator.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(180)
+def test_run_without_workers_says_what_it_waits_for_and_ctrl_c_hands_back(
+    make_config, tmp_path, redis_client, namespace
+):
+    # No worker serves any pool: the run says so, with the commands that start them, and
+    # where it writes; Ctrl-C prints the summary and how to resume, exit 130, and the
+    # problem is handed back for the next run.
+    config, _ = make_config()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "p1", "question": "1 + 2", "answer": "3"}\n')
+    assert run("enqueue", "--config", config, path).exit_code == 0
+    out = tmp_path / "out"
+    proc = _cord_coord("run", "--config", config, "--out", out, "--no-progress")
+    lines: list[str] = []
+    assert proc.stderr is not None
+
+    def waited() -> bool:
+        lines.append(proc.stderr.readline())
+        return '"waiting_for_workers"' in lines[-1]
+
+    _wait_for(waited, 60, "the run to say it waits for workers")
+    note = json.loads(lines[-1])
+    assert note["pools"] == ["alpha", "beta", "gamma", "meta"]
+    assert f"cord-worker --config {config} --pool alpha" in note["start"]
+    writing = [json.loads(x) for x in lines if '"writing"' in x]
+    assert writing and writing[0]["traces_file"] == str(out / "traces.jsonl")
+    status = json.loads(run("status", "--config", config, "--json").output)
+    assert len(status["coordinators"]) == 1 and list(status["coordinators"].values()) == [1]
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["done"] == 0 and summary["traces_file"] == str(out / "traces.jsonl")
+    assert f"run `cord-coord run --config {config} --out {out}` again to resume" in stderr
+    assert "1 problem(s) left" in stderr and "Traceback" not in stderr
+    after = json.loads(run("status", "--config", config, "--json").output)
+    assert after["coordinators"] == {} and after["orphaned"] == 1
+    text = run("status", "--config", config).output
+    assert "coordinators running: none" in text
+    assert "ETA: none while no coordinator runs" in text
+
+
+def test_an_unreachable_redis_is_one_line_and_debug_shows_the_traceback(make_config, tmp_path):
+    config, _ = make_config()
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "CORD_REDIS_URL": dead}
+    env.pop("CORD_DEBUG", None)
+    for verb in (["status"], ["enqueue", str(tmp_path / "none.jsonl")]):
+        if verb[0] == "enqueue":
+            (tmp_path / "none.jsonl").write_text('{"question": "q", "answer": "1"}\n')
+        proc = _cord_coord(verb[0], "--config", config, *verb[1:], env=env)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1
+        assert "Traceback" not in stderr
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("Error: cannot reach Redis (") and "CORD_REDIS_URL" in last
+    proc = _cord_coord("--debug", "status", "--config", config, env=env)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" in stderr and "ConnectionError" in stderr
+
+
+def test_reset_clears_the_namespace_after_asking_and_known_ids_say_how(
+    make_config, tmp_path, redis_client, namespace
+):
+    config, _ = make_config()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "question": "q", "answer": "1"}\n')
+    run("enqueue", "--config", config, path)
+    again = CliRunner().invoke(main, ["enqueue", "--config", str(config), str(path)])
+    assert "enqueued 0 new problem(s); 1 already known" in again.stdout
+    assert f"cord-coord reset --config {config} --rows" in again.stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "traces.jsonl").write_text("")
+    # A coordinator listening on the namespace: refused (exit 2) unless --force.
+    redis_client.set(listening(Keys(namespace).replies("other")), "other-coordinator", ex=60)
+    refused = CliRunner().invoke(main, ["reset", "--config", str(config), "--yes"])
+    assert refused.exit_code == 2 and "other-coordinator" in refused.output
+    redis_client.delete(listening(Keys(namespace).replies("other")))
+    # Asked first: "n" keeps everything.
+    kept = CliRunner().invoke(main, ["reset", "--config", str(config)], input="n\n")
+    assert kept.exit_code == 1 and redis_client.hlen(Keys(namespace).problems) == 1
+    done = run("reset", "--config", config, "--out", out, "--rows", "--yes")
+    assert done.exit_code == 0 and f"deleted {out / 'traces.jsonl'}" in done.output
+    assert redis_client.hlen(Keys(namespace).problems) == 0 and not (out / "traces.jsonl").exists()
+    fresh = run("enqueue", "--config", config, path)
+    assert "enqueued 1 new problem(s); 0 already known" in fresh.output
+
+
+def test_one_cli_style(make_config, tmp_path):
+    config, _ = make_config()
+    assert "version" in run("--version").output
+    assert run("status", "--config", config, "--log-level", "debug").exit_code == 0
+    bad = CliRunner().invoke(main, ["status", "--config", str(config), "--log-level", "loud"])
+    assert bad.exit_code == 2
+    out = tmp_path / "x.jsonl"
+    score = CliRunner().invoke(
+        main, ["export", "--in", str(tmp_path), "--out", str(out), "--min-score", "2"]
+    )
+    assert score.exit_code == 2 and "0<=x<=1" in score.output.replace(" ", "")
+    both = CliRunner().invoke(
+        main, ["eval", "--config", str(config), "a.jsonl", "--problems", "b.jsonl"]
+    )
+    assert both.exit_code == 2 and "give the problems once" in both.output
+
+
+def test_integer_answers_are_enqueued_as_text_only_on_request(
+    make_config, tmp_path, redis_client, namespace
+):
+    config, _ = make_config()
+    path = tmp_path / "aime.jsonl"
+    path.write_text('{"id": "a1", "question": "q", "answer": 204}\n')
+    refused = run("enqueue", "--config", config, path)
+    assert refused.exit_code == 2 and "or pass --answers-as-text" in refused.output
+    taken = run("enqueue", "--config", config, "--answers-as-text", path)
+    assert taken.exit_code == 0 and "enqueued 1 new problem(s)" in taken.output
+    stored = json.loads(redis_client.hget(Keys(namespace).problems, "a1"))
+    assert stored["answer"] == "204"

@@ -155,7 +155,7 @@ def test_a_run_folder_a_strategy_and_rows_without_a_verdict(lab_eval, tmp_path):
         ("curation", r["id"]) for r in raw_traces(lab_eval / "curation")
     }
     bad = export("--in", str(lab_eval), "--out", str(tmp_path / "x.jsonl"), "--strategy", "mcts")
-    assert bad.exit_code == 1 and "no strategy mcts" in bad.output
+    assert bad.exit_code == 2 and "no strategy mcts" in bad.output
 
 
 # -- without a fleet ------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_refuses_a_folder_without_traces_and_an_existing_out(tmp_path):
     out = tmp_path / "t.jsonl"
     out.write_text("keep me\n")
     result = export("--in", str(run), "--out", str(out))
-    assert result.exit_code == 1 and "exists; pass --force" in result.output
+    assert result.exit_code == 2 and "exists; pass --force" in result.output
     assert out.read_text() == "keep me\n"
     result = export("--in", str(run), "--out", str(out), "--force")
     assert result.exit_code == 0, result.output
@@ -216,7 +216,7 @@ def test_refuses_a_folder_without_traces_and_an_existing_out(tmp_path):
     # never the run's own rows, even with --force
     for target in (run, run / "traces.jsonl", tmp_path):
         result = export("--in", str(run), "--out", str(target), "--force")
-        assert result.exit_code == 1 and "would replace the run's own rows" in result.output
+        assert result.exit_code == 2 and "would replace the run's own rows" in result.output
     assert (run / "traces.jsonl").exists()
 
 

@@ -21,7 +21,7 @@ from cord.common.keys import TASK_NAMES, Keys, queue_name
 from cord.common.messages import TaskRequest, TaskResult
 from cord.lab import tinymodels
 from cord.workers.engines.server import request_json
-from tests.conftest import MODELS, write_config
+from tests.conftest import MODELS, listening_stream, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def worker_config(tmp_path: Path, redis_url: str, namespace: str, model: Path) -
 def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "cord.workers.cli", "--config", str(config), "--teacher", "t"],
+            [sys.executable, "-m", "cord.workers.cli", "--config", str(config), "--pool", "t"],
             stdout=f,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -84,7 +84,7 @@ def run_until_started(cfg, client, items: int, max_new_tokens: int):
     """Wait for the worker, send it one expand task, return once it runs the task."""
     keys = Keys(cfg.namespace)
     wait_for(lambda: client.hlen(keys.workers) == 1, 120, "the worker")
-    stream = f"{cfg.namespace}:replies:test"
+    stream = listening_stream(client, f"{cfg.namespace}:replies:test")
     req = expand_request(stream, items=items, max_new_tokens=max_new_tokens)
     queue = queue_name(cfg.namespace, "expand", "t")
     make_celery(cfg).send_task(
@@ -177,7 +177,7 @@ def test_a_pickled_message_is_refused_unopened(fleet, tmp_path, redis_client):
     app.send_task(TASK_NAMES["expand"], args=[Planted(marker)], queue=queue, serializer="pickle")
     wait_for(lambda: redis_client.llen(queue) == 0, 60, "the worker to take the message")
     # The worker refused it and carries on: a JSON task after it is served.
-    stream = f"{cfg.namespace}:replies:{uuid.uuid4().hex[:6]}"
+    stream = listening_stream(redis_client, f"{cfg.namespace}:replies:{uuid.uuid4().hex[:6]}")
     req = expand_request(stream, items=1, max_new_tokens=8)
     req = req.model_copy(update={"model": "alpha"})
     app.send_task(TASK_NAMES["expand"], args=[req.model_dump(mode="json")], queue=queue)
@@ -240,7 +240,7 @@ def test_a_server_engine_worker_runs_tasks_at_once_and_hands_all_back(
         proc = start_worker(config, tmp_path / "worker.log")
         try:
             wait_for(lambda: redis_client.hlen(keys.workers) == 1, 120, "the worker")
-            stream = f"{namespace}:replies:test"
+            stream = listening_stream(redis_client, f"{namespace}:replies:test")
             reqs = [expand_request(stream, items=2, max_new_tokens=8) for _ in range(2)]
             queue = queue_name(namespace, "expand", "t")
             for req in reqs:
@@ -262,3 +262,74 @@ def test_a_server_engine_worker_runs_tasks_at_once_and_hands_all_back(
     assert all(r.handed_back and r.retryable and not r.generations for r in results)
     assert redis_client.llen(queue) == 2  # both messages back for another worker
     assert redis_client.hlen(keys.running) == 0
+
+
+# -- mistakes at start-up: one line, before any model is loaded ------------------------
+
+CHECK = """
+import sys
+from cord.workers.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except Exception as e:
+    print(type(e).__name__ + ": " + e.format_message())
+print("transformers imported:", "transformers" in sys.modules)
+"""
+
+
+def _refusal(config: Path, *args: str, env: dict[str, str] | None = None) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK, "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    return done.stdout.strip().splitlines()
+
+
+def test_a_model_that_is_not_there_is_named_before_transformers_loads(tmp_path, redis_url):
+    config = write_config(
+        tmp_path / "run.yaml",
+        {
+            "redis_url": redis_url,
+            "teachers": [
+                {"name": "beta", "model": "../models/betaa"},
+                {"name": "hub", "model": "nobody/no-such-model"},
+            ],
+            "meta_prover": {"name": "beta"},
+        },
+    )
+    folder = _refusal(config, "--pool", "beta")
+    assert folder[-1] == "transformers imported: False"
+    assert folder[0].startswith("UsageError: pool 'beta': no model folder '../models/betaa' in ")
+    assert f"{tmp_path} (the config's folder)" in folder[0]
+    assert f"fix `model:` of pool 'beta' in {config}" in folder[0]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}
+    hub = _refusal(config, "--pool", "hub", env=env)
+    assert hub[-1] == "transformers imported: False"
+    assert "'nobody/no-such-model' is no folder" in hub[0]
+    assert f"not in the local Hugging Face cache ({tmp_path / 'hf'}" in hub[0]
+    assert "hf download nobody/no-such-model" in hub[0]
+
+
+def test_gpus_of_a_worker_are_checked_as_the_config_is(tmp_path, redis_url):
+    config = write_config(
+        tmp_path / "run.yaml",
+        {
+            "redis_url": redis_url,
+            "teachers": [
+                {"name": "v", "model": str(MODELS / "alpha"), "engine": "vllm", "device": "cuda"},
+                {"name": "h", "model": str(MODELS / "alpha")},
+            ],
+            "meta_prover": {"name": "v"},
+        },
+    )
+    two = _refusal(config, "--pool", "v", "--gpus", "0,1")
+    assert "the server spans 1 GPU(s) (tensor parallelism) but is given 2 ([0, 1])" in two[0]
+    hf = _refusal(config, "--pool", "h", "--gpus", "0")
+    assert "engine 'hf' launches no server" in hf[0]
+    words = _refusal(config, "--pool", "v", "--gpus", "two")
+    assert "give GPU numbers" in words[0]
+    assert all(out[-1] == "transformers imported: False" for out in (two, hf, words))

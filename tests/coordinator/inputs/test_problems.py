@@ -1,5 +1,6 @@
 import json
 
+from cord.common.config import InputSpec
 from cord.coordinator.inputs.problems import Checked, check_line, default_id, parse_line
 from cord.coordinator.inputs.sources import read_problems
 
@@ -111,3 +112,21 @@ def test_only_a_last_line_without_newline_is_truncated(tmp_path):
     assert [e.line for e in errors] == [2] and "not valid JSON" in errors[0].problem
     _, errors = read_problems(write(tmp_path, b'{"question": "q1", "answer": "1"}\n{"q'))
     assert "truncated last line" in errors[0].problem
+
+
+def test_numbers_as_answers_are_text_only_when_asked(tmp_path):
+    lines = [
+        b'{"id": "a", "question": "q1", "answer": 72}',
+        b'{"id": "b", "question": "q2", "answer": 72.0}',
+        b'{"id": "c", "question": "q3", "answer": 0.5}',
+        b'{"id": "d", "question": "q4", "answer": NaN}',
+        b'{"id": "e", "question": 5, "answer": "5"}',
+    ]
+    path = write(tmp_path, b"\n".join(lines))
+    problems, errors = read_problems(path)
+    assert problems == [] and [e.line for e in errors] == [1, 2, 3, 4, 5]
+    assert "or pass --answers-as-text" in str(errors[0])
+    assert "--answers-as-text" not in str(errors[4])  # the question: text only, always
+    problems, errors = read_problems(path, InputSpec(answers_as_text=True))
+    assert [(p.id, p.answer) for p in problems] == [("a", "72"), ("b", "72"), ("c", "0.5")]
+    assert [(e.line, e.field) for e in errors] == [(4, "answer"), (5, "question")]

@@ -90,5 +90,5 @@ def test_cord_coord_and_cord_worker_refuse_it(tmp_path: Path):
     for args in (["run", "--config", path], ["eval", "--config", path, "--problems", path]):
         result = CliRunner().invoke(coord_main, list(map(str, args)))
         assert result.exit_code == 2 and "engine: bench" in result.output, result.output
-    result = CliRunner().invoke(worker_main, ["--config", str(path), "--teacher", "a"])
+    result = CliRunner().invoke(worker_main, ["--config", str(path), "--pool", "a"])
     assert result.exit_code == 2 and "engine: bench" in result.output, result.output
