@@ -15,7 +15,8 @@ from matplotlib.image import imread
 
 from cord.coordinator.cli import main
 from cord.coordinator.matching import judge
-from cord.coordinator.report import Plot, Report, write_report
+from cord.coordinator.report import FEW, Plot, Report, _few, write_report
+from cord.coordinator.rows import Summary
 from cord.coordinator.rundir import read_run_dir
 from tests.conftest import chromium, needs_chromium
 from tests.coordinator.conftest import EVAL_STRATEGIES
@@ -142,6 +143,21 @@ def test_one_strategy_has_no_strategy_comparison(lab_eval, tmp_path):
         "wall_time.png",
     ]
     assert html.count("<tr>") == 2  # the head and cord's line
+    assert "1 strategy)" in result.output
+
+
+def test_an_auroc_of_a_few_traces_says_so():
+    def summary(traces: int) -> Summary:
+        return Summary(
+            problems=traces, traces=traces, failed=0, correct=traces // 2,
+            accuracy=0.5, mean_score=0.5, auroc=0.75, mean_generated_tokens=None,
+            mean_thinking_tokens=None, mean_steps=None, mean_wall_s=None,
+            prompt_tokens=0, cached_prompt_tokens=0,
+        )  # fmt: skip
+
+    assert _few(summary(4)) == " (of 4 traces: too few to trust)"
+    assert _few(summary(FEW)) == ""
+    assert _few(summary(4).model_copy(update={"auroc": None})) == ""
 
 
 @pytest.mark.browser
