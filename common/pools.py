@@ -52,6 +52,11 @@ class _PoolSpec(Strict):
         return 1
 
     @property
+    def parallel(self) -> int:
+        """GPUs one server of this pool spans (its tensor parallelism; in a worker: one)."""
+        return 1
+
+    @property
     def continuous_batching(self) -> bool:
         """Whether the pool's runtime batches requests as they come (a server, or the
         simulated GPU): then a partial batch gains nothing by waiting for more work."""
@@ -129,11 +134,6 @@ class _ServerSpec(_Batching):
         "tensor-parallel rank, e.g. [2, 3]; None: the GPU `device` names (cuda:N), else "
         "every GPU the worker sees. `cord-worker --gpus 2,3` sets it per worker",
     )
-
-    @property
-    def parallel(self) -> int:
-        """GPUs one server spans (its tensor parallelism)."""
-        return 1
 
     @property
     def visible_gpus(self) -> list[int] | None:

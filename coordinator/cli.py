@@ -225,17 +225,17 @@ def reset(config_path: str, out_dir: str | None, rows: bool, force: bool) -> Non
 
     from cord.common.keys import Keys
     from cord.coordinator.fleet import wipe_namespace
-    from cord.coordinator.status import fleet_status
+    from cord.coordinator.status import coordinators
 
     cfg = _load(config_path)
-    running = fleet_status(cfg)["coordinators"]
+    client, keys = redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)
+    running, _ = coordinators(client, keys)
     if running and not force:
         raise click.UsageError(
             f"coordinator(s) {', '.join(running)} run on namespace {cfg.namespace!r}; stop "
             "them first (Ctrl-C), or pass --force"
         )
-    client = redis.Redis.from_url(cfg.redis_url)
-    deleted = wipe_namespace(client, Keys(cfg.namespace), keep_workers=True)
+    deleted = wipe_namespace(client, keys, keep_workers=True)
     click.echo(f"deleted {deleted} key(s) of namespace {cfg.namespace!r}")
     out = Path(out_dir or cfg.output.dir)
     for prefix in (cfg.output.traces_prefix, cfg.output.failed_prefix):

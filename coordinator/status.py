@@ -99,16 +99,21 @@ def completion_eta(
     }
 
 
+def coordinators(r: redis.Redis, keys: Keys) -> tuple[dict[str, int], int]:
+    """The coordinators running, each with the problems it holds (those listening for
+    results, and any other still holding leases), and the problems in flight whose
+    coordinator is gone."""
+    held, orphaned = Store(r, keys).holders()
+    found = list(r.scan_iter(match=keys.listening_pattern))
+    listening = {v.decode() for v in r.mget(found) if v is not None} if found else set()
+    return {c: held.get(c, 0) for c in sorted(listening | set(held))}, orphaned
+
+
 def fleet_status(cfg: RunConfig, client: redis.Redis | None = None) -> dict[str, Any]:
     r = client or redis.Redis.from_url(cfg.redis_url)
     keys = Keys(cfg.namespace)
-    store = Store(r, keys)
-    status: dict[str, Any] = {"namespace": cfg.namespace, **store.counts()}
-    held, status["orphaned"] = store.holders()
-    # Coordinators are those listening for results, and any other still holding leases.
-    found = (r.get(k) for k in r.scan_iter(match=keys.listening_pattern))
-    running = sorted({v.decode() for v in found if v is not None} | set(held))
-    status["coordinators"] = {c: held.get(c, 0) for c in running}
+    status: dict[str, Any] = {"namespace": cfg.namespace, **Store(r, keys).counts()}
+    status["coordinators"], status["orphaned"] = coordinators(r, keys)
     depths = queue_depths(r, cfg)
     status["queues"] = {q: n for per in depths.values() for q, n in per.items()}
     status["queue_depth"] = {m: sum(per.values()) for m, per in depths.items()}

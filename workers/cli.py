@@ -89,7 +89,7 @@ def main(
 ) -> None:
     """Serve one model pool from the run config's Redis queues.
 
-    Every option can also be set as CORD_WORKER_<OPTION> (CORD_WORKER_TEACHER=alpha,
+    Every option can also be set as CORD_WORKER_<OPTION> (CORD_WORKER_POOL=alpha,
     CORD_WORKER_DEVICE=cuda:1): one image, its pool chosen by the environment."""
     loglevel = (log_level or env.log_level() or "INFO").upper()
     configure(level=loglevel)

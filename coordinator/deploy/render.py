@@ -149,9 +149,7 @@ def _k8s_names(cfg: RunConfig) -> dict[str, str]:
 def _check_parallel(cfg: RunConfig) -> None:
     """A worker's server spans `parallel` GPUs: its pod must get at least as many."""
     for pool in cfg.model_names:
-        spec = cfg.pool(pool)
-        need = getattr(spec, "parallel", 1)
-        got = cfg.deploy.gpus_of(pool)
+        need, got = cfg.pool(pool).parallel, cfg.deploy.gpus_of(pool)
         if need > 1 and got < need:
             raise ConfigError(
                 f"pool {pool!r}: its server spans {need} GPUs (tensor parallelism) but "
@@ -249,7 +247,7 @@ def _warnings(cfg: RunConfig) -> list[str]:
         )
     for pool in cfg.model_names:
         spec, got = cfg.pool(pool), d.gpus_of(pool)
-        need = getattr(spec, "parallel", 1)
+        need = spec.parallel
         if got > need and spec.device != "cpu":
             out.append(
                 f"{pool}: deploy gives each worker {got} GPUs, its server uses {need}; "

@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from click.testing import CliRunner
 from cord.common.keys import Keys, listening
 from cord.common.metrics import free_port
 from cord.coordinator.cli import main
-from tests.conftest import base_config, write_config
+from tests.conftest import base_config, wait_for, write_config
 from tests.coordinator.inputs.test_sources import GSM8K, MATH, parquet
 
 pytestmark = pytest.mark.redis
@@ -154,15 +153,6 @@ def _cord_coord(*args: object, **kw):
     )
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.mark.timeout(180)
 def test_run_without_workers_says_what_it_waits_for_and_ctrl_c_hands_back(
     make_config, tmp_path, redis_client, namespace
@@ -183,7 +173,7 @@ def test_run_without_workers_says_what_it_waits_for_and_ctrl_c_hands_back(
         lines.append(proc.stderr.readline())
         return '"waiting_for_workers"' in lines[-1]
 
-    _wait_for(waited, 60, "the run to say it waits for workers")
+    wait_for(waited, 60, "the run to say it waits for workers")
     note = json.loads(lines[-1])
     assert note["pools"] == ["alpha", "beta", "gamma", "meta"]
     assert f"cord-worker --config {config} --pool alpha" in note["start"]

@@ -21,7 +21,7 @@ from cord.common.keys import TASK_NAMES, Keys, queue_name
 from cord.common.messages import TaskRequest, TaskResult
 from cord.lab import tinymodels
 from cord.workers.engines.server import request_json
-from tests.conftest import MODELS, listening_stream, write_config
+from tests.conftest import MODELS, listening_stream, wait_for, write_config
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -47,15 +47,6 @@ def start_worker(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def expand_request(stream: str, items: int, max_new_tokens: int) -> TaskRequest:
