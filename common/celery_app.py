@@ -11,11 +11,13 @@ from __future__ import annotations
 from celery import Celery
 
 from cord.common.config import RunConfig
+from cord.common.redisconn import celery_broker
 
 
 def make_celery(cfg: RunConfig) -> Celery:
-    app = Celery("cord", broker=cfg.redis_url, set_as_current=False)
-    transport = {"visibility_timeout": cfg.reliability.visibility_timeout_s}
+    broker, sentinel = celery_broker(cfg.redis_url)  # a Sentinel URL: Kombu's own form
+    app = Celery("cord", broker=broker, set_as_current=False)
+    transport = {"visibility_timeout": cfg.reliability.visibility_timeout_s, **sentinel}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from cord.common import env, prompts
 from cord.common.keys import queue_name
@@ -26,6 +26,7 @@ from cord.common.pools import (
     ModelSpec,
     Strict,
 )
+from cord.common.redisconn import check_url
 
 
 class ConfigError(ValueError):
@@ -365,7 +366,7 @@ class DeploySpec(Strict):
 
 
 class RunConfig(Strict):
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: Annotated[str, AfterValidator(check_url)] = env.DEFAULT_REDIS_URL
     namespace: Annotated[str, Field(pattern=NAME_PATTERN)] = "cord"
     teachers: list[ModelSpec] = Field(min_length=1)
     meta_prover: ModelSpec
@@ -572,17 +573,3 @@ def _set_dotted(data: dict, dotted: str, value: object) -> None:
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = value
-
-
-def redact_url(url: str) -> str:
-    """A Redis URL fit for logs: the password replaced by ***."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

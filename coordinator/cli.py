@@ -17,8 +17,9 @@ import click
 
 from cord.common import env
 from cord.common.cli import OneLineGroup
-from cord.common.config import ConfigError, InputSpec, RunConfig, load_config, redact_url
+from cord.common.config import ConfigError, InputSpec, RunConfig, load_config
 from cord.common.log import LEVELS, configure, get_logger
+from cord.common.redisconn import connect, redact_url
 from cord.coordinator.inputs.answers import ANSWER_FROM
 from cord.coordinator.matching import MATCH_METHODS
 from cord.coordinator.search import lookup, strategy_names, strategy_of
@@ -221,14 +222,13 @@ def reset(config_path: str, out_dir: str | None, rows: bool, force: bool) -> Non
 
     Rows on disk are kept unless --rows: a coordinator marks the problems they hold done
     again at its start, so a problem re-enqueued beside its row is not run again."""
-    import redis
 
     from cord.common.keys import Keys
     from cord.coordinator.fleet import wipe_namespace
     from cord.coordinator.status import coordinators
 
     cfg = _load(config_path)
-    client, keys = redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)
+    client, keys = connect(cfg.redis_url), Keys(cfg.namespace)
     running, _ = coordinators(client, keys)
     if running and not force:
         raise click.UsageError(
@@ -346,7 +346,7 @@ def _open_problems(cfg: RunConfig) -> int | None:
     from cord.coordinator.store import Store
 
     try:
-        counts = Store(redis.Redis.from_url(cfg.redis_url), Keys(cfg.namespace)).counts()
+        counts = Store(connect(cfg.redis_url), Keys(cfg.namespace)).counts()
     except (redis.ConnectionError, redis.TimeoutError):
         return None
     return int(counts["queued"] + counts["in_flight"])

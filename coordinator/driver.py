@@ -36,6 +36,7 @@ from cord.common.config import RunConfig
 from cord.common.keys import TASK_NAMES, Keys, listening
 from cord.common.log import get_logger
 from cord.common.messages import Generation, Score, TaskRequest, TaskResult
+from cord.common.redisconn import connect
 from cord.coordinator.admission import KVAdmission
 from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.output import JsonlWriter
@@ -119,7 +120,7 @@ class Coordinator:
         # apart, e.g. one namespace per strategy in `cord-coord eval`.
         self.keys = Keys(state_namespace or cfg.namespace)
         self.wkeys = Keys(cfg.namespace)  # what the workers write: running tasks, liveness
-        self.redis = redis.Redis.from_url(cfg.redis_url, health_check_interval=30)
+        self.redis = connect(cfg.redis_url, health_check_interval=30)
         self.store = Store(self.redis, self.keys)
         self.router = Router(cfg, self.redis, self.wkeys)
         self.inflight = InFlight(cfg, self.redis, self.wkeys, self.router)

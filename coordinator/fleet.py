@@ -28,6 +28,7 @@ import redis
 
 from cord.common.config import RunConfig, load_config
 from cord.common.keys import Keys
+from cord.common.redisconn import connect
 from cord.coordinator.redis_server import LocalRedis
 
 WORKER_COMMAND = (sys.executable, "-m", "cord.workers.cli")
@@ -120,7 +121,7 @@ class LocalFleet:
         # A Redis the caller passes is the caller's to stop; one made here is ours.
         self._own_redis = local_redis is None
         self.redis = local_redis or LocalRedis(self.cfg.redis_url, self.run_dir / "redis")
-        self.client = redis.Redis.from_url(self.cfg.redis_url)
+        self.client = connect(self.cfg.redis_url)
         self.keys = Keys(self.cfg.namespace)
         self.workers: list[Child] = []
         self.coordinators: list[Child] = []

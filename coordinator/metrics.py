@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from cord.common.metrics import PORT_TRIES, MetricsServer, serve
+from cord.common.redisconn import connect
 from cord.coordinator.status import queue_depths
 from cord.coordinator.store import Store
 
@@ -29,7 +30,7 @@ class CoordinatorCollector(Collector):
     def __init__(self, coord: Coordinator) -> None:
         self.coord = coord
         # Its own connection: scrapes run in the HTTP server's threads.
-        self.redis = redis.Redis.from_url(coord.cfg.redis_url, socket_timeout=5)
+        self.redis = connect(coord.cfg.redis_url, socket_timeout=5)
 
     def collect(self) -> Iterator[Metric]:
         yield from self._own()

@@ -18,10 +18,11 @@ from typing import Any
 
 import redis
 
-from cord.common.config import RunConfig, redact_url
+from cord.common.config import RunConfig
 from cord.common.keys import Keys
 from cord.common.messages import Heartbeat
 from cord.common.metrics import hit_share
+from cord.common.redisconn import connect, redact_url
 from cord.coordinator.store import Store
 
 # The completion rate behind the ETA is measured over this many recent seconds.
@@ -110,7 +111,7 @@ def coordinators(r: redis.Redis, keys: Keys) -> tuple[dict[str, int], int]:
 
 
 def fleet_status(cfg: RunConfig, client: redis.Redis | None = None) -> dict[str, Any]:
-    r = client or redis.Redis.from_url(cfg.redis_url)
+    r = client or connect(cfg.redis_url)
     keys = Keys(cfg.namespace)
     status: dict[str, Any] = {"namespace": cfg.namespace, **Store(r, keys).counts()}
     status["coordinators"], status["orphaned"] = coordinators(r, keys)

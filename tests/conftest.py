@@ -21,7 +21,7 @@ from cord.common.config import RunConfig, load_config
 from cord.common.keys import Keys, listening
 from cord.common.metrics import free_port
 from cord.coordinator.fleet import LocalFleet, wipe_namespace
-from cord.coordinator.redis_server import LocalRedis, ping
+from cord.coordinator.redis_server import LocalRedis, SentinelGroup, ping
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
@@ -252,3 +252,24 @@ def chromium(
         text=True,
         timeout=90,
     )
+
+
+@pytest.fixture(scope="session")
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    """A primary, a replica and three Sentinels started here on free ports (password
+    ``pw``, primary name ``tests``), quick to fail over. A test that kills the primary
+    starts it again and waits until the group is ready (`SentinelGroup.wait_ready`)."""
+    ports = [free_port() for _ in range(5)]
+    hosts = ",".join(f"127.0.0.1:{p}" for p in ports[2:])
+    group = SentinelGroup(
+        f"redis+sentinel://:pw@{hosts}/tests/0",
+        tmp_path_factory.mktemp("sentinel"),
+        (ports[0], ports[1]),
+        down_after_ms=1000,
+        failover_timeout_ms=5000,
+    )
+    group.start()
+    try:
+        yield group
+    finally:
+        group.stop()

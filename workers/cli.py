@@ -23,17 +23,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 from celery import signals
 from pydantic import ValidationError
 
 from cord.common import env
 from cord.common.celery_app import make_celery
 from cord.common.cli import OneLineCommand
-from cord.common.config import BENCH_ENGINES, ConfigError, RunConfig, load_config, redact_url
+from cord.common.config import BENCH_ENGINES, ConfigError, RunConfig, load_config
 from cord.common.keys import Keys, private_queue
 from cord.common.log import LEVELS, configure, get_logger
 from cord.common.pools import AnyModelSpec
+from cord.common.redisconn import connect, redact_url
 
 if TYPE_CHECKING:
     from cord.workers.tasks import WorkerRuntime
@@ -209,7 +209,7 @@ def _load_runtime(
     return WorkerRuntime(
         load_engine(spec),
         node,
-        redis.Redis.from_url(cfg.redis_url, health_check_interval=30),
+        connect(cfg.redis_url, health_check_interval=30),
         Keys(cfg.namespace),
         queues,
         cfg.reliability.worker_lost_s,

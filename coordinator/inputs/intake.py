@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import redis
-
 from cord.common.config import InputSpec, RunConfig
 from cord.common.keys import Keys
+from cord.common.redisconn import connect
 from cord.coordinator.inputs.problems import Checked, LineError, duplicate
 from cord.coordinator.inputs.sources import Result, Source, open_source, raw_bytes
 from cord.coordinator.store import Store
@@ -197,7 +196,7 @@ def enqueue_source(
             if not skip_invalid:
                 return report
             report.rejects_path = rejects_path
-        client = redis.Redis.from_url(cfg.redis_url)
+        client = connect(cfg.redis_url)
         try:
             with open(spool_path, "rb") as spool:
                 report.added = Store(client, keys).enqueue_stored(_spooled(spool), ENQUEUE_CHUNK)

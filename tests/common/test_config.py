@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from cord.common.config import ConfigError, config_from_dict, load_config, redact_url
+from cord.common.config import ConfigError, config_from_dict, load_config
 from cord.common.pools import VLLMSpec
+from cord.common.redisconn import redact_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
