@@ -198,6 +198,14 @@ def enqueue(
         f"enqueued {report.added} new problem(s); {report.known} already known "
         f"(namespace {cfg.namespace!r} at {redact_url(cfg.redis_url)})"
     )
+    if report.replicas:
+        if not report.replicated:
+            raise click.ClickException(
+                f"none of the primary's {report.replicas} replica(s) confirmed the problems "
+                "within 10 s: a failover now could lose them. Run the same enqueue again "
+                "once a replica has caught up (a known problem is not added twice)."
+            )
+        click.echo(f"confirmed by {report.replicated} of {report.replicas} replica(s)")
     if report.known and not report.added:
         click.echo(
             "a known problem is not run again: to start over, `cord-coord reset --config "

@@ -15,6 +15,13 @@ safe to repeat, so a lost connection only pauses the loop until Redis answers ag
 Results already applied in memory are committed, and rows already on disk are marked
 done, by the next successful pass (`_dirty`, `_closing`); a row is written only while
 this coordinator still holds the problem's lease, and never twice.
+
+A failover to a replica may lose the last writes the old primary acknowledged (its
+replication is asynchronous): a step's commit (the step is done again), a lease or a
+claim (the problem is driven again from its last committed step), a done mark. The rows
+on disk decide what is finished, not Redis: a problem is admitted, and a row written,
+only when the output folder holds no row of its id (`JsonlWriter.write_once`), and after
+every outage the rows on disk are marked done again (`_reconcile`).
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from cord.common.config import RunConfig
 from cord.common.keys import TASK_NAMES, Keys, listening
 from cord.common.log import get_logger
 from cord.common.messages import Generation, Score, TaskRequest, TaskResult
-from cord.common.redisconn import connect
+from cord.common.redisconn import connect, primary_address
 from cord.coordinator.admission import KVAdmission
 from cord.coordinator.inflight import Batch, InFlight
 from cord.coordinator.output import JsonlWriter
@@ -88,6 +95,7 @@ class Counters:
     resumed: int = 0
     lost_leases: int = 0
     redis_outages: int = 0
+    reconciled: int = 0  # open in Redis with a row on disk (a done mark lost): closed, unwritten
     steps: int = 0  # search steps committed (a strategy's own steps: `Outcome.steps`)
     by_kind: dict[str, int] = field(default_factory=lambda: defaultdict(int))
 
@@ -139,6 +147,7 @@ class Coordinator:
         self._next_takeover = 0.0
         self._next_renew = 0.0
         self._stop = False
+        self._server: str | None = None  # the Redis server's run id, as last seen
 
     def sizes(self) -> dict[str, int]:
         """Entries of every structure this coordinator keeps per problem or task: all 0
@@ -155,6 +164,7 @@ class Coordinator:
     def run(self) -> dict[str, Any]:
         start = time.monotonic()
         self._wait_for_redis()
+        self._server = self._server_id()
         self._listen()  # before any task is sent
         self._reconcile()
         self.router.refresh(time.monotonic())  # route the first work to live workers
@@ -174,7 +184,7 @@ class Coordinator:
                 except (redis.ConnectionError, redis.TimeoutError, OperationalError) as e:
                     self.counters.redis_outages += 1
                     self.log.warning("redis_lost", error=str(e))
-                    self._wait_for_redis()
+                    self._redis_back()
         finally:
             self._shutdown()
         summary = {**self.counters.__dict__, "wall_s": round(time.monotonic() - start, 3)}
@@ -205,6 +215,35 @@ class Coordinator:
                 self.log.warning("redis_unreachable", error=str(e), wait_s=delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 10.0)
+
+    def _redis_back(self) -> None:
+        """After an outage: wait for Redis, then look at which server answers (a failover
+        or a restart brings another). Each step may meet a new outage and wait again."""
+        while not self._stop:
+            self._wait_for_redis()
+            try:
+                self._listen()
+                self._check_server()
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self.log.warning("redis_lost", error=str(e))
+
+    def _check_server(self) -> None:
+        """When another Redis server answers than last time (a failover promoted a
+        replica, a server restarted on its AOF), what the old one acknowledged last may be
+        missing: say so, and mark the rows on disk done again. Cheap (an INFO): after
+        every outage and every lease renewal, since a client may follow a failover without
+        an error."""
+        server = self._server_id()
+        if server == self._server:
+            return
+        self.log.warning("redis_server_changed", primary=primary_address(self.redis))
+        self._server = server
+        self._listen()
+        self._reconcile()
+
+    def _server_id(self) -> str:
+        return str(self.redis.info("server").get("run_id", ""))
 
     def stop(self) -> None:
         self._stop = True
@@ -263,6 +302,7 @@ class Coordinator:
         ids = list(dict.fromkeys(ids))
         if not ids:
             return
+        self.writer.index.refresh()  # the rows written since, by us or a coordinator beside
         for pid, problem, state in zip(
             ids, self.store.problems(ids), self.store.states(ids), strict=True
         ):
@@ -272,6 +312,12 @@ class Coordinator:
                 continue
             if self.store.is_finished(pid):
                 self.store.finish(pid)
+                continue
+            on_disk = self.writer.index.kind(pid)
+            if on_disk is not None:  # its done mark was lost (a failover): closed again
+                self.store.finish(pid, failed=on_disk)
+                self.counters.reconciled += 1
+                self.log.warning("row_already_on_disk", problem_id=pid)
                 continue
             search = make_search(problem, self.cfg)
             if state is not None:
@@ -449,6 +495,7 @@ class Coordinator:
             return
         self._next_renew = now + self.lease_s / 3
         self._listen()
+        self._check_server()
         if not (self.searches or self._closing):
             return
         lost = self.store.renew(self.id, [*self.searches, *self._closing], self.lease_s)
@@ -496,7 +543,12 @@ class Coordinator:
             if self.store.renew(self.id, [pid], self.lease_s):  # fencing: still ours?
                 self._drop_lost(pid)
                 return
-            self.writer.write(c.row)
+            if not self.writer.write_once(c.row):  # on disk already: Redis lost its mark
+                self.store.finish(pid, failed=bool(self.writer.index.kind(pid)))
+                self._closing.pop(pid)
+                self.counters.reconciled += 1
+                self.log.warning("row_already_on_disk", problem_id=pid)
+                return
             c.written = True
         self.store.finish(pid, failed=c.failed)
         self._closing.pop(pid)
@@ -512,7 +564,8 @@ class Coordinator:
 
     def _reconcile(self) -> None:
         """Rows on disk whose problem Redis still holds open (a crash between the
-        write and the commit) are closed now, so no row is written twice."""
+        write and the commit, a done mark a failover lost) are closed now, so no row is
+        written twice. At the start and after every Redis outage."""
         traces, failed = self.writer.written_ids()
         fixed = 0
         for ids, is_failed in ((traces, False), (failed, True)):
@@ -521,4 +574,5 @@ class Coordinator:
                 self.store.finish(pid, failed=is_failed)
             fixed += len(open_ids)
         if fixed:
+            self.counters.reconciled += fixed
             self.log.info("reconciled_output", rows=fixed)

@@ -100,7 +100,7 @@ class Alternative(BaseModel):
 
 
 class RowId(BaseModel):
-    """Any row's id, the rest of it unread (`output.read_ids`)."""
+    """Any row's id, the rest of it unread (`output.RowIndex`)."""
 
     model_config = ConfigDict(extra="ignore")
     id: str

@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
+
 from cord.common.config import InputSpec, RunConfig
 from cord.common.keys import Keys
-from cord.common.redisconn import connect
+from cord.common.redisconn import connect, replicas_of
 from cord.coordinator.inputs.problems import Checked, LineError, duplicate
 from cord.coordinator.inputs.sources import Result, Source, open_source, raw_bytes
 from cord.coordinator.store import Store
@@ -45,6 +47,7 @@ from cord.coordinator.store import Store
 ERRORS_KEPT = 50  # errors the report holds (and the CLI prints); all are counted
 CHUNK_LINES = 10_000  # lines checked against the id index at a time
 CHUNK_BYTES = 8 << 20  # ... or fewer, when the lines are long
+REPLICA_WAIT_MS = 10_000  # how long enqueue waits for a replica to confirm the problems
 ENQUEUE_CHUNK = 500  # problems per call of the enqueue script (Store.enqueue's chunk)
 SQLITE_CACHE_KIB = 32 << 10  # the id index's page cache; the rest stays on disk
 _HEADER = struct.Struct("<II")  # spool record: len(id), len(json), id, json
@@ -59,6 +62,8 @@ class EnqueueReport:
     error_count: int = 0  # all bad records
     source: str = ""  # what was read (`Source.describe`)
     unit: str = "line"  # what an error names: JSONL lines, other sources' rows
+    replicas: int = 0  # replicas connected to the primary when the problems went in
+    replicated: int = 0  # of those, how many confirmed them (WAIT)
 
     @property
     def known(self) -> int:
@@ -200,6 +205,19 @@ def enqueue_source(
         try:
             with open(spool_path, "rb") as spool:
                 report.added = Store(client, keys).enqueue_stored(_spooled(spool), ENQUEUE_CHUNK)
+            report.replicas, report.replicated = replicate(client)
         finally:
             client.close()
     return report
+
+
+def replicate(client: redis.Redis) -> tuple[int, int]:
+    """Wait until the primary's replicas hold every write of `client` so far (Redis's
+    WAIT): the problems, the one write cord cannot rebuild if a failover loses it. Returns
+    (replicas connected, replicas that confirmed); (0, 0) with no replica, or where the
+    server refuses INFO or WAIT (some managed services)."""
+    try:
+        replicas = replicas_of(client)
+        return (replicas, int(client.wait(replicas, REPLICA_WAIT_MS))) if replicas else (0, 0)
+    except redis.ResponseError:
+        return 0, 0

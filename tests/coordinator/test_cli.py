@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import redis
 from click.testing import CliRunner
 
 from cord.common.keys import Keys, listening
@@ -271,3 +272,21 @@ def test_integer_answers_are_enqueued_as_text_only_on_request(
     assert taken.exit_code == 0 and "enqueued 1 new problem(s)" in taken.output
     stored = json.loads(redis_client.hget(Keys(namespace).problems, "a1"))
     assert stored["answer"] == "204"
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+def test_enqueue_on_a_sentinel_url_waits_for_the_replica(sentinel_group, tmp_path, namespace):
+    """The problems are the one write cord cannot rebuild: enqueue returns once a replica
+    holds them too, so a failover right after loses none."""
+    data = base_config(sentinel_group.url, namespace)
+    config = write_config(tmp_path / "run.yaml", data)
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    result = run("enqueue", "--config", config, path)
+    assert result.exit_code == 0, result.output
+    assert "enqueued 1 new problem(s)" in result.output
+    assert "confirmed by 1 of 1 replica(s)" in result.output
+    (replica,) = set(sentinel_group.data_ports) - {sentinel_group.primary_port()}
+    held = redis.Redis.from_url(sentinel_group.node_url(replica)).hget(f"{namespace}:problems", "a")
+    assert held is not None

@@ -11,15 +11,19 @@ import threading
 import time
 
 import pytest
+import redis
 import yaml
 
 from cord.common.config import load_config
-from cord.common.keys import Keys, queue_name
+from cord.common.keys import Keys, listening, queue_name
 from cord.coordinator.driver import Coordinator
 from cord.coordinator.inputs.intake import enqueue_file
 from cord.coordinator.inputs.problems import Problem
+from cord.coordinator.output import JsonlWriter
 from cord.coordinator.store import Store
 from cord.lab.arith import make_problems
+from tests.conftest import base_config, wait_for, write_config
+from tests.coordinator.conftest import failure_row, trace_row
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -148,3 +152,69 @@ def test_lost_tasks_are_found_and_a_poison_task_is_not_retried_for_ever(
     assert (tmp_path / "out" / "traces.jsonl").read_text() == ""  # no trace, only the failure
     # The lost and the poison task left nothing behind in the coordinator.
     assert not any(coordinator.sizes().values()), coordinator.sizes()
+
+
+def _follow(cfg, out) -> tuple[Coordinator, threading.Thread, dict]:
+    """A `--follow` coordinator in a thread, started (its listening key is set)."""
+    coord = Coordinator(cfg, str(out), follow=True)
+    summary: dict = {}
+    thread = threading.Thread(target=lambda: summary.update(coord.run()), daemon=True)
+    thread.start()
+    wait_for(lambda: coord.redis.exists(listening(coord.reply)) == 1, 30, "the coordinator")
+    return coord, thread, summary
+
+
+def test_a_problem_whose_row_is_on_disk_is_closed_not_run_again(make_config, tmp_path):
+    """The row came first (another coordinator on the folder wrote it; Redis lost the done
+    mark): the problem, queued again, is marked done at admission, and nothing is sent."""
+    _, cfg = make_config()
+    out = tmp_path / "out"
+    coord, thread, summary = _follow(cfg, out)
+    try:
+        JsonlWriter(out).write_once(failure_row("p1"))
+        problem = Problem(id="p1", question="2+2?", answer="4")
+        assert Store(coord.redis, coord.keys).enqueue([problem]) == 1
+        wait_for(lambda: coord.store.is_finished("p1"), 30, "p1 closed")
+    finally:
+        coord.stop()
+        thread.join(30)
+    assert coord.redis.sismember(coord.keys.failed, "p1")  # as the row on disk says
+    assert summary["reconciled"] == 1 and summary["tasks_sent"] == 0
+    assert (out / "failed.jsonl").read_text().count('"p1"') == 1
+    assert (out / "traces.jsonl").read_text() == ""
+
+
+def test_after_a_failover_the_rows_on_disk_are_marked_done_again(sentinel_group, tmp_path):
+    """A row on disk whose done mark is not in Redis (as when the old primary acknowledged
+    it and died before its replica had it): when the Sentinels promote the replica, the
+    coordinator on the Sentinel URL follows it, sees another server, and marks the row
+    done there."""
+    data = base_config(sentinel_group.url, f"test-{os.getpid()}")
+    data["reliability"] = {"lease_s": 3.0}
+    cfg = load_config(write_config(tmp_path / "run.yaml", data))
+    out = tmp_path / "out"
+    coord, thread, summary = _follow(cfg, out)
+    try:
+        # Held by another, live coordinator: this one neither takes it over nor runs it.
+        lease = json.dumps({"owner": "other", "until": time.time() + 600})
+        coord.redis.hset(coord.keys.inflight, "p2", lease)
+        assert coord.redis.wait(1, 5000) == 1
+        JsonlWriter(out).write_once(trace_row("p2"))
+        time.sleep(2 * cfg.reliability.lease_s / 3)  # a renewal: same server, nothing done
+        assert not coord.store.is_finished("p2")
+        old = sentinel_group.kill_primary()
+        sentinel_group.wait_failover(old)
+        wait_for(lambda: _done(coord, "p2"), 60, "p2 marked done on the new primary")
+    finally:
+        coord.stop()
+        thread.join(30)
+        sentinel_group.restart(old)
+        sentinel_group.wait_ready()
+    assert summary["reconciled"] == 1 and summary["tasks_sent"] == 0
+
+
+def _done(coord: Coordinator, pid: str) -> bool:
+    try:
+        return bool(coord.redis.sismember(coord.keys.done, pid))
+    except redis.ConnectionError:
+        return False
