@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,7 +20,7 @@ from cord.common import env
 from cord.common.cli import OneLineGroup
 from cord.common.config import ConfigError, InputSpec, RunConfig, load_config
 from cord.common.log import LEVELS, configure, get_logger
-from cord.common.redisconn import connect, redact_url
+from cord.common.redisconn import DEFAULT_SENTINEL_URL, connect, parse_sentinel, redact_url
 from cord.coordinator.inputs.answers import ANSWER_FROM
 from cord.coordinator.matching import MATCH_METHODS
 from cord.coordinator.search import lookup, strategy_names, strategy_of
@@ -543,18 +544,63 @@ def flower(
     help="Where a started server keeps its AOF and log.",
 )
 @click.option("--foreground", is_flag=True, help="Run the server in the foreground (Procfile).")
-def redis_up(config_path: str | None, url: str | None, data_dir: str, foreground: bool) -> None:
-    """Start a local Redis (with AOF) unless one already answers at the URL."""
-    from cord.coordinator.redis_server import RedisUnavailable, ping, start_redis
+@click.option(
+    "--replica",
+    is_flag=True,
+    help="A primary, a replica and three Sentinels, for a redis+sentinel:// URL (default "
+    f"{DEFAULT_SENTINEL_URL}); implied by such a URL.",
+)
+@click.option(
+    "--data-ports",
+    default="6380,6381",
+    show_default=True,
+    help="With Sentinels: the ports of the primary and the replica.",
+)
+def redis_up(
+    config_path: str | None,
+    url: str | None,
+    data_dir: str,
+    foreground: bool,
+    replica: bool,
+    data_ports: str,
+) -> None:
+    """Start a local Redis (with AOF) unless one already answers at the URL; with
+    --replica (or a redis+sentinel:// URL), a primary, its replica and the URL's
+    Sentinels, to try a failover on one machine."""
+    from cord.coordinator.redis_server import RedisUnavailable, SentinelGroup, ping, start_redis
 
     target = url or (_load(config_path).redis_url if config_path else None)
+    if target is None and replica:
+        target = DEFAULT_SENTINEL_URL
     if target is None:
-        raise click.UsageError("give --config or --url")
+        raise click.UsageError("give --config or --url (or --replica for a local Sentinel group)")
+    if replica and not parse_sentinel(target):
+        raise click.UsageError(
+            f"--replica needs a redis+sentinel:// URL naming the Sentinels to start, e.g. "
+            f"{DEFAULT_SENTINEL_URL}; {redact_url(target)} names one server"
+        )
     try:
         if ping(target):
             click.echo(f"redis answers at {redact_url(target)}")
             if foreground:
                 signal.pause()
+            return
+        if replica or parse_sentinel(target):
+            ports = _two_ports(data_ports)
+            group = SentinelGroup(target, data_dir, ports)
+            group.start(daemonize=not foreground)
+            click.echo(
+                f"started a primary on 127.0.0.1:{ports[0]}, its replica on 127.0.0.1:"
+                f"{ports[1]} and Sentinels (data in {data_dir}); point cord at them: "
+                f"CORD_REDIS_URL={redact_url(target)}"
+            )
+            if foreground:  # until SIGINT or SIGTERM, then the whole group
+                stop = threading.Event()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, lambda *_: stop.set())
+                while not stop.wait(1.0):
+                    pass
+                group.stop()
             return
         proc = start_redis(target, data_dir, daemonize=not foreground)
     except RedisUnavailable as e:
@@ -562,6 +608,16 @@ def redis_up(config_path: str | None, url: str | None, data_dir: str, foreground
     click.echo(f"started redis at {redact_url(target)} (data in {data_dir})")
     if proc is not None:
         sys.exit(proc.wait())
+
+
+def _two_ports(text: str) -> tuple[int, int]:
+    try:
+        first, second = (int(p) for p in text.split(","))
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: two port numbers, comma-separated (6380,6381)", param_hint="--data-ports"
+        ) from None
+    return first, second
 
 
 @main.group(cls=CoordGroup)

@@ -290,3 +290,32 @@ def test_enqueue_on_a_sentinel_url_waits_for_the_replica(sentinel_group, tmp_pat
     (replica,) = set(sentinel_group.data_ports) - {sentinel_group.primary_port()}
     held = redis.Redis.from_url(sentinel_group.node_url(replica)).hget(f"{namespace}:problems", "a")
     assert held is not None
+
+
+@pytest.mark.slow
+def test_redis_up_replica_starts_a_primary_its_replica_and_sentinels(tmp_path):
+    """`redis-up` on a Sentinel URL, in the foreground as a Procfile runs it: the URL
+    answers, the primary has its replica, and SIGTERM stops all five processes."""
+    from cord.coordinator.redis_server import ping
+
+    ports = [free_port() for _ in range(5)]
+    url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports[2:]) + "/try/0"
+    refused = run("redis-up", "--replica", "--url", "redis://127.0.0.1:1/0")
+    assert refused.exit_code == 2 and "needs a redis+sentinel:// URL" in refused.output
+    argv = [sys.executable, "-m", "cord.coordinator.cli", "redis-up", "--url", url]
+    argv += ["--foreground", "--data-ports", f"{ports[0]},{ports[1]}", "--dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert "started a primary" in proc.stdout.readline()  # once the group is ready
+        assert ping(url)
+        primary = redis.Redis(port=ports[0]).info("replication")
+        assert primary["role"] == "master" and primary["connected_slaves"] == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    assert not any(ping(f"redis://127.0.0.1:{p}/0", timeout=0.2) for p in ports[:2])
