@@ -61,3 +61,17 @@ def test_redacted_urls_show_no_password():
     shown = redact_url("redis+sentinel://:pw@h1,h2:1/m/0?sentinel_password=sp")
     assert shown == "redis+sentinel://:***@h1,h2:1/m/0?sentinel_password=***"
     assert redact_url("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_the_celery_app_on_a_sentinel_url_keeps_its_own_transport_options(tmp_path):
+    import yaml
+
+    from cord.common.celery_app import make_celery
+    from cord.common.config import config_from_dict
+    from tests.conftest import base_config
+
+    data = base_config("redis+sentinel://:pw@h1:26379,h2:26380/cord/1", "ns")
+    app = make_celery(config_from_dict(yaml.safe_load(yaml.safe_dump(data))))
+    assert app.conf.broker_url == "sentinel://:pw@h1:26379/1;sentinel://:pw@h2:26380/1"
+    options = app.conf.broker_transport_options
+    assert options["master_name"] == "cord" and options["visibility_timeout"] > 0
