@@ -69,6 +69,12 @@ def start_redis(
     """Start a redis-server for `url` (a local host) with its files in `data_dir`, and
     `extra` arguments (a replica's ``--replicaof``). Returns the process, or None when
     it daemonized itself."""
+    if parse_sentinel(url):
+        raise RedisUnavailable(
+            f"no Sentinel at {redact_url(url)} names a primary that answers; start a local "
+            "group with `cord-coord redis-up --replica --url URL`, or point redis_url / "
+            "CORD_REDIS_URL at Sentinels that run"
+        )
     parts = urlsplit(url)
     host = parts.hostname or "127.0.0.1"
     if host not in LOCAL_HOSTS:

@@ -58,3 +58,10 @@ def test_a_client_on_the_sentinel_url_follows_two_failovers(sentinel_group):
         assert role["role"] == "slave"
     assert int(client.get("failover-test")) == 4
     assert seen[0] != seen[1]
+
+
+def test_a_sentinel_url_where_nothing_answers_says_how_to_start_one(tmp_path):
+    url = f"redis+sentinel://127.0.0.1:{free_port()}/cord/0"
+    assert not redis_server.ping(url)
+    with pytest.raises(redis_server.RedisUnavailable, match="redis-up --replica"):
+        redis_server.LocalRedis(url, tmp_path).ensure()
