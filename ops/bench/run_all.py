@@ -1,6 +1,6 @@
 """``make bench``: every fleet benchmark in one run, figures into docs/benchmarks.md.
 
-    python ops/bench/run_all.py                       # the full run (36 min on a slow 2-core host)
+    python ops/bench/run_all.py                       # the full run (budget: 30 min on 2 cores)
     python ops/bench/run_all.py --no-doc --only dispatch --dispatch-problems 200   # a look
 
 Each benchmark of `ops/bench/fleet.py` runs in a process of its own, one after another:
@@ -10,7 +10,11 @@ each benchmark's own output, a table of the figures against their targets, and l
 ``name=value`` lines. The figures replace the part of docs/benchmarks.md between
 ``<!-- make bench: begin -->`` and ``<!-- make bench: end -->`` (added at the end if the
 markers are missing); the rest of the file, the GPU figures among it, is left as it is.
-Sizes are flags; the budget is 30 minutes on a 2-core machine (the defaults took 30.8 here).
+Sizes are flags; the budget is 30 minutes on a 2-core machine. The defaults took 34-45
+minutes on these hosts until 2026-12-07; then the repeats that add least were cut: three
+CoRD/curation pairs in `overhead` (five before), two long-prefix pairs of 12 problems in
+`vllm_affinity` (three of 16), 45 s of admission in `backlog` (90), 8 problems for the
+GPU projection's side shapes (12) and, in its sweep, as many problems as in flight.
 """
 
 from __future__ import annotations
@@ -218,6 +222,7 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--dispatch-problems", default=2000, show_default=True)
 @click.option("--dispatch-in-flight", default=1000, show_default=True)
 @click.option("--overhead-problems", default=48, show_default=True)
+@click.option("--overhead-pairs", default=3, show_default=True)
 @click.option("--cache-problems", default=24, show_default=True)
 @click.option("--vllm-problems", default=12, show_default=True)
 @click.option("--vllm-pairs-problems", default=48, show_default=True)
@@ -225,13 +230,14 @@ def write_doc(path: Path, section: str) -> None:
 @click.option("--vllm-sim-pairs", default=2, show_default=True)
 @click.option("--affinity-problems", default=24, show_default=True)
 @click.option("--affinity-lab-pairs", default=1, show_default=True)
-@click.option("--affinity-long-problems", default=16, show_default=True)
-@click.option("--affinity-long-pairs", default=3, show_default=True)
+@click.option("--affinity-long-problems", default=12, show_default=True)
+@click.option("--affinity-long-pairs", default=2, show_default=True)
 @click.option("--backlog-problems", default=1_000_000, show_default=True)
-@click.option("--admit-seconds", default=90, show_default=True)
+@click.option("--admit-seconds", default=45, show_default=True)
 @click.option("--soak-waves", default=8, show_default=True)
 @click.option("--memory-problems", default=10000, show_default=True)
 @click.option("--gpu-problems", default=20, show_default=True)
+@click.option("--gpu-side-problems", default=8, show_default=True)
 @click.option("--gpu-sweep", default="8,16", show_default=True)
 @click.option(
     "--doc",
@@ -294,7 +300,7 @@ def plan_of(sizes: dict[str, Any]) -> dict[str, list[str]]:
         "dispatch": args(
             ("--problems", "dispatch_problems"), ("--max-in-flight", "dispatch_in_flight")
         ),
-        "overhead": args(("--problems", "overhead_problems")),
+        "overhead": args(("--problems", "overhead_problems"), ("--pairs", "overhead_pairs")),
         "cache": args(("--problems", "cache_problems")),
         # The fleet on vLLM servers against hf, the same problems; CoRD against curation
         # with every pool on a vLLM server; then the sim engine, calibrated on those
@@ -316,7 +322,10 @@ def plan_of(sizes: dict[str, Any]) -> dict[str, list[str]]:
         "soak": args(("--waves", "soak_waves")),
         "memory": args(("--problems", "memory_problems")),
         # CoRD against curation on simulated GPUs: what a dataset costs (costs.py).
-        "gpu_costs": [*args(("--problems", "gpu_problems")), "--sweep", str(sizes["gpu_sweep"])],
+        "gpu_costs": [
+            *args(("--problems", "gpu_problems"), ("--side-problems", "gpu_side_problems")),
+            *["--sweep", str(sizes["gpu_sweep"])],
+        ],
         # Last: a million problems enqueued, and a coordinator drawing from them.
         "backlog": args(("--problems", "backlog_problems"), ("--admit-seconds", "admit_seconds")),
     }
