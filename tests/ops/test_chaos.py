@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from cord.lab.arith import make_problems
 from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
@@ -44,8 +45,12 @@ def test_short_chaos_run_loses_and_duplicates_nothing(tmp_path):
 @pytest.mark.timeout(1300)
 def test_short_failover_chaos_run_loses_and_duplicates_nothing(tmp_path):
     """The primary SIGKILLed once (the Sentinels promote the replica), one of the two
-    coordinators SIGKILLed, workers killed: every problem once, the failover counted."""
-    args = ["--redis-failover", "--failovers", "1", "--problems", "16"]
+    coordinators SIGKILLed, workers killed: every problem of the file once, the failover
+    counted."""
+    problems = tmp_path / "mine.jsonl"
+    rows = [p.to_json() for p in make_problems(16, seed=5)]
+    problems.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--redis-failover", "--failovers", "1", "--problems", str(problems)]
     args += ["--workers-per-model", "1", "--kill-every", "5", "--sigterms", "1"]
     args += ["--coordinator-kills", "1", "--beam-width", "2", "--thinking-budget", "200"]
     args += ["--no-calm", "--expected-s", "20", "--max-wall-s", "900"]
@@ -61,6 +66,7 @@ def test_short_failover_chaos_run_loses_and_duplicates_nothing(tmp_path):
     assert lines["chaos_failovers"] == "1" and lines["chaos_coordinator_kills"] == "1"
     assert lines["chaos_lost"] == "0" and lines["chaos_duplicated"] == "0"
     assert "check.traces: " in done.stdout and done.returncode == 0
+    assert "problems: 16" in done.stdout
     traces = int(done.stdout.split("check.traces: ")[1].split()[0])
     failed = int(done.stdout.split("check.failed: ")[1].split()[0])
     assert traces + failed == 16
