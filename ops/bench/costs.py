@@ -369,7 +369,7 @@ def gpu(
             for m in counts:
                 count = {"kv_admission": False}
                 at, _ = compare(
-                    fleet, fleet.cfg, count, m, max(problems, m), scale, n, acc, f"count{m}"
+                    fleet, fleet.cfg, count, m, max(problems, 2 * m), scale, n, acc, f"count{m}"
                 )
                 figures[f"gpu_cord_vs_curation_ratio_in_flight_{m}"] = at.get("ratio")
                 figures[f"gpu_s_per_problem_cord_in_flight_{m}"] = at.get("cord_gpu_s_per_problem")
