@@ -20,8 +20,8 @@ A failover to a replica may lose the last writes the old primary acknowledged (i
 replication is asynchronous): a step's commit (the step is done again), a lease or a
 claim (the problem is driven again from its last committed step), a done mark. The rows
 on disk decide what is finished, not Redis: a problem is admitted, and a row written,
-only when the output folder holds no row of its id (`JsonlWriter.write_once`), and after
-every outage the rows on disk are marked done again (`_reconcile`).
+only when the output folder holds no row of its id (`JsonlWriter.write_once`), and when
+another Redis server answers the rows on disk are marked done again (`_reconcile`).
 """
 
 from __future__ import annotations
@@ -239,7 +239,6 @@ class Coordinator:
             return
         self.log.warning("redis_server_changed", primary=primary_address(self.redis))
         self._server = server
-        self._listen()
         self._reconcile()
 
     def _server_id(self) -> str:
@@ -315,9 +314,7 @@ class Coordinator:
                 continue
             on_disk = self.writer.index.kind(pid)
             if on_disk is not None:  # its done mark was lost (a failover): closed again
-                self.store.finish(pid, failed=on_disk)
-                self.counters.reconciled += 1
-                self.log.warning("row_already_on_disk", problem_id=pid)
+                self._closed_on_disk(pid, on_disk)
                 continue
             search = make_search(problem, self.cfg)
             if state is not None:
@@ -544,10 +541,8 @@ class Coordinator:
                 self._drop_lost(pid)
                 return
             if not self.writer.write_once(c.row):  # on disk already: Redis lost its mark
-                self.store.finish(pid, failed=bool(self.writer.index.kind(pid)))
+                self._closed_on_disk(pid, bool(self.writer.index.kind(pid)))
                 self._closing.pop(pid)
-                self.counters.reconciled += 1
-                self.log.warning("row_already_on_disk", problem_id=pid)
                 return
             c.written = True
         self.store.finish(pid, failed=c.failed)
@@ -562,10 +557,17 @@ class Coordinator:
         if self.on_event:
             self.on_event(kind, pid)
 
+    def _closed_on_disk(self, pid: str, failed: bool) -> None:
+        """`pid` has a row on disk that Redis does not know of: mark it finished as the
+        row says, write nothing."""
+        self.store.finish(pid, failed=failed)
+        self.counters.reconciled += 1
+        self.log.warning("row_already_on_disk", problem_id=pid)
+
     def _reconcile(self) -> None:
         """Rows on disk whose problem Redis still holds open (a crash between the
         write and the commit, a done mark a failover lost) are closed now, so no row is
-        written twice. At the start and after every Redis outage."""
+        written twice. At the start and when another Redis server answers."""
         traces, failed = self.writer.written_ids()
         fixed = 0
         for ids, is_failed in ((traces, False), (failed, True)):

@@ -84,9 +84,8 @@ class RowIndex:
         self._offsets = {False: 0, True: 0}
         self._kind: dict[str, bool] = {}  # id -> is a failure record
 
-    def refresh(self) -> list[tuple[str, bool]]:
-        """Read the rows added since the last call; returns them (id, is a failure)."""
-        new: list[tuple[str, bool]] = []
+    def refresh(self) -> None:
+        """Read the rows added since the last call."""
         for failed, path in self._files.items():
             if not path.exists():
                 continue
@@ -96,11 +95,8 @@ class RowIndex:
             end = data.rfind(b"\n") + 1  # a line being written is read next time
             for line in data[:end].splitlines():
                 if line.strip():
-                    pid = RowId.model_validate_json(line).id
-                    self._kind.setdefault(pid, failed)
-                    new.append((pid, failed))
+                    self._kind.setdefault(RowId.model_validate_json(line).id, failed)
             self._offsets[failed] += end
-        return new
 
     def kind(self, pid: str) -> bool | None:
         return self._kind.get(pid)

@@ -45,6 +45,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,24 +169,45 @@ class Chaos:
     def chaos(self, problems: Path, out: Path, plan: Plan, rng: random.Random) -> float:
         """The problems through the fleet while `plan`'s faults happen; the wall time."""
         self.enqueue(problems)
-        faults = plan.faults()
         start = time.monotonic()
         self.start_coordinator(out)
+        self._under_faults(
+            plan,
+            rng,
+            start,
+            done=lambda: self._coordinator_done(out),
+            fault=lambda what, now: self._fault(what, out, rng, now),
+        )
+        return time.monotonic() - start
+
+    def _under_faults(
+        self,
+        plan: Plan,
+        rng: random.Random,
+        start: float,
+        done: Callable[[], bool],
+        fault: Callable[[str, float], None],
+        watch: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Until `done()`: each of `plan`'s faults when it is due (`fault`), a worker
+        SIGKILLed every ``kill_every_s``, SIGTERMed workers replaced once they exit, and
+        `watch` on every pass."""
+        faults = plan.faults()
         next_kill = start + plan.kill_every_s
-        while not self._coordinator_done(out):
+        while not done():
             now = time.monotonic()
             if now - start > plan.max_wall_s:
                 raise click.ClickException(
                     f"chaos run passed {plan.max_wall_s:.0f}s; see {self.logs}"
                 )
             while faults and now - start >= faults[0][0]:
-                self._fault(faults.pop(0)[1], out, rng, now)
+                fault(faults.pop(0)[1], now)
+            watch()
             self._replace_terminated(now)
             if now >= next_kill:
                 self._kill_a_worker(rng)
                 next_kill = now + plan.kill_every_s
             time.sleep(0.2)
-        return time.monotonic() - start
 
     def _coordinator_done(self, out: Path) -> bool:
         """Whether the coordinator finished (exit 0); one that died unasked is a finding,
@@ -234,42 +256,34 @@ class Chaos:
         are killed and a coordinator is killed; until every id has a row."""
         assert isinstance(self.redis, SentinelGroup)
         ids = self.enqueue(problems)
-        faults = plan.faults()
         index = RowIndex(out / "traces.jsonl", out / "failed.jsonl")
         start = time.monotonic()
         running = [self._follower(out), self._follower(out)]
-        next_kill = start + plan.kill_every_s
-        while True:
+
+        def all_written() -> bool:
             index.refresh()
-            if all(index.kind(i) is not None for i in ids):
-                break
-            now = time.monotonic()
-            if now - start > plan.max_wall_s:
-                raise click.ClickException(
-                    f"failover chaos passed {plan.max_wall_s:.0f}s; see {self.logs}"
-                )
-            while faults and now - start >= faults[0][0]:
-                what = faults.pop(0)[1]
-                if what == "coord":  # one of the two, and a new one in its place
-                    victim = running.pop(rng.randrange(len(running)))
-                    victim.signal(signal.SIGKILL)
-                    victim.wait(10)
-                    self.figures.coordinator_kills += 1
-                    running.append(self._follower(out))
-                elif what == "failover":
-                    self._failover()
-                else:
-                    self._fault(what, out, rng, now)
-            for child in list(running):  # one that died unasked is a finding: replaced
+            return all(index.kind(i) is not None for i in ids)
+
+        def fault(what: str, now: float) -> None:
+            if what == "coord":  # one of the two, and a new one in its place
+                victim = running.pop(rng.randrange(len(running)))
+                victim.signal(signal.SIGKILL)
+                victim.wait(10)
+                self.figures.coordinator_kills += 1
+                running.append(self._follower(out))
+            elif what == "failover":
+                self._failover()
+            else:
+                self._fault(what, out, rng, now)
+
+        def replace_dead() -> None:  # a coordinator that died unasked is a finding: replaced
+            for child in list(running):
                 if not child.alive():
                     click.echo(f"a coordinator exited {child.wait(0)} unasked", err=True)
                     running.remove(child)
                     running.append(self._follower(out))
-            self._replace_terminated(now)
-            if now >= next_kill:
-                self._kill_a_worker(rng)
-                next_kill = now + plan.kill_every_s
-            time.sleep(0.2)
+
+        self._under_faults(plan, rng, start, all_written, fault, replace_dead)
         wall = time.monotonic() - start
         for child in running:  # SIGTERM: each hands back nothing (all done) and exits 0
             child.signal(signal.SIGTERM)
