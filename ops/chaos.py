@@ -404,7 +404,10 @@ def coordinator_totals(path: Path) -> dict[str, int]:
         return {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if '"coordinator_finished"' in line:
-            row = json.loads(line)
+            try:  # two coordinators append to one log: a line can come torn
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
             for k in (
                 "redispatched",
                 "late_results",
