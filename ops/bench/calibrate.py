@@ -220,20 +220,26 @@ def lab_lengths(
 
 
 def sim_dict(
+    cfg: RunConfig,
     data: dict[str, Any],
     costs: dict[str, dict[str, Any]],
     lengths: dict[str, dict[str, Any]],
     kv_tokens: dict[str, int],
 ) -> dict[str, Any]:
-    """The real fleet's config (`data`) with every pool a measured CPU server on `sim`."""
+    """The real fleet's config (`data`, read as `cfg`) with every pool a measured CPU
+    server on `sim`, fed as the real workers feed theirs: the same tasks at once and
+    items per task."""
     sim = dict(data)
 
     def pool(entry: dict[str, Any]) -> dict[str, Any]:
         name = entry["name"]
+        real = cfg.pool(name)
         return {
             "name": name,
             "engine": "sim",
             "model": str(Path(entry["model"]).name),
+            "concurrency": real.task_slots,
+            "max_batch": real.max_batch,
             "time_scale": 1.0,
             "block_tokens": 32,
             "kv_tokens": kv_tokens[name],

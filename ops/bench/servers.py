@@ -253,7 +253,7 @@ def calibrated_sim(fleet: BenchFleet, data: dict[str, Any], result: PairRuns) ->
     cord = [row for run, _ in result.runs for row in run.rows]
     curation = [row for _, run in result.runs for row in run.rows]
     lengths = calibrate.lab_lengths(fleet.cfg, cord, curation)
-    return calibrate.sim_dict(data, costs, lengths, kv)
+    return calibrate.sim_dict(fleet.cfg, data, costs, lengths, kv)
 
 
 # -- affinity on two servers per pool ---------------------------------------------------

@@ -51,7 +51,6 @@ from cord.workers.engines.server import RequestRejected, ServerSupervisor, reque
 
 _SEED_MOD = 2**63  # vLLM takes int64 seeds; ours are 64-bit digests
 _MAX_TOKEN_IDS = 128  # vLLM's MAX_LOGPROB_TOKEN_IDS: ids one request may ask log-probs of
-_MAX_CONCURRENT = 64  # requests in flight from one task
 _COUNTER = re.compile(r"^(vllm:prefix_cache_(?:hits|queries)_total)(?:\{[^}]*\})?\s+(\S+)", re.M)
 # The server's gauges admission reads (coordinator/admission.py), by our names.
 _GAUGES = {
@@ -147,8 +146,11 @@ class VLLMEngine(BaseEngine):
         self.server = VLLMServer(spec)
         self.server.start()
         atexit.register(self.close)
+        # A request per item, every item of every task the worker runs at once in flight
+        # together: the server batches them (a smaller pool had the client queue what the
+        # server could have batched).
         self._pool = ThreadPoolExecutor(
-            _MAX_CONCURRENT, thread_name_prefix=f"cord-vllm-{self.name}"
+            spec.task_slots * spec.max_batch, thread_name_prefix=f"cord-vllm-{self.name}"
         )
 
     def close(self) -> None:

@@ -274,3 +274,57 @@ def test_items_are_handed_over_as_their_requests_end(alpha: VLLMEngine):
     assert sorted(handed) == sorted(i.key for i in items)  # each once, as it ended
     plain = alpha.expand(items)
     assert [(g.key, g.text) for g in streamed] == [(g.key, g.text) for g in plain]
+
+
+def test_every_item_of_every_running_task_reaches_the_server_at_once(
+    vllm_urls: dict[str, str],
+):
+    """Two tasks of 48 items (`concurrency` 2, `max_batch` 48): all 96 requests are at
+    the server together, by its own gauges, where the client used to hold all but 64."""
+    spec = model_spec(
+        name="alpha",
+        model=str(MODELS / "alpha"),
+        vllm_url=vllm_urls["alpha"],
+        concurrency=2,
+        max_batch=48,
+        **VLLM_TEST,
+    )
+    engine = VLLMEngine(spec)
+    items = [
+        ExpandItem(
+            key=f"{p.id}:{k}",
+            prompt=p.question,
+            steps=[],
+            next_step=1,
+            max_new_tokens=48,
+            temperature=0.6,
+            seed=k,
+        )
+        for k in range(16)
+        for p in PROBLEMS
+    ]
+    assert len(items) == 96
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            found = engine.server_metrics()
+            peak[0] = max(peak[0], int(found.get("running", 0) + found.get("waiting", 0)))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        tasks = [
+            threading.Thread(target=engine.expand, args=(half,))
+            for half in (items[:48], items[48:])
+        ]
+        for t in tasks:
+            t.start()
+        for t in tasks:
+            t.join()
+    finally:
+        stop.set()
+        watcher.join()
+        engine.close()
+    assert peak[0] > 64, f"at most {peak[0]} requests were at the server at once"
