@@ -12,9 +12,11 @@ vLLM run? (`servers.py pairs` runs this after its real pairs.)
      ``pass(B) = (T(B, 16, 65) - T(B, 16, 1)) / 64`` at B = 1, 8 and 32;
    - ``per_kv`` per token of context held: the same at B = 8 with 400-token prompts;
    - a prompt token: ``(T(1, 400, 1) - T(1, 16, 1)) / 384``;
-   - a request: what ``T(1, 16, 1)`` leaves beside its prompt and one step's base (its
-     prefill is a step and writes its one token; requests that arrive together share
-     that step);
+   - a request: what ``T(n, 16, 1)`` leaves per request beside their prompts and one
+     step's base, n the pool's items per task (a task's requests reach the server
+     together and share that step, whose prefill writes each one's first token;
+     together, each cost the lab's servers about 2.0 ms against 2.4-3.1 ms alone, and
+     priced alone CoRD's many short requests came a fifth over the servers' CPU time);
    each a median of five tries.
 2. **Lengths, read from the real run's rows** (`lab_lengths`), fitted to the sim's
    draws by their moments: the candidate steps' tokens and, per pool, the prompts'
@@ -28,7 +30,11 @@ vLLM run? (`servers.py pairs` runs this after its real pairs.)
    heartbeats), no chunked prefill, scoring as one prompt per answer token
    (`score_passes: per_token`, as the vllm engine scores), and passes that spin a core
    for their measured time (`burn_cpu`): the servers and the fleet share this host's
-   cores as the real servers did.
+   cores as the real servers did. Each sim worker runs its real pool's tasks at once
+   and items per task (`concurrency`, `max_batch`), so its server sees the batches the
+   real one saw: a pass costs about 50 sequences' worth of its own, and with the sim's
+   default of 64 tasks at once curation's trajectories came 144 to a pass where the
+   real servers had 64, priced a third under the CPU time the servers took.
 
 The sim fleet then runs the same pairs (`pairs.cord_curation_pairs`: the same problems,
 curation at the real run's N). `sim_cpu_vllm_prediction_error` is the larger relative
@@ -97,9 +103,12 @@ def spent(
     return took
 
 
-def measure(url: str, cpu: Callable[[], float], vocab: int, seed: int = 0) -> dict[str, Any]:
+def measure(
+    url: str, cpu: Callable[[], float], vocab: int, together: int, seed: int = 0
+) -> dict[str, Any]:
     """A server's costs in the sim's terms (`SimSpec`'s decode_s, prefill_token_s,
-    request_s), from the CPU time requests took it (the module docstring)."""
+    request_s), from the CPU time requests took it, `together` requests arriving at once
+    as a task's items do (the module docstring)."""
     rng = random.Random(seed)
 
     def t(batch: int, prompt: int, new: int) -> float:
@@ -119,7 +128,8 @@ def measure(url: str, cpu: Callable[[], float], vocab: int, seed: int = 0) -> di
     held = SHORT + DECODE // 2  # the short runs' mean context, priced by the line above
     per_seq = max(0.0, fit.slope - per_kv * held)
     base = max(1e-6, fit.intercept)
-    request_s = max(0.0, one - SHORT * prefill_token_s - base)
+    batch = t(together, SHORT, 1)
+    request_s = max(0.0, (batch - base) / together - SHORT * prefill_token_s)
     return {
         "decode_s": [base, per_seq, per_kv],
         "prefill_token_s": prefill_token_s,

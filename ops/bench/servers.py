@@ -246,7 +246,10 @@ def calibrated_sim(fleet: BenchFleet, data: dict[str, Any], result: PairRuns) ->
         config = json.loads((Path(spec.model) / "config.json").read_text(encoding="utf-8"))
         server = descendants(pids[spec.name])  # the worker's server, and what it runs
         costs[spec.name] = calibrate.measure(
-            stats.server_url, lambda pids=server: exact_cpu_s(pids), int(config["vocab_size"])
+            stats.server_url,
+            lambda pids=server: exact_cpu_s(pids),
+            int(config["vocab_size"]),
+            together=spec.max_batch,
         )
         kv[spec.name] = stats.kv_capacity_tokens
         click.echo(f"{spec.name}: measured {costs[spec.name]}, KV {kv[spec.name]} tokens", err=True)
