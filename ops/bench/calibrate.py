@@ -14,9 +14,8 @@ vLLM run? (`servers.py pairs` runs this after its real pairs.)
    - a prompt token: ``(T(1, 400, 1) - T(1, 16, 1)) / 384``;
    - a request: what ``T(n, 16, 1)`` leaves per request beside their prompts and one
      step's base, n the pool's items per task (a task's requests reach the server
-     together and share that step, whose prefill writes each one's first token;
-     together, each cost the lab's servers about 2.0 ms against 2.4-3.1 ms alone, and
-     priced alone CoRD's many short requests came a fifth over the servers' CPU time);
+     together and share that step, whose prefill writes each one's first token; a
+     request in such a batch costs less than one alone: docs/benchmarks.md);
    each a median of five tries.
 2. **Lengths, read from the real run's rows** (`lab_lengths`), fitted to the sim's
    draws by their moments: the candidate steps' tokens and, per pool, the prompts'
@@ -32,9 +31,8 @@ vLLM run? (`servers.py pairs` runs this after its real pairs.)
    for their measured time (`burn_cpu`): the servers and the fleet share this host's
    cores as the real servers did. Each sim worker runs its real pool's tasks at once
    and items per task (`concurrency`, `max_batch`), so its server sees the batches the
-   real one saw: a pass costs about 50 sequences' worth of its own, and with the sim's
-   default of 64 tasks at once curation's trajectories came 144 to a pass where the
-   real servers had 64, priced a third under the CPU time the servers took.
+   real one saw (a pass's own cost is about 50 sequences' worth: batch sizes decide
+   the price).
 
 The sim fleet then runs the same pairs (`pairs.cord_curation_pairs`: the same problems,
 curation at the real run's N). `sim_cpu_vllm_prediction_error` is the larger relative
